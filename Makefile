@@ -1,0 +1,39 @@
+# The two commands: `make demo` and `make test`. Both create or refresh .venv first (a no-op when
+# setup.py has not changed since the last install).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# torch first, pinned, from the local wheels (a CUDA build of torch 2.14.1 that runs on CPU;
+# timm needs torchvision, and no CPU torchvision wheel matching torch 2.13 is reachable here).
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+export NO_ALBUMENTATIONS_UPDATE = 1
+export DS_BUILD_OPS = 0
+
+.PHONY: venv demo test test-fast lint bench clean
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/simvlg demo
+
+test: venv
+	$(PY) -m pytest -q tests
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: venv
+	$(VENV)/bin/ruff check pipeline kernels tests
+
+bench: venv
+	$(VENV)/bin/simvlg bench kernels
+
+clean:
+	rm -rf $(VENV) *.egg-info runs

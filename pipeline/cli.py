@@ -1,0 +1,61 @@
+"""`simvlg`: the command line. Each subcommand parses its flags, loads the config, and calls into
+the module that does the work; nothing here knows how that work is done."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.config import ConfigError, dump_yaml, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="a YAML config file, or the name of a packaged one (e.g. demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value by dotted key, e.g. --set train.lr=2e-4 "
+                        "--set data.sources.0.weight=3 (repeatable)")
+
+
+def cmd_config_show(args) -> int:
+    print(dump_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_config_validate(args) -> int:
+    load_config(args.config, args.overrides)
+    print(f"{args.config}: ok")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="simvlg",
+        description="SimVLG pretraining: frozen ViT -> TomeFormer (token-merging connector) -> "
+                    "frozen LLM, trained in one stage with one language-modelling loss.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    config = sub.add_parser("config", help="show or validate a config",
+                            description="Inspect the one config schema that drives every stage.")
+    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = config_sub.add_parser("show", help="print the resolved config (defaults, inherit, --set)",
+                                 description="Print the fully resolved config as YAML.")
+    _add_config_args(show)
+    show.set_defaults(func=cmd_config_show)
+    check = config_sub.add_parser("validate", help="check a config; exit 0 if usable, 1 if not",
+                                  description="Validate a config; errors name the file and key.")
+    _add_config_args(check)
+    check.set_defaults(func=cmd_config_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"simvlg: config error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,436 @@
+"""One config schema for every stage: YAML in, validated typed objects out.
+
+    cfg = load_config("pipeline/configs/demo.yaml", overrides=["train.lr=2e-4"])
+
+A config file may start with `inherit: other.yaml` (resolved next to it, then in the packaged
+configs); its keys are deep-merged over the parent. Overrides (`--set a.b.0.c=value`) are applied
+to the merged YAML before validation, their values parsed as YAML scalars. Every error is one
+line: `<file>: <dotted.key>: <what was expected>` (ConfigError).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PACKAGED_CONFIGS = Path(str(resources.files("pipeline") / "configs"))
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file, the dotted key and the problem."""
+
+
+class Section(BaseModel):
+    # strict: a string is not silently a number; forbid: a typo is an error, not a default.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Precision = Literal["bf16", "fp16", "fp32"]
+
+
+# ---------------------------------------------------------------------------------------- run
+class RunConfig(Section):
+    name: str = "simvlg"
+    seed: NonNegInt = 42
+    run_dir: str = "runs/${name}"  # ${name} is replaced by run.name
+
+
+# --------------------------------------------------------------------------------------- data
+class SourceConfig(Section):
+    name: str
+    shards: str  # brace pattern, e.g. /data/laion/{00000..11500}.tar
+    weight: PositiveFloat = 1.0
+    kind: Literal["image", "video"] = "image"
+    num_samples: Optional[PositiveInt] = None  # from the manifest; needed for epoch sizing
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(default_factory=list)
+    mixing: Literal["sample", "batch", "adaptive"] = "sample"
+    adaptive_floor: Annotated[float, Field(ge=0, lt=1)] = 0.1  # min share per source
+    adaptive_window: PositiveInt = 200  # steps of loss history per source
+    resampled: bool = True
+    shard_shuffle: bool = True
+    shuffle_buffer: NonNegInt = 1000
+    num_workers: NonNegInt = 4
+    image_size: PositiveInt = 224
+    min_scale: Annotated[float, Field(gt=0, le=1)] = 0.5
+    hflip: bool = False  # captions say left/right
+    max_words: PositiveInt = 50
+    num_frames: PositiveInt = 8
+    frame_sampling: Literal["uniform", "headtail", "random"] = "random"
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
+        return self
+
+
+# -------------------------------------------------------------------------------------- model
+class VisionConfig(Section):
+    name: str = "eva_giant_patch14_224"  # timm model name, or a path/HF id with loader: hf
+    loader: Literal["timm", "hf"] = "timm"
+    checkpoint: Optional[str] = None  # weights file/folder; None = architecture only (meta/tests)
+    arch_config: Optional[str] = None  # JSON of architecture kwargs, for offline construction
+    image_size: PositiveInt = 224
+    feature_layer: int = -2  # penultimate block, as BLIP-2
+    precision: Precision = "fp16"
+
+
+class MergeSchedule(Section):
+    start: NonNegInt
+    end: NonNegInt  # linearly interpolated over layers
+
+
+class TomeFormerConfig(Section):
+    init: str = "bert-base-uncased"  # HF id or folder of a BERT checkpoint
+    arch_config: Optional[str] = None  # BERT config.json for offline/meta construction
+    num_layers: PositiveInt = 12
+    r: Union[NonNegInt, list[NonNegInt], MergeSchedule] = 19
+    merge_mode: Literal["wavg", "mean"] = "wavg"
+    prop_attn: bool = True
+    official: bool = False  # official EVLGen behaviour: plain mean, no proportional attention
+    kernel_backend: Literal["auto", "eager", "triton"] = "auto"
+
+    @model_validator(mode="after")
+    def _r_list_matches_layers(self):
+        if isinstance(self.r, list) and len(self.r) != self.num_layers:
+            raise ValueError(f"r has {len(self.r)} entries but num_layers is {self.num_layers}")
+        return self
+
+
+class QFormerConfig(Section):
+    init: Optional[str] = "bert-base-uncased"
+    arch_config: Optional[str] = None
+    num_queries: PositiveInt = 32
+    num_layers: PositiveInt = 12
+    cross_attention_freq: PositiveInt = 2
+
+
+class LLMConfig(Section):
+    name: str = "facebook/opt-2.7b"  # HF id or folder
+    arch_config: Optional[str] = None
+    precision: Precision = "bf16"
+    prompt: str = "a photo of"
+    max_text_tokens: PositiveInt = 32
+
+
+class VideoConfig(Section):
+    enabled: bool = False
+    temporal_pool: Literal["mean", "concat"] = "mean"
+
+
+class ModelConfig(Section):
+    connector: Literal["tomeformer", "qformer"] = "tomeformer"
+    vision: VisionConfig = Field(default_factory=VisionConfig)
+    tomeformer: TomeFormerConfig = Field(default_factory=TomeFormerConfig)
+    qformer: QFormerConfig = Field(default_factory=QFormerConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    video: VideoConfig = Field(default_factory=VideoConfig)
+
+
+# -------------------------------------------------------------------------------------- train
+class TrainConfig(Section):
+    steps: PositiveInt = 250_000
+    global_batch: PositiveInt = 1600
+    micro_batch: PositiveInt = 100
+    grad_accum: PositiveInt = 2
+    lr: PositiveFloat = 1e-4
+    min_lr: NonNegFloat = 1e-5
+    warmup_steps: NonNegInt = 5000
+    warmup_start_lr: NonNegFloat = 1e-6
+    weight_decay: NonNegFloat = 0.05
+    betas: Annotated[list[float], Field(min_length=2, max_length=2)] = [0.9, 0.999]
+    grad_clip: NonNegFloat = 1.0
+    precision: Precision = "bf16"
+    zero_stage: Literal[0, 1, 2] = 2
+    ds_config: str = "ds_configs/zero2_bf16.json"
+    log_every: PositiveInt = 50
+    ckpt_every: PositiveInt = 5000
+    keep_ckpts: PositiveInt = 3
+    max_nan_in_row: PositiveInt = 20
+
+    @model_validator(mode="after")
+    def _lr_order(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) is above lr ({self.lr})")
+        return self
+
+
+# --------------------------------------------------------------------------------------- eval
+class EvalConfig(Section):
+    tasks: list[str] = Field(default_factory=lambda: ["coco_karpathy_test"])
+    data_root: str = "data"
+    batch_size: PositiveInt = 32
+    num_beams: PositiveInt = 5
+    max_new_tokens: PositiveInt = 30
+    min_new_tokens: NonNegInt = 8
+    caption_prompt: str = "a photo of"
+    vqa_prompt: str = "Question: {q} Short answer:"
+    gallery_size: NonNegInt = 16
+    visualize_layers: list[NonNegInt] = Field(default_factory=lambda: [3, 7, 11])
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("min_new_tokens is above max_new_tokens")
+        if "{q}" not in self.vqa_prompt:
+            raise ValueError("vqa_prompt must contain {q}")
+        return self
+
+
+# ----------------------------------------------------------------------------------- tracking
+class TrackingConfig(Section):
+    enabled: bool = True
+    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite in the run dir
+    experiment: str = "simvlg"
+
+
+# ------------------------------------------------------------------------------------- launch
+class LaunchConfig(Section):
+    nodes: PositiveInt = 1
+    gpus_per_node: PositiveInt = 8
+    partition: Optional[str] = None
+    time: str = "72:00:00"
+    cpus_per_task: PositiveInt = 8
+
+
+# ------------------------------------------------------------------------------------ the root
+class Config(Section):
+    inherit: Optional[str] = None  # consumed at load time; kept for `config show`
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.run_dir.replace("${name}", self.run.name))
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.nodes * self.launch.gpus_per_node
+
+
+# Fields that name files which must exist when set; relative paths resolve against the config file's
+# folder, then the packaged configs, then the working directory (repo-relative ds_configs/...).
+FILE_FIELDS = ["model.vision.arch_config", "model.tomeformer.arch_config",
+               "model.qformer.arch_config", "model.llm.arch_config", "train.ds_config"]
+
+
+# ------------------------------------------------------------------------------------- loading
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-4` as a float (plain YAML 1.1 needs `1.0e-4`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+    try:
+        data = parse_yaml(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def resolve_config_path(name: str | Path, relative_to: Path | None = None) -> Path:
+    """A config by path, or by name among the packaged configs (`demo`, `demo.yaml`)."""
+    candidates = [Path(name)]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / name)
+    candidates += [PACKAGED_CONFIGS / name, PACKAGED_CONFIGS / f"{name}.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    return Path(name)  # reported as unreadable by _read_yaml
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _load_raw(path: Path, seen: tuple = ()) -> dict:
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: inherit: cycle through {' -> '.join(str(s) for s in seen)}")
+    raw = _read_yaml(path)
+    parent = raw.get("inherit")
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: inherit: expected a config file name, got {parent!r}")
+    parent_path = resolve_config_path(parent, path.parent)
+    return _deep_merge(_load_raw(parent_path, seen + (path.resolve(),)), raw)
+
+
+def apply_override(raw: dict, override: str, source: str = "--set") -> None:
+    """Apply `a.b.0.c=value` to the raw dict in place; value is parsed as a YAML scalar/list."""
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"{source} {override!r}: expected KEY=VALUE, e.g. train.lr=2e-4")
+    try:
+        value = parse_yaml(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node: Any = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{source} {override!r}: {where}: expected a list index below "
+                                  f"{len(node)}")
+            part = int(part)
+        elif isinstance(node, dict):
+            if not last and part not in node:
+                node[part] = {}  # the schema decides whether the key exists
+        else:
+            raise ConfigError(f"{source} {override!r}: {where}: cannot index into a "
+                              f"{type(node).__name__}")
+        if last:
+            node[part] = value
+        else:
+            node = node[part]
+
+
+def _format_error(err: dict) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key"
+    got = err.get("input")
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if isinstance(got, (dict, list)):
+        got = type(got).__name__
+    return f"{key}: {msg[0].lower() + msg[1:]}, got {got!r}"
+
+
+def validate(raw: dict, source: str) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        errors = e.errors()
+    # A union field (r: int | list | schedule) fails once per accepted form: report the field once.
+    locs = [err["loc"] for err in errors]
+    common = locs[0]
+    for loc in locs[1:]:
+        n = 0
+        while n < min(len(common), len(loc)) and common[n] == loc[n]:
+            n += 1
+        common = common[:n]
+    if len(errors) > 1 and all(len(loc) == len(common) + 1 for loc in locs):
+        forms = " | ".join(str(loc[-1]) for loc in locs)
+        got = errors[0].get("input")
+        raise ConfigError(f"{source}: {'.'.join(map(str, common))}: expected one of {forms}, "
+                          f"got {got!r}") from None
+    raise ConfigError(f"{source}: {_format_error(errors[0])}"
+                      + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else "")) from None
+
+
+def resolve_file(value: str, config_dir: Path | None) -> Path | None:
+    for base in ([config_dir] if config_dir else []) + [PACKAGED_CONFIGS, Path.cwd()]:
+        p = (base / value) if not Path(value).is_absolute() else Path(value)
+        if p.exists():
+            return p.resolve()
+    repo_root = PACKAGED_CONFIGS.parent.parent  # editable install: the checkout
+    p = repo_root / value
+    return p.resolve() if p.exists() else None
+
+
+def _check_files(cfg: Config, source: str, config_dir: Path | None) -> None:
+    for dotted in FILE_FIELDS:
+        section, *rest = dotted.split(".")
+        obj = getattr(cfg, section)
+        for attr in rest[:-1]:
+            obj = getattr(obj, attr)
+        value = getattr(obj, rest[-1])
+        if value is None:
+            continue
+        found = resolve_file(value, config_dir)
+        if found is None:
+            raise ConfigError(f"{source}: {dotted}: file not found: {value}")
+        setattr(obj, rest[-1], str(found))
+
+
+def _check_batch(cfg: Config, source: str) -> None:
+    t, launch = cfg.train, cfg.launch
+    if t.micro_batch * t.grad_accum * cfg.world_size != t.global_batch:
+        raise ConfigError(
+            f"{source}: train.global_batch: expected train.micro_batch ({t.micro_batch}) x "
+            f"train.grad_accum ({t.grad_accum}) x ranks ({launch.nodes} nodes x {launch.gpus_per_node}"
+            f" per node) = {t.micro_batch * t.grad_accum * cfg.world_size}, got {t.global_batch}")
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Config:
+    path = resolve_config_path(path)
+    raw = _load_raw(path)
+    for ov in overrides:
+        apply_override(raw, ov)
+    source = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
+    cfg = validate(raw, source)
+    _check_batch(cfg, source)
+    _check_files(cfg, source, path.parent)
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """{'a': {'b': 1}} -> {'a.b': '1'}: for MLflow params."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+    return out
