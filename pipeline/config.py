@@ -15,7 +15,7 @@ import json
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -52,7 +52,7 @@ class SourceConfig(Section):
     shards: str  # brace pattern, e.g. /data/laion/{00000..11500}.tar
     weight: PositiveFloat = 1.0
     kind: Literal["image", "video"] = "image"
-    num_samples: Optional[PositiveInt] = None  # from the manifest; needed for epoch sizing
+    num_samples: PositiveInt | None = None  # from the manifest; needed for epoch sizing
 
 
 class DataConfig(Section):
@@ -83,8 +83,8 @@ class DataConfig(Section):
 class VisionConfig(Section):
     name: str = "eva_giant_patch14_224"  # timm model name, or a path/HF id with loader: hf
     loader: Literal["timm", "hf"] = "timm"
-    checkpoint: Optional[str] = None  # weights file/folder; None = architecture only (meta/tests)
-    arch_config: Optional[str] = None  # JSON of architecture kwargs, for offline construction
+    checkpoint: str | None = None  # weights file/folder; None = architecture only (meta/tests)
+    arch_config: str | None = None  # JSON of architecture kwargs, for offline construction
     image_size: PositiveInt = 224
     feature_layer: int = -2  # penultimate block, as BLIP-2
     precision: Precision = "fp16"
@@ -97,9 +97,9 @@ class MergeSchedule(Section):
 
 class TomeFormerConfig(Section):
     init: str = "bert-base-uncased"  # HF id or folder of a BERT checkpoint
-    arch_config: Optional[str] = None  # BERT config.json for offline/meta construction
+    arch_config: str | None = None  # BERT config.json for offline/meta construction
     num_layers: PositiveInt = 12
-    r: Union[NonNegInt, list[NonNegInt], MergeSchedule] = 19
+    r: NonNegInt | list[NonNegInt] | MergeSchedule = 19
     merge_mode: Literal["wavg", "mean"] = "wavg"
     prop_attn: bool = True
     official: bool = False  # official EVLGen behaviour: plain mean, no proportional attention
@@ -113,8 +113,8 @@ class TomeFormerConfig(Section):
 
 
 class QFormerConfig(Section):
-    init: Optional[str] = "bert-base-uncased"
-    arch_config: Optional[str] = None
+    init: str | None = "bert-base-uncased"
+    arch_config: str | None = None
     num_queries: PositiveInt = 32
     num_layers: PositiveInt = 12
     cross_attention_freq: PositiveInt = 2
@@ -122,7 +122,7 @@ class QFormerConfig(Section):
 
 class LLMConfig(Section):
     name: str = "facebook/opt-2.7b"  # HF id or folder
-    arch_config: Optional[str] = None
+    arch_config: str | None = None
     precision: Precision = "bf16"
     prompt: str = "a photo of"
     max_text_tokens: PositiveInt = 32
@@ -195,7 +195,7 @@ class EvalConfig(Section):
 # ----------------------------------------------------------------------------------- tracking
 class TrackingConfig(Section):
     enabled: bool = True
-    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite in the run dir
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite in the run dir
     experiment: str = "simvlg"
 
 
@@ -203,14 +203,14 @@ class TrackingConfig(Section):
 class LaunchConfig(Section):
     nodes: PositiveInt = 1
     gpus_per_node: PositiveInt = 8
-    partition: Optional[str] = None
+    partition: str | None = None
     time: str = "72:00:00"
     cpus_per_task: PositiveInt = 8
 
 
 # ------------------------------------------------------------------------------------ the root
 class Config(Section):
-    inherit: Optional[str] = None  # consumed at load time; kept for `config show`
+    inherit: str | None = None  # consumed at load time; kept for `config show`
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

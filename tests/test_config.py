@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import PACKAGED_CONFIGS, ConfigError, Config, load_config
+from pipeline.config import PACKAGED_CONFIGS, Config, ConfigError, load_config
 
 SHIPPED = sorted(p.name for p in PACKAGED_CONFIGS.glob("*.yaml"))
 
