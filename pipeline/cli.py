@@ -27,6 +27,12 @@ def cmd_config_validate(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from pipeline.train.launch import main
+
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simvlg",
@@ -45,6 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Validate a config; errors name the file and key.")
     _add_config_args(check)
     check.set_defaults(func=cmd_config_validate)
+    train = sub.add_parser(
+        "train", help="train the connector with DeepSpeed ZeRO-2 (resumes from the run dir)",
+        description="Train SimVLG (one stage, one LM loss) with DeepSpeed ZeRO-2 against the frozen "
+                    "ViT and LLM. Started bare it launches launch.gpus_per_node ranks on this node "
+                    "through the `deepspeed` launcher; under a launcher it is one rank. Resumes "
+                    "automatically from the latest complete checkpoint in the run dir; SIGUSR1/SIGTERM "
+                    "checkpoint at the next step and exit 0 (and requeue under SLURM).")
+    from pipeline.train.launch import add_arguments as add_train_arguments
+
+    add_train_arguments(train)
+    train.set_defaults(func=cmd_train)
     return parser
 
 

@@ -1,0 +1,280 @@
+"""The training job: DeepSpeed ZeRO-2 around the trainable connector, the frozen ViT and LLM beside it.
+
+    simvlg train CONFIG [--run-dir DIR] [--set k=v ...]
+
+runs this under the `deepspeed` launcher (it re-executes itself through the launcher when started
+bare). One step = `grad_accum` micro-batches per rank. Everything a step needs to be reproduced
+(weights, optimizer partitions, data position, RNGs) is checkpointed, so a killed run resumed from
+step k continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import Config
+from pipeline.train import checkpoint
+from pipeline.train.schedule import lr_at, param_groups
+from pipeline.train.signals import StopFlag, requeue_slurm_job
+from pipeline.train.tracking import Tracker
+
+log = logging.getLogger("simvlg.train")
+DS_OVERRIDDEN = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                 "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    """The JSON config with every batch/precision/clipping field taken from the YAML."""
+    ds = json.loads(Path(cfg.train.ds_config).read_text())
+    ds = {k: v for k, v in ds.items() if not k.startswith("_") and k not in DS_OVERRIDDEN}
+    t = cfg.train
+    ds.update(train_batch_size=t.global_batch, train_micro_batch_size_per_gpu=t.micro_batch,
+              gradient_accumulation_steps=t.grad_accum, gradient_clipping=t.grad_clip,
+              bf16={"enabled": t.precision == "bf16"}, fp16={"enabled": t.precision == "fp16"})
+    ds.setdefault("zero_optimization", {})["stage"] = t.zero_stage
+    ds["steps_per_print"] = 10**9  # we log ourselves
+    return ds
+
+
+def check_world(cfg: Config, world_size: int) -> None:
+    t = cfg.train
+    if t.micro_batch * t.grad_accum * world_size != t.global_batch:
+        raise SystemExit(
+            f"simvlg train: train.global_batch is {t.global_batch} but micro_batch {t.micro_batch} x "
+            f"grad_accum {t.grad_accum} x {world_size} running ranks = "
+            f"{t.micro_batch * t.grad_accum * world_size}; fix the config or launch.nodes/"
+            f"gpus_per_node (the config expects {cfg.world_size} ranks)")
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _all_reduce(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, *, model=None, loader=None):
+        import deepspeed
+
+        from pipeline.data import build_loader
+        from pipeline.models import CaptionTokenizer, build_model
+
+        self.cfg, self.run_dir = cfg, run_dir
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        check_world(cfg, self.world)
+        torch.manual_seed(cfg.run.seed + self.rank)
+        device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                  if torch.cuda.is_available() else torch.device("cpu"))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        self.model = model if model is not None else build_model(cfg.model, device=device)
+        tokenize = CaptionTokenizer.from_config(cfg.model.llm)
+        self.loader = loader if loader is not None else build_loader(
+            cfg.data, tokenize=tokenize, batch_size=cfg.train.micro_batch, rank=self.rank,
+            world_size=self.world, seed=cfg.run.seed, train=True)
+        t = cfg.train
+        optimizer = torch.optim.AdamW(param_groups(self.model.named_parameters(), t.weight_decay),
+                                      lr=lr_at(0, t), betas=tuple(t.betas))
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, config=deepspeed_config(cfg),
+            model_parameters=[p for p in self.model.parameters() if p.requires_grad])
+        if hasattr(self.model, "restore_frozen_precision"):
+            self.model.restore_frozen_precision()  # the bf16 engine cast the frozen parts too
+        self.device = self.engine.device
+        self.ckpt_root = run_dir / "checkpoints"
+        self.step = 0
+        self.nan_skips = 0
+        self.stop = StopFlag()
+        run_id = self._resume()
+        self.tracker = Tracker(cfg, run_dir, run_id=run_id) if self.rank == 0 else None
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _resume(self) -> str | None:
+        folder = checkpoint.find_resumable(self.ckpt_root) if self.rank == 0 else None
+        shared = [str(folder) if folder else None]
+        dist.broadcast_object_list(shared, src=0)
+        if shared[0] is None:
+            return None
+        state = checkpoint.load(self.engine, Path(shared[0]), rank=self.rank, world_size=self.world)
+        self.step, self.nan_skips = state["step"], state["nan_skips"]
+        checkpoint.set_rng_state(state["rng"])
+        self.loader.load_state_dict(state["loader"])
+        if self.rank == 0:
+            log.warning("resumed from %s at step %d", shared[0], self.step)
+        return state.get("mlflow_run_id")
+
+    def save(self) -> Path:
+        state = {"nan_skips": self.nan_skips, "rng": checkpoint.rng_state(),
+                 "loader": self.loader.state_dict(),
+                 "mlflow_run_id": self.tracker.run_id if self.tracker else None}
+        return checkpoint.save(self.engine, self.ckpt_root, self.step, state, rank=self.rank,
+                               world_size=self.world, keep=self.cfg.train.keep_ckpts,
+                               barrier=dist.barrier)
+
+    # -- one optimizer step -----------------------------------------------------------------------
+    def _micro_batches(self, it):
+        """Yields `grad_accum` finite-loss micro-batches; a non-finite loss on any rank skips that
+        micro-batch on every rank (decided together, so ZeRO's collectives stay in step)."""
+        t, done, in_a_row = self.cfg.train, 0, 0
+        while done < t.grad_accum:
+            t0 = time.perf_counter()
+            batch = next(it)
+            self.data_wait += time.perf_counter() - t0
+            out = self.engine(**{k: v for k, v in _to_device(batch, self.device).items()
+                                 if k in ("pixel_values", "input_ids", "attention_mask", "labels")})
+            finite = _all_reduce([float(torch.isfinite(out["loss"]).item())], self.device)[0]
+            if finite < self.world:
+                self.nan_skips += 1
+                in_a_row += 1
+                if in_a_row >= t.max_nan_in_row:
+                    raise NonFiniteLossError(
+                        f"{in_a_row} micro-batches in a row had a non-finite loss (step {self.step}); "
+                        f"stopping. Lower train.lr or check the data; the last checkpoint is intact.")
+                continue
+            in_a_row = 0
+            done += 1
+            yield batch, out
+
+    def train_step(self, it) -> dict:
+        t = self.cfg.train
+        lr = lr_at(self.step, t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        losses, samples, tokens = [], 0, 0
+        per_source = defaultdict(lambda: [0.0, 0.0])  # name -> [loss sum, count]
+        for batch, out in self._micro_batches(it):
+            self.engine.backward(out["loss"])
+            self.engine.step()
+            losses.append(out["loss"].item())
+            samples += batch["pixel_values"].shape[0]
+            tokens += int(out.get("num_tokens", 0))
+            if "per_sample_loss" in out:
+                for name, value in zip(batch["source"], out["per_sample_loss"].tolist()):
+                    per_source[name][0] += value
+                    per_source[name][1] += 1
+        names = [s.name for s in self.cfg.data.sources]
+        flat = [sum(losses), len(losses), samples, tokens]
+        flat += [v for n in names for v in per_source[n]]
+        total = _all_reduce(flat, self.device)
+        source_loss = {n: total[4 + 2 * i] / total[5 + 2 * i]
+                       for i, n in enumerate(names) if total[5 + 2 * i] > 0}
+        if hasattr(self.loader, "report_loss") and source_loss:
+            self.loader.report_loss(source_loss)
+        grad_norm = self.engine.get_global_grad_norm()
+        self.step += 1
+        return {"loss": total[0] / total[1], "lr": lr, "samples": total[2], "tokens": total[3],
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                **{f"loss/{n}": v for n, v in source_loss.items()}}
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        self.engine.train()
+        it = iter(self.loader)
+        window_start, self.data_wait = time.perf_counter(), 0.0
+        window_samples = window_tokens = 0
+        first_step, history = self.step, []
+        status, stopped_by = "FINISHED", None
+        try:
+            while self.step < t.steps:
+                m = self.train_step(it)
+                window_samples += m["samples"]
+                window_tokens += m["tokens"]
+                history.append((self.step, m["loss"]))
+                stop_now = _all_reduce([float(bool(self.stop))], self.device)[0] > 0
+                if self.step % t.log_every == 0 or self.step == t.steps or stop_now:
+                    elapsed = time.perf_counter() - window_start
+                    wait = _all_reduce([self.data_wait], self.device)[0] / self.world
+                    metrics = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+                               "samples_per_s": window_samples / elapsed,
+                               "tokens_per_s": window_tokens / elapsed,
+                               "data_wait_frac": min(1.0, wait / elapsed), "nan_skips": self.nan_skips,
+                               **{k: v for k, v in m.items() if k.startswith("loss/")},
+                               **self._skip_metrics()}
+                    self._log(metrics, elapsed_steps=self.step - first_step)
+                    window_start, self.data_wait = time.perf_counter(), 0.0
+                    window_samples = window_tokens = 0
+                if self.step % t.ckpt_every == 0 or self.step == t.steps or stop_now:
+                    self.save()
+                if stop_now:
+                    stopped_by = self.stop.signum or "peer"
+                    break
+        except BaseException:
+            status = "FAILED"
+            raise
+        finally:
+            if self.tracker:
+                self.tracker.close(status if stopped_by is None else "KILLED")
+        if stopped_by is not None and self.rank == 0:
+            log.warning("stopped by signal at step %d after checkpointing", self.step)
+            requeue_slurm_job()
+        return {"step": self.step, "history": history, "stopped": stopped_by is not None}
+
+    def _skip_metrics(self) -> dict:
+        counts = self.loader.skip_counts() if hasattr(self.loader, "skip_counts") else {}
+        names = sorted(counts)
+        totals = _all_reduce([float(counts[n]) for n in names], self.device) if names else []
+        return {f"skipped/{n}": v for n, v in zip(names, totals)}
+
+    def _log(self, metrics: dict, elapsed_steps: int) -> None:
+        if self.rank != 0:
+            return
+        t = self.cfg.train
+        rate = metrics["samples_per_s"] / max(1, t.global_batch)  # steps per second
+        eta = (t.steps - self.step) / rate if rate > 0 else float("inf")
+        log.info("step %d/%d loss %.4f lr %.2e gnorm %.3f %.1f samples/s data-wait %.0f%% eta %s",
+                 self.step, t.steps, metrics["loss"], metrics["lr"], metrics["grad_norm"],
+                 metrics["samples_per_s"], 100 * metrics["data_wait_frac"], _hms(eta))
+        self.tracker.log(self.step, metrics)
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def run(cfg: Config, run_dir: Path) -> dict:
+    """Entry point on each rank (under a launcher)."""
+    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, run_dir)
+    t0 = time.time()
+    result = trainer.fit()
+    if trainer.rank == 0:
+        losses = [loss for _, loss in result["history"]]
+        summary = {"steps": result["step"], "stopped_by_signal": result["stopped"],
+                   "first_loss": losses[0] if losses else None,
+                   "last_loss": losses[-1] if losses else None, "nan_skips": trainer.nan_skips,
+                   "wall_s": round(time.time() - t0, 1),
+                   "mlflow_run_id": trainer.tracker.run_id if trainer.tracker else None}
+        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        print_summary(summary)
+    return result
+
+
+def print_summary(summary: dict) -> None:
+    width = max(len(k) for k in summary)
+    print("\n".join(["", "training summary", "-" * (width + 24)] +
+                    [f"{k:<{width}}  {v}" for k, v in summary.items()]), file=sys.stderr)
