@@ -126,11 +126,16 @@ class LLMConfig(Section):
     precision: Precision = "bf16"
     prompt: str = "a photo of"
     max_text_tokens: PositiveInt = 32
+    # token appended to every caption (and generation stop): "\n" if it is one token (OPT, as the
+    # official code), else the tokenizer's EOS (LLaMA/Vicuna); or force one
+    caption_end: Literal["auto", "newline", "eos"] = "auto"
 
 
 class VideoConfig(Section):
     enabled: bool = False
     temporal_pool: Literal["mean", "concat"] = "mean"
+    temporal_dim: PositiveInt = 256  # q/k width of the temporal attentive merge (official: 256)
+    temporal_heads: PositiveInt = 8  # must divide temporal_dim and the ViT width (official: 8)
 
 
 class ModelConfig(Section):

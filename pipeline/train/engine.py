@@ -187,7 +187,7 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self) -> dict:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         self.engine.train()
         it = iter(self.loader)
         window_start, self.data_wait = time.perf_counter(), 0.0
