@@ -187,11 +187,23 @@ class EvalConfig(Section):
     vqa_prompt: str = "Question: {q} Short answer:"
     gallery_size: NonNegInt = 16
     visualize_layers: list[NonNegInt] = Field(default_factory=lambda: [3, 7, 11])
+    # VQA / GQA answer generation (BLIP-2 zero-shot VQA: beam num_beams, max 10, min 1)
+    vqa_max_new_tokens: PositiveInt = 10
+    vqa_min_new_tokens: NonNegInt = 1
+    vqa_length_penalty: float = 0.0
+    visualize_count: NonNegInt = 4  # images with merged-token PNGs per task (0: none)
+    max_samples: PositiveInt | None = None  # first N samples only (a partial, flagged result)
+    # per task: file overrides ({annotations, questions, images, videos, shards, image_template,
+    # mapping}: paths relative to data_root or absolute), or a custom task with `kind` (caption,
+    # vqa, gqa, video_caption); see pipeline/eval/datasets.py
+    datasets: dict[str, dict[str, str]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _lengths(self):
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError("min_new_tokens is above max_new_tokens")
+        if self.vqa_min_new_tokens > self.vqa_max_new_tokens:
+            raise ValueError("vqa_min_new_tokens is above vqa_max_new_tokens")
         if "{q}" not in self.vqa_prompt:
             raise ValueError("vqa_prompt must contain {q}")
         return self

@@ -1,0 +1,159 @@
+"""The frozen language model and the caption tokenizer.
+
+    llm = build_llm(cfg.llm, device="cpu")          # any AutoModelForCausalLM, frozen, cfg.llm.precision
+    tok = CaptionTokenizer.from_config(cfg.llm)     # data-loader collate: captions -> ids, mask, labels
+
+Text layout (BLIP-2 / official EVLGen code), one row per caption, right padded:
+
+    [BOS] prompt tokens | caption tokens (<= max_text_tokens - 1) | end | pad ...
+    labels: -100        | caption ids                             | end | -100 ...
+
+`end` is "\\n" when it is a single token (OPT; the official code appends "\\n" and stops on it),
+else the tokenizer's EOS (LLaMA / Vicuna); `caption_end` in the config forces one.
+The model prepends the soft prompt to these embeddings; its positions get no loss either.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.config import LLMConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+IGNORE = -100
+
+
+def load_arch_json(path: str | Path) -> dict:
+    """An architecture JSON from pipeline/configs/arch/ without its `_comment` keys."""
+    raw = json.loads(Path(path).read_text())
+    return {k: v for k, v in raw.items() if not k.startswith("_")}
+
+
+def hf_config_from_json(path: str | Path):
+    """A transformers config object from a (public) config.json copy, offline."""
+    from transformers import AutoConfig
+
+    raw = load_arch_json(path)
+    raw.pop("architectures", None)
+    return AutoConfig.for_model(raw.pop("model_type"), **raw)
+
+
+@functools.cache
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def attn_implementation(device) -> str:
+    """flash-attn 2 for CUDA tensors when the package is installed, SDPA otherwise."""
+    device = torch.device(device)
+    return "flash_attention_2" if device.type == "cuda" and flash_attn_available() else "sdpa"
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def build_llm(cfg: LLMConfig, *, device="cpu", meta: bool = False) -> nn.Module:
+    """The frozen causal LM: from_pretrained(cfg.name), or on the meta device from cfg.arch_config."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[cfg.precision]
+    if meta:
+        if cfg.arch_config is None:
+            raise ValueError("model.llm.arch_config is needed to build the LLM on the meta device")
+        # eager attention: transformers' SDPA mask path reads mask values (.item()), which the meta
+        # device cannot do; the matmul FLOPs are the same
+        with torch.device("meta"):
+            llm = AutoModelForCausalLM.from_config(hf_config_from_json(cfg.arch_config), dtype=dtype,
+                                                   attn_implementation="eager")
+    else:
+        llm = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=dtype,
+                                                   attn_implementation=attn_implementation(device))
+        llm.to(device)
+    return freeze(llm)
+
+
+def end_token_id(tokenizer, mode: str = "auto") -> int:
+    newline = tokenizer("\n", add_special_tokens=False).input_ids
+    if mode == "newline" or (mode == "auto" and len(newline) == 1):
+        if len(newline) != 1:
+            raise ValueError(f"caption_end=newline, but '\\n' is {len(newline)} tokens for this tokenizer")
+        return newline[0]
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token and '\\n' is not a single token")
+    return tokenizer.eos_token_id
+
+
+class CaptionTokenizer:
+    """Captions -> dict(input_ids, attention_mask, labels), each [B, L] long. Picklable (collate_fn)."""
+
+    def __init__(self, tokenizer, prompt: str = "", max_text_tokens: int = 32, caption_end: str = "auto"):
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.max_text_tokens = max_text_tokens
+        self.end_id = end_token_id(tokenizer, caption_end)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.prompt_ids = tokenizer(prompt).input_ids  # BOS (if the tokenizer adds one) + prompt
+
+    @classmethod
+    def from_config(cls, cfg: LLMConfig) -> CaptionTokenizer:
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(cfg.name), cfg.prompt, cfg.max_text_tokens,
+                   cfg.caption_end)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Generation stops on the caption end token (and on EOS)."""
+        eos = self.tokenizer.eos_token_id
+        return [self.end_id] + ([eos] if eos is not None and eos != self.end_id else [])
+
+    def _with_prompt(self, prompt_ids: list[int], prompt: str, caption: str) -> list[int]:
+        """Token ids of the caption as they follow the prompt (tokenised jointly when that keeps the
+        prompt's tokens intact, as the official code does; else separately)."""
+        sep = " " if prompt and not prompt.endswith(" ") else ""
+        full = self.tokenizer(prompt + sep + caption).input_ids
+        if full[: len(prompt_ids)] == prompt_ids:
+            return full[len(prompt_ids):]
+        return self.tokenizer(sep + caption, add_special_tokens=False).input_ids
+
+    def encode(self, caption: str) -> tuple[list[int], int]:
+        """One caption -> (token ids, number of leading ids without loss)."""
+        cap = self._with_prompt(self.prompt_ids, self.prompt, caption.strip())
+        cap = cap[: self.max_text_tokens - 1] + [self.end_id]
+        return self.prompt_ids + cap, len(self.prompt_ids)
+
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        rows = [self.encode(c) for c in captions]
+        B, L = len(rows), max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)  # [B, L]
+        attention_mask = torch.zeros(B, L, dtype=torch.long)  # [B, L]
+        labels = torch.full((B, L), IGNORE, dtype=torch.long)  # [B, L]
+        for i, (ids, n_prompt) in enumerate(rows):
+            t = torch.tensor(ids, dtype=torch.long)
+            input_ids[i, : len(ids)] = t
+            attention_mask[i, : len(ids)] = 1
+            labels[i, n_prompt: len(ids)] = t[n_prompt:]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Generation prompts (BOS + prompt), left padded so every row ends where generation starts."""
+        rows = [self.tokenizer(p).input_ids for p in prompts]
+        B, L = len(rows), max(len(r) for r in rows)
+        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)  # [B, L]
+        attention_mask = torch.zeros(B, L, dtype=torch.long)
+        for i, ids in enumerate(rows):
+            if ids:
+                input_ids[i, L - len(ids):] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[i, L - len(ids):] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]

@@ -1,0 +1,314 @@
+"""SimVLG: frozen ViT -> connector (trainable) -> soft prompt -> frozen LLM -> caption.
+
+    model = build_model(cfg.model, device="cuda")
+    out = model(pixel_values, **tok(captions))     # loss, per_sample_loss [B], num_tokens
+    model.generate(pixel_values)                   # ["a dog on a beach", ...]
+
+Shapes (paper config): pixels [B, 3, 224, 224] -> ViT-g block 39 [B, 257, 1408] -> ln_vision, proj1
+[B, 257, 768] -> TomeFormer (12 layers, r = 19) [B, 29, 768] -> proj2 [B, 29, 2560] -> prepended to
+the text embeddings [B, L, 2560] of OPT-2.7b. Video [B, T, 3, H, W]: temporal merging inside the ViT,
+then frame features averaged over T (or each frame's soft prompt concatenated, temporal_pool: concat).
+
+Only `model.connector` trains (ln_vision, proj1, TomeFormer, proj2; + temporal modules for video;
+the Q-Former and its queries for the baseline). The ViT and LLM have requires_grad=False and stay in
+eval mode through model.train(). Dtypes: ViT and LLM in their configured precision, the connector
+in fp32 (or whatever an engine casts it to: inputs are cast to the connector's dtype, the soft prompt
+to the LLM's).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import ModelConfig
+
+from .llm import DTYPES, IGNORE, CaptionTokenizer, attn_implementation, build_llm, flash_attn_available
+from .qformer import build_qformer
+from .temporal import build_temporal
+from .tomeformer import build_tomeformer
+from .vision import VisionTower, build_vision
+
+CONNECTOR_WEIGHTS, CONNECTOR_CONFIG = "model.safetensors", "config.json"
+
+
+class TomeConnector(nn.Module):
+    """[B, N, Dv] visual tokens -> [B, N', D_llm] soft prompt."""
+
+    def __init__(self, vision_width: int, tomeformer, llm_width: int, temporal=None):
+        super().__init__()
+        self.ln_vision = nn.LayerNorm(vision_width)  # BLIP-2's ln_vision (trainable there too)
+        self.proj1 = nn.Linear(vision_width, tomeformer.hidden_size)
+        self.tomeformer = tomeformer
+        self.proj2 = nn.Linear(tomeformer.hidden_size, llm_width)
+        self.temporal = temporal  # nn.ModuleList, one per ViT block, or None
+
+    def forward(self, feats, return_sources=False):
+        x = self.proj1(self.ln_vision(feats))  # [B, N, C]
+        if return_sources:
+            x, sources = self.tomeformer(x, return_sources=True)
+            return self.proj2(x), sources
+        return self.proj2(self.tomeformer(x))  # [B, N', D_llm]
+
+
+class QFormerConnector(nn.Module):
+    """[B, N, Dv] -> [B, Q, D_llm] through BLIP-2's Q-Former with Q learned queries."""
+
+    def __init__(self, vision_width: int, qformer, query_tokens, llm_width: int, temporal=None):
+        super().__init__()
+        self.ln_vision = nn.LayerNorm(vision_width)
+        self.query_tokens = query_tokens  # [1, Q, C]
+        self.qformer = qformer
+        self.proj2 = nn.Linear(qformer.config.hidden_size, llm_width)
+        self.temporal = temporal
+
+    def forward(self, feats, return_sources=False):
+        if return_sources:
+            raise ValueError("the Q-Former connector does not merge tokens: no merge sources")
+        q = self.query_tokens.expand(feats.shape[0], -1, -1)  # [B, Q, C]
+        out = self.qformer(query_embeds=q, encoder_hidden_states=self.ln_vision(feats)).last_hidden_state
+        return self.proj2(out.to(self.proj2.weight.dtype))  # [B, Q, D_llm]
+
+
+class SimVLG(nn.Module):
+    def __init__(self, cfg: ModelConfig, vision: VisionTower, connector: nn.Module, llm: nn.Module,
+                 tokenizer: CaptionTokenizer | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.vision, self.connector, self.llm = vision, connector, llm
+        self.tokenizer = tokenizer  # None on the meta device (no files)
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(llm.forward).parameters
+        for p in self.vision.parameters():
+            p.requires_grad_(False)
+        for p in self.llm.parameters():
+            p.requires_grad_(False)
+        self.train(True)
+
+    # ---------------------------------------------------------------------------- parameters
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vision.eval()  # frozen parts never train (no dropout, no drop-path)
+        self.llm.eval()
+        return self
+
+    def restore_frozen_precision(self) -> None:
+        """Put the frozen ViT and LLM back in their configured dtypes (a bf16 DeepSpeed engine casts
+        the whole module; the connector keeps whatever the engine gave it)."""
+        self.vision.to(DTYPES[self.cfg.vision.precision])
+        self.llm.to(DTYPES[self.cfg.llm.precision])
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_counts(self) -> dict[str, int]:
+        count = lambda m, t: sum(p.numel() for p in m.parameters() if p.requires_grad == t)  # noqa: E731
+        return {"trainable": count(self, True), "frozen": count(self, False),
+                "vision": count(self.vision, False), "llm": count(self.llm, False),
+                "connector": sum(p.numel() for p in self.connector.parameters())}
+
+    @property
+    def connector_dtype(self) -> torch.dtype:
+        return next(self.connector.parameters()).dtype
+
+    @property
+    def llm_dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    def soft_prompt_length(self, num_frames: int = 1) -> int:
+        """Soft tokens per sample (x num_frames for video with temporal_pool: concat)."""
+        tf = getattr(self.connector, "tomeformer", None)
+        if tf is not None:
+            per_frame = tf.token_counts(self.vision.num_tokens)[-1]
+        else:
+            per_frame = self.connector.query_tokens.shape[1]
+        concat = self.cfg.video.enabled and self.cfg.video.temporal_pool == "concat"
+        return per_frame * (num_frames if concat else 1)
+
+    # ------------------------------------------------------------------------------- vision side
+    def visual_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, N, Dv]; [B, T, 3, H, W] -> [B, T, N, Dv] (frozen ViT, + temporal)."""
+        temporal = self.connector.temporal
+        return self.vision(pixel_values, temporal=temporal if pixel_values.dim() == 5 else None)
+
+    def soft_prompt(self, pixel_values: torch.Tensor, return_sources: bool = False):
+        """Pixels -> soft prompt [B, P, D_llm] in the LLM's dtype."""
+        feats = self.visual_features(pixel_values).to(self.connector_dtype)
+        if feats.dim() == 4 and self.cfg.video.temporal_pool == "concat":  # [B, T, N, D]
+            B, T = feats.shape[:2]
+            out = self.connector(feats.flatten(0, 1), return_sources)  # per frame [B*T, P, D]
+            soft = out[0] if return_sources else out
+            soft = soft.reshape(B, T * soft.shape[1], soft.shape[2])  # [B, T*P, D_llm]
+            out = (soft, out[1]) if return_sources else soft
+        else:
+            if feats.dim() == 4:  # [B, T, N, D] -> [B, N, D]: mean over time, as the official code;
+                # written as frame 0 + mean offset so identical frames give frame 0 bit for bit
+                feats = feats[:, 0] + (feats - feats[:, :1]).mean(1)
+            out = self.connector(feats, return_sources)
+        if return_sources:
+            return out[0].to(self.llm_dtype), out[1]
+        return out.to(self.llm_dtype)
+
+    @torch.no_grad()
+    def merge_info(self, pixel_values: torch.Tensor, layers: list[int] | None = None
+                   ) -> dict[int, torch.Tensor]:
+        """Which soft token each image patch ends up in: {layer: [B, gh, gw] long} (0-based layers;
+        token 0 is the protected CLS, so patch ids are >= 1). For concat video: [B*T, gh, gw]."""
+        was = self.training
+        self.eval()
+        try:
+            _, sources = self.soft_prompt(pixel_values, return_sources=True)
+        finally:
+            self.train(was)
+        layers = list(range(len(sources))) if layers is None else layers
+        gh, gw = self.vision.grid
+        p = self.vision.num_prefix_tokens
+        out = {}
+        for i in layers:
+            src = sources[i]  # [B, N_i, N0]
+            out[i] = src.argmax(1)[:, p:].reshape(src.shape[0], gh, gw)
+        return out
+
+    # -------------------------------------------------------------------------------- LLM side
+    def _select_attention(self, device: torch.device) -> None:
+        """flash-attn for CUDA tensors when installed, SDPA otherwise (chosen on the first call)."""
+        if not flash_attn_available():
+            return
+        want = attn_implementation(device)
+        if getattr(self.llm.config, "_attn_implementation", want) != want:
+            self.llm.set_attn_implementation(want)
+
+    def _inputs(self, soft, input_ids, attention_mask):
+        text = self.llm.get_input_embeddings()(input_ids)  # [B, L, D]
+        embeds = torch.cat([soft, text.to(soft.dtype)], dim=1)  # [B, P+L, D]
+        if attention_mask is None:  # no padding: every token attended
+            return embeds, None
+        ones = torch.ones(soft.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
+        return embeds, torch.cat([ones, attention_mask], dim=1)  # [B, P+L]
+
+    def forward(self, pixel_values, input_ids, attention_mask, labels) -> dict:
+        """Next-token cross-entropy on caption tokens only (labels: -100 on prompt and padding).
+        pixel_values [B, 3, H, W] or [B, T, 3, H, W]; input_ids, attention_mask, labels [B, L]
+        (attention_mask None: no padding). -> loss (mean over caption tokens of the batch),
+        per_sample_loss [B] (mean over each sample's caption tokens), num_tokens (int)."""
+        self._select_attention(input_ids.device)
+        soft = self.soft_prompt(pixel_values)  # [B, P, D]
+        embeds, mask = self._inputs(soft, input_ids, attention_mask)
+        L = input_ids.shape[1]
+        if self._logits_to_keep:  # logits at positions P-1 .. P+L-1 only (not the soft prompt's)
+            logits = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False,
+                              logits_to_keep=L + 1).logits
+        else:
+            logits = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits[:, -L - 1:]
+        logits = logits[:, :-1].float()  # [B, L, V]: position P-1+j predicts text token j
+        tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                              ignore_index=IGNORE, reduction="none").view_as(labels)  # [B, L]
+        n = (labels != IGNORE).sum(1)  # [B]
+        per_sample = tok.sum(1) / n.clamp(min=1)
+        loss = tok.sum() / n.sum().clamp(min=1)
+        num_tokens = -1 if n.is_meta else int(n.sum())
+        return {"loss": loss, "per_sample_loss": per_sample, "num_tokens": num_tokens}
+
+    @torch.no_grad()
+    def generate(self, pixel_values, prompt: str | list[str] | None = None, num_beams: int = 5,
+                 max_new_tokens: int = 30, min_new_tokens: int = 8, **kw) -> list[str]:
+        """Captions (prompt None: the config's prompt) or answers (prompt = "Question: ... Short
+        answer:" per image). num_beams=1 is greedy. Extra kwargs go to the LLM's generate()."""
+        if self.tokenizer is None:
+            raise RuntimeError("generate() needs a tokenizer (a model built with meta=False)")
+        was = self.training
+        self.eval()
+        try:
+            self._select_attention(pixel_values.device)
+            soft = self.soft_prompt(pixel_values)  # [B, P, D]
+            B = soft.shape[0]
+            prompt = self.cfg.llm.prompt if prompt is None else prompt
+            prompts = [prompt] * B if isinstance(prompt, str) else list(prompt)
+            if len(prompts) != B:
+                raise ValueError(f"{len(prompts)} prompts for {B} images")
+            enc = {k: v.to(soft.device) for k, v in self.tokenizer.prompts(prompts).items()}
+            embeds, mask = self._inputs(soft, enc["input_ids"], enc["attention_mask"])
+            out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, num_beams=num_beams,
+                                    do_sample=kw.pop("do_sample", False), max_new_tokens=max_new_tokens,
+                                    min_new_tokens=min_new_tokens, eos_token_id=self.tokenizer.stop_ids,
+                                    pad_token_id=self.tokenizer.pad_id, **kw)
+        finally:
+            self.train(was)
+        return self.tokenizer.decode(out)
+
+    # ------------------------------------------------------------------------- connector files
+    def connector_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.connector.state_dict()
+
+    def save_connector(self, path: str | Path) -> Path:
+        """An HF-style folder: model.safetensors (the connector's weights) + config.json."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach().cpu().contiguous() for k, v in self.connector_state_dict().items()}
+        save_file(sd, str(path / CONNECTOR_WEIGHTS), metadata={"format": "pt"})
+        meta = {"format": "simvlg-connector", "version": 1, "connector": self.cfg.connector,
+                "model": self.cfg.model_dump(mode="json"),
+                "parameters": sum(v.numel() for v in sd.values())}
+        (path / CONNECTOR_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
+    def load_connector(self, path: str | Path) -> list[str]:
+        """Load a save_connector folder. An image-pretrained connector loads into a video model: its
+        temporal modules keep their initialisation (gate 0); their names are returned."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta = json.loads((path / CONNECTOR_CONFIG).read_text())
+        if meta.get("connector") != self.cfg.connector:
+            raise ValueError(f"{path}: a {meta.get('connector')} connector, this model has "
+                             f"{self.cfg.connector}")
+        sd = load_file(str(path / CONNECTOR_WEIGHTS))
+        own = self.connector.state_dict()
+        missing = [k for k in own if k not in sd]
+        unexpected = [k for k in sd if k not in own]
+        if unexpected or any(not k.startswith("temporal.") for k in missing):
+            raise ValueError(f"{path}: connector weights do not match this model (missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]})")
+        self.connector.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=False)
+        return missing
+
+
+def connector_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig a saved connector was trained with (to rebuild the model around it)."""
+    meta = json.loads((Path(path) / CONNECTOR_CONFIG).read_text())
+    return ModelConfig.model_validate(meta["model"])
+
+
+def build_connector(cfg: ModelConfig, vision: VisionTower, llm_width: int, *, meta: bool = False):
+    temporal = None
+    if cfg.video.enabled:
+        with torch.device("meta" if meta else "cpu"):
+            temporal = build_temporal(vision.num_blocks, vision.width, cfg.video.temporal_dim,
+                                      cfg.video.temporal_heads)
+    if cfg.connector == "qformer":
+        qformer, queries = build_qformer(cfg.qformer, vision.width, meta=meta)
+        with torch.device("meta" if meta else "cpu"):
+            return QFormerConnector(vision.width, qformer, queries, llm_width, temporal)
+    tf = build_tomeformer(cfg.tomeformer, meta=meta)
+    with torch.device("meta" if meta else "cpu"):
+        return TomeConnector(vision.width, tf, llm_width, temporal)
+
+
+def build_model(model_cfg: ModelConfig, *, device="cpu", meta: bool = False) -> SimVLG:
+    """The whole model from a ModelConfig. meta=True: full size on the meta device from the
+    arch_config JSONs (no weights, no files besides the JSONs, no tokenizer)."""
+    vision = build_vision(model_cfg.vision, device=device, meta=meta)
+    llm = build_llm(model_cfg.llm, device=device, meta=meta)
+    connector = build_connector(model_cfg, vision, llm.get_input_embeddings().weight.shape[1], meta=meta)
+    connector.float()
+    tokenizer = None if meta else CaptionTokenizer.from_config(model_cfg.llm)
+    model = SimVLG(model_cfg, vision, connector, llm, tokenizer)
+    if not meta:
+        model.connector.to(device)
+    return model

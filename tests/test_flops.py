@@ -1,0 +1,71 @@
+"""`simvlg bench flops`: meta-device FLOP / parameter / memory counts, checked against analytic counts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.models import flops
+
+
+def test_count_step_on_a_known_module():
+    torch.manual_seed(0)
+    frozen, head = nn.Linear(8, 16), nn.Linear(16, 4)
+    frozen.requires_grad_(False)
+    x = torch.randn(3, 8)
+    params = list(frozen.parameters()) + list(head.parameters())
+    c, _, _ = flops.count_step(lambda: head(frozen(x)).sum(), params)
+    assert c.fwd == 2 * 3 * (8 * 16 + 16 * 4)
+    assert c.bwd == 2 * 3 * 16 * 4  # only the trainable head's weight gradient (no input needs grad)
+    # the head saves its input [3, 16] fp32 for the weight gradient; parameters are not counted
+    assert c.saved_bytes == 3 * 16 * 4
+
+
+@pytest.fixture(scope="module")
+def paper(tmp_path_factory):
+    """The paper config with --vs blip2, through main() as the CLI calls it (~40 s: meta models)."""
+    out = tmp_path_factory.mktemp("flops") / "flops.json"
+    rc = flops.main(["simvlg_opt2.7b", "--vs", "blip2", "--json", str(out)])
+    assert rc == 0
+    return json.loads(out.read_text())
+
+
+def test_paper_config_counts(paper):
+    s = paper["simvlg"]
+    assert s["soft_prompt"] == 29 and s["vision_tokens"] == 257 and s["text_tokens"] == 1 + 3 + 32
+    p = s["params"]
+    assert p["trainable"] == 88_504_320 and p["frozen"] == p["vision"] + p["llm"]
+    parts = s["count"]["parts"]
+    vit_f, vit_b = parts["vision"]
+    # frozen ViT: ~2 x params x tokens forward (+ attention), no backward at all
+    assert vit_b == 0 and 1.0 < vit_f / (2 * p["vision"] * 257) < 1.05
+    # frozen LLM: forward over soft prompt + text; backward = gradients w.r.t. its inputs only (~1x)
+    llm_f, llm_b = parts["llm"]
+    L = 29 + s["text_tokens"]
+    non_embedding = p["llm"] - 50272 * 2560 - 2050 * 2560
+    assert 1.0 < llm_f / (2 * non_embedding * L) < 1.06
+    assert 0.95 < llm_b / llm_f < 1.05
+    # trainable connector: backward ~2x forward (input and weight gradients)
+    con_f, con_b = parts["connector"]
+    assert 1.9 < con_b / con_f < 2.1
+    assert s["count"]["fwd"] == vit_f + con_f + llm_f
+    assert s["count"]["total"] == s["count"]["fwd"] + s["count"]["bwd"]
+    assert 100 * 2 ** 20 < s["count"]["saved_bytes"] < 2 * 2 ** 30  # activations per sample
+
+
+def test_blip2_comparison(paper, capsys):
+    s1, s2 = paper["blip2_stage1"]["count"], paper["blip2_stage2"]
+    assert s2["soft_prompt"] == 32 and 100e6 < s2["params"]["trainable"] < 115e6  # Q-Former ~110M
+    assert s1["parts"]["vision"][0] == paper["simvlg"]["count"]["parts"]["vision"][0]
+    itc, itm = s1["parts"]["ITC"], s1["parts"]["ITM (3 pairs)"]
+    assert itm[0] > 2.5 * itc[0]  # three multimodal passes vs one query + one text pass
+    assert s1["fwd"] < s2["count"]["fwd"]  # stage 1 has no LLM
+
+
+def test_bad_inputs_exit_1(capsys):
+    assert flops.main(["demo"]) == 1  # demo backbones are folders: no arch_config for the meta device
+    assert "arch_config" in capsys.readouterr().err
+    assert flops.main(["no_such_config.yaml"]) == 1
