@@ -33,6 +33,34 @@ def cmd_train(args) -> int:
     return main(args)
 
 
+def cmd_eval(args) -> int:
+    from pipeline.eval.run import run
+
+    return run(args)
+
+
+# Commands whose module owns its flags: `simvlg bench flops --help` shows that module's help.
+PASS_THROUGH = {
+    ("bench", "kernels"): ("kernels.bench", "token-merging kernels: Triton vs eager (vs torch.compile)"),
+    ("bench", "flops"): ("pipeline.models.flops",
+                         "FLOPs, parameters and memory per sample on the meta device (--vs blip2)"),
+    ("bench", "data"): ("pipeline.data.bench", "data loader throughput: decode+augment, workers, waits"),
+    ("prep",): ("pipeline.data.prep", "download a dataset recipe into WebDataset shards (img2dataset)"),
+}
+
+
+def cmd_pass_through(args) -> int:
+    import importlib
+
+    return importlib.import_module(args.module).main(args.rest) or 0
+
+
+def _add_pass_through(sub, name: str, module: str, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text, description=help_text, add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=f"arguments of {module} (try --help)")
+    p.set_defaults(func=cmd_pass_through, module=module)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simvlg",
@@ -62,11 +90,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_arguments(train)
     train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser(
+        "eval", help="zero-shot captioning / VQA / video captioning with the standard metrics",
+        description="Evaluate a trained connector: COCO/NoCaps/Flickr captioning (CIDEr, BLEU-4, "
+                    "METEOR, ROUGE-L), VQAv2/OK-VQA/GQA accuracy, MSR-VTT/MSVD captioning. Writes "
+                    "predictions, metrics, a gallery and merged-token figures to the run dir and MLflow.")
+    from pipeline.eval.run import add_arguments as add_eval_arguments
+
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
+    bench = sub.add_parser("bench", help="benchmarks: kernels, flops, data",
+                           description="Benchmarks that print figures (ratios measured side by side).")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
+    for key, (module, help_text) in PASS_THROUGH.items():
+        if key[0] == "bench":
+            _add_pass_through(bench_sub, key[1], module, help_text)
+    _add_pass_through(sub, "prep", *PASS_THROUGH[("prep",)])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for key in PASS_THROUGH:  # argparse's REMAINDER drops a leading --flag
+        if tuple(argv[:len(key)]) == key:
+            argv = [*key, "--", *argv[len(key):]]
+            break
     args = build_parser().parse_args(argv)
+    if getattr(args, "rest", None) and args.rest[0] == "--":
+        args.rest = args.rest[1:]
     try:
         return args.func(args)
     except ConfigError as e:

@@ -8,11 +8,14 @@ processes on this node (CPU ranks when there is no GPU: DS_ACCELERATOR=cpu, gloo
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from pipeline.config import dump_yaml, load_config
@@ -52,7 +55,26 @@ def launch_local(args, cfg) -> int:
     for ov in args.overrides:
         cmd += ["--set", ov]
     print("simvlg train: " + " ".join(cmd), file=sys.stderr)
-    return subprocess.call(cmd, env=env)
+    started = time.time()
+    proc = subprocess.Popen(cmd, env=env)
+    forwarded: list[int] = []
+
+    def forward(signum, _frame):
+        # The deepspeed launcher passes SIGTERM on to the ranks (and would die of SIGUSR1), so
+        # either signal reaches the ranks as SIGTERM: they checkpoint at the next step and exit 0.
+        forwarded.append(signum)
+        proc.send_signal(signal.SIGTERM)
+
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, forward)
+    code = proc.wait()
+    if forwarded:
+        # The launcher exits 1 after any signal; what counts is whether the ranks checkpointed.
+        summary = Path(args.run_dir) / "train_summary.json"
+        if summary.is_file() and summary.stat().st_mtime >= started and \
+                json.loads(summary.read_text()).get("stopped_by_signal"):
+            return 0
+    return code
 
 
 def main(args) -> int:
