@@ -1,0 +1,644 @@
+"""Streaming WebDataset loader: expand → split → shuffle → mix → decode → transform → collate.
+
+    loader = build_loader(cfg.data, tokenize=tok, batch_size=100, rank=r, world_size=n, seed=42)
+    for step, batch in zip(range(steps), loader):
+        ... batch["pixel_values"], batch["input_ids"], ...
+        loader.report_loss({"laion": 2.1, "coco": 1.7})     # adaptive mixing only
+        metrics.update(loader.skip_counts())                # {"laion/corrupt_image": 3, ...}
+    ckpt["data"] = loader.state_dict()                      # per rank
+
+Each DataLoader worker runs one *logical worker*: one stream per source (shard sequence → tar samples
+→ shuffle buffer), a seeded RNG per batch for source choice, augmentation, caption and frame choice,
+and yields whole collated batches (tokenisation included). Batch n of logical worker l on rank r is a
+pure function of (seed, rank, l, epoch, n, the per-source stream positions, the mixing shares).
+
+Modes
+- resampled (train, data.resampled=true): shards drawn with replacement, seeded per
+  (seed, source, rank, worker, epoch). Infinite unless `epoch_batches` is given, in which case each
+  `iter()` yields exactly `epoch_batches` batches and the next one uses epoch+1 seeds.
+- epoch (train, data.resampled=false): each pass permutes a source's shards with a seed shared by all
+  ranks, then gives global worker g = rank·W + w the shards g, g+G, ... (G = world·W): disjoint across
+  ranks and workers. A source with fewer shards than G is split by sample instead (every worker
+  reads every shard, keeps samples i ≡ g mod G). Every rank yields exactly `epoch_batches` batches
+  (default Σ num_samples // (batch_size·world_size)): a worker whose shards run out starts its next
+  pass, so no rank stops early and collectives never hang.
+- eval (train=False): one pass in order, split like epoch mode, eval transforms, last batch partial;
+  ranks may end with different batch counts.
+
+Exact resume (what is guaranteed): each source stream is cut into segments of SEGMENT_SHARDS
+shards, each with its own shuffle-buffer seed, the buffer draining at the segment's end. A stream's
+position is (segment, samples emitted in it), raw samples pulled including skipped ones.
+`state_dict()` records, for every logical worker, how many of its batches the trainer consumed and
+its streams' positions after the last consumed batch. `load_state_dict()` + `iter()` rebuilds each
+stream from its seed, skips earlier segments without any I/O and fast-forwards through at most one
+segment (tar headers only for local shards; pipe:/http shards are read but not decoded), then rotates
+the worker order so the batch after the checkpoint is the one an uninterrupted run would have produced
+next. In sample/batch modes the resumed sequence is identical to the uninterrupted one (same samples,
+same crops; tested). Prefetched but unconsumed batches are dropped and regenerated, never skipped. In
+adaptive mode no sample is replayed or skipped within any source stream, but source choices after
+resume use the shares restored from the loss history, which may differ slightly from what an
+uninterrupted run (whose workers read the shares at prefetch time) would have used. Requires the same
+sources, seed, rank, world size, num_workers, batch size and mode; otherwise load_state_dict raises
+(strict) or starts a fresh epoch with new seeds (strict=False: nothing is guaranteed but fresh data).
+Resume cost: one segment's header scan per stream (4 shards of 10k samples: a few seconds).
+
+Skips: unreadable_shard, corrupt_tar (samples before the break are kept), corrupt_image,
+corrupt_video, missing_image, missing_caption, oversized, dead_source — counted per source in the
+workers, shipped with each batch, summed in the trainer process over consumed batches
+(`skip_counts()`: a fixed key set per source, so ranks can all-reduce it), restored with the state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .mixing import AdaptiveMixer, choose, normalize
+from .shards import IMAGE_EXTS, VIDEO_EXTS, iter_tar_samples, resolve_lazy, resolve_spec
+from .transforms import build_transform, normalize_batch, pre_caption, stack_hwc
+from .video import video_frames
+
+SKIP_KINDS = ("unreadable_shard", "corrupt_tar", "corrupt_image", "corrupt_video", "missing_image",
+              "missing_caption", "oversized", "dead_source")
+STATE_VERSION = 2
+
+
+def stable_seed(*parts) -> int:
+    """A 63-bit seed from any printable parts, identical in every process (no hash randomisation)."""
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+@dataclass
+class Source:
+    name: str
+    urls: list[str]
+    weight: float
+    kind: str = "image"
+    num_samples: int | None = None
+
+
+class _Dead(Exception):
+    pass
+
+
+SEGMENT_SHARDS = 4  # shards per stream segment: the most a resume has to fast-forward through
+
+
+class SourceStream:
+    """One source's raw samples for one logical worker.
+
+    The shard sequence (resampled: drawn with replacement; epoch/eval: this worker's share of a pass)
+    is cut into *segments* of SEGMENT_SHARDS shards (a pass end also ends a segment). Each segment has
+    its own shuffle-buffer seed and the buffer drains at its end, so a position is (segment, samples
+    emitted in it) and resuming skips whole segments for free (no I/O), then fast-forwards at most one
+    segment by scanning tar headers.
+    """
+
+    def __init__(self, index: int, src: Source, *, seed: int, epoch: int, rank: int, world_size: int,
+                 worker: int, num_workers: int, mode: str, shard_shuffle: bool, buffer: int,
+                 on_skip, start: tuple[int, int] = (0, 0)):
+        self.index, self.src = index, src
+        self.seed, self.epoch, self.rank = seed, epoch, rank
+        self.G = world_size * num_workers
+        self.g = rank * num_workers + worker
+        self.worker = worker
+        self.mode = mode  # resampled | epoch | eval
+        self.shard_shuffle = shard_shuffle
+        self.buffer = buffer if mode != "eval" else 0
+        self.on_skip = on_skip
+        self.seg, self.seg_pos = int(start[0]), 0
+        self.lazy = False
+        self.muted = False
+        self._it = self._stream(self.seg)
+        if start[1]:
+            self.fast_forward(int(start[1]))
+
+    @property
+    def position(self) -> list[int]:
+        return [self.seg, self.seg_pos]
+
+    # -- shard sequences, cut into segments: (list of (url, split), ends_a_pass)
+    def _segments(self):
+        urls, K = self.src.urls, SEGMENT_SHARDS
+        if self.mode == "resampled":
+            rng = random.Random(stable_seed(self.seed, "shards", self.index, self.rank, self.worker,
+                                            self.epoch))
+            while True:
+                yield [(rng.choice(urls), None) for _ in range(K)], False
+        pas = 0
+        while True:
+            order = list(urls)
+            if self.shard_shuffle and self.mode == "epoch":
+                random.Random(stable_seed(self.seed, "perm", self.index, self.epoch, pas)).shuffle(order)
+            if len(order) >= self.G:
+                mine = [(u, None) for u in order[self.g::self.G]]
+                if self.shard_shuffle and self.mode == "epoch":
+                    random.Random(stable_seed(self.seed, "local", self.index, self.g, self.epoch,
+                                              pas)).shuffle(mine)
+            else:  # fewer shards than workers: every worker reads every shard, keeps its samples
+                mine = [(u, (self.G, (self.g + j) % self.G)) for j, u in enumerate(order)]
+            for i in range(0, len(mine), K):
+                yield mine[i:i + K], i + K >= len(mine)
+            if self.mode == "eval":
+                return
+            pas += 1
+
+    def _on_error(self, kind, url, exc):
+        if not self.muted:
+            self.on_skip(self.index, kind)
+
+    def _read(self, shards, counter: dict):
+        lazy = lambda: self.lazy  # noqa: E731
+        always_lazy = lambda: True  # noqa: E731
+        for url, split in shards:
+            got = 0
+            # when splitting by sample, other workers' samples are only header-scanned (local files)
+            for j, sample in enumerate(iter_tar_samples(url, lazy=always_lazy if split else lazy,
+                                                        on_error=self._on_error)):
+                if split is not None and j % split[0] != split[1]:
+                    continue
+                got += 1
+                yield sample
+            counter["got"] += got
+            counter["empty_run"] = 0 if got else counter["empty_run"] + 1
+
+    def _stream(self, start_seg: int):
+        counter = {"got": 0, "empty_run": 0}
+        pass_from_start = start_seg == 0
+        limit = 2 * len(self.src.urls) + 8
+        for seg, (shards, pass_end) in enumerate(self._segments()):
+            if seg < start_seg:
+                pass_from_start = pass_end  # the next segment starts a pass
+                continue
+            rng = random.Random(stable_seed(self.seed, "buffer", self.index, self.rank, self.worker,
+                                            self.epoch, seg))
+            for sample in self._shuffled(self._read(shards, counter), rng):
+                yield seg, sample
+            if self.mode == "resampled" and counter["empty_run"] >= limit:
+                raise _Dead(f"{limit} shards in a row gave no samples")
+            if pass_end:
+                if counter["got"] == 0 and pass_from_start:
+                    raise _Dead(f"a whole pass over {len(self.src.urls)} shards gave no samples")
+                counter["got"], pass_from_start = 0, True
+
+    def _shuffled(self, it, rng: random.Random):
+        """Shuffle buffer (webdataset's algorithm: start emitting at 100, grow to `buffer`), drained at
+        the end of the segment."""
+        size = self.buffer
+        if size <= 1:
+            yield from it
+            return
+        initial = min(100, size)
+        buf: list = []
+
+        def pick():
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            return buf.pop()
+
+        for s in it:
+            buf.append(s)
+            if len(buf) < size:
+                s2 = next(it, None)
+                if s2 is not None:
+                    buf.append(s2)
+            if len(buf) >= initial:
+                yield pick()
+        while buf:
+            yield pick()
+
+    def next(self) -> dict:
+        """Next raw sample. Raises StopIteration when exhausted (eval) or _Dead when it never yields."""
+        seg, s = next(self._it)
+        if seg != self.seg:
+            self.seg, self.seg_pos = seg, 0
+        self.seg_pos += 1
+        return s
+
+    def fast_forward(self, n: int) -> None:
+        self.lazy, self.muted = True, True
+        try:
+            for _ in range(n):
+                self.next()
+        finally:
+            self.lazy, self.muted = False, False
+
+
+class MixedStream(IterableDataset):
+    """The worker side: yields collated batches with a `_meta` entry the loader strips."""
+
+    def __init__(self, sources: list[Source], *, data_cfg, tokenize, batch_size: int, rank: int,
+                 world_size: int, seed: int, train: bool, epoch_batches: int | None,
+                 shares_tensor: torch.Tensor | None):
+        super().__init__()
+        self.sources = sources
+        self.names = [s.name for s in sources]
+        self.mixing = data_cfg.mixing
+        self.mode = "eval" if not train else ("resampled" if data_cfg.resampled else "epoch")
+        self.shard_shuffle = data_cfg.shard_shuffle
+        self.buffer = data_cfg.shuffle_buffer
+        self.max_words = data_cfg.max_words
+        self.num_frames = data_cfg.num_frames
+        self.frame_sampling = data_cfg.frame_sampling if train else "uniform"
+        self.transform = build_transform(data_cfg.image_size, data_cfg.min_scale, data_cfg.hflip, train)
+        self.tokenize = tokenize
+        self.batch_size = batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.train = train
+        self.epoch_batches = epoch_batches
+        self.static_shares = normalize([s.weight for s in sources])
+        self.shares_tensor = shares_tensor
+        self.salt = 0  # bumped by a non-strict load_state_dict
+        self.start: dict = {"epoch": 0, "offset": 0, "workers": {}}
+
+    # -- per-worker setup
+    def _shares(self) -> list[float]:
+        if self.shares_tensor is not None:
+            return self.shares_tensor.tolist()
+        return self.static_shares
+
+    def __iter__(self):
+        info = get_worker_info()
+        p, W = (info.id, info.num_workers) if info is not None else (0, 1)
+        lw = (p + self.start["offset"]) % W
+        yield from self._batches(lw, W)
+
+    def _quota(self, lw: int, W: int) -> int | None:
+        E = self.epoch_batches
+        if E is None:
+            return None
+        return E // W + (1 if lw < E % W else 0)
+
+    def _batches(self, lw: int, W: int):
+        epoch = self.start["epoch"]
+        st = self.start["workers"].get(str(lw), {})
+        n = int(st.get("batches", 0))
+        pos = [tuple(p) for p in st.get("pos", [(0, 0)] * len(self.sources))]
+        skips: dict = defaultdict(lambda: defaultdict(int))
+
+        def on_skip(i, kind):
+            skips[self.names[i]][kind] += 1
+
+        seed = stable_seed(self.seed, self.salt)
+        streams, alive = [], []
+        for i, (s, start) in enumerate(zip(self.sources, pos)):
+            try:
+                streams.append(SourceStream(i, s, seed=seed, epoch=epoch, rank=self.rank,
+                                            world_size=self.world_size, worker=lw, num_workers=W,
+                                            mode=self.mode, shard_shuffle=self.shard_shuffle,
+                                            buffer=self.buffer, on_skip=on_skip, start=start))
+                alive.append(True)
+            except (StopIteration, _Dead):  # ran out while fast-forwarding
+                streams.append(SourceStream(i, s, seed=seed, epoch=epoch, rank=self.rank,
+                                            world_size=self.world_size, worker=lw, num_workers=W,
+                                            mode=self.mode, shard_shuffle=self.shard_shuffle,
+                                            buffer=self.buffer, on_skip=on_skip))
+                alive.append(False)
+        quota = self._quota(lw, W)
+        if self.mode == "eval":
+            yield from self._eval_batches(streams, lw, epoch, n, skips, on_skip)
+            return
+        while quota is None or n < quota:
+            rng = random.Random(stable_seed(seed, "batch", self.rank, lw, epoch, n))
+            shares = self._shares()
+            items: list = []
+            src = choose(shares, rng, alive) if self.mixing == "batch" else None
+            while len(items) < self.batch_size:
+                if self.mixing != "batch":
+                    src = choose(shares, rng, alive)
+                item = self._next_item(streams[src], rng, on_skip)
+                if item is None:  # source dead
+                    alive[src] = False
+                    skips[self.names[src]]["dead_source"] += 1
+                    warnings.warn(f"data source {self.names[src]!r} gives no samples on rank {self.rank} "
+                                  f"worker {lw}; mixing continues without it", stacklevel=2)
+                    if not any(alive):
+                        raise RuntimeError(f"no data source gives samples on rank {self.rank} worker {lw}: "
+                                           f"check the shards of {self.names}")
+                    if self.mixing == "batch":
+                        src = choose(shares, rng, alive)
+                    continue
+                items.append(item)
+            n += 1
+            yield self._collate(items, lw, epoch, n, streams, skips)
+            skips.clear()
+
+    def _eval_batches(self, streams, lw, epoch, n, skips, on_skip):
+        rng = random.Random(0)
+        items: list = []
+        for stream in streams:
+            while True:
+                try:
+                    raw = stream.next()
+                except (StopIteration, _Dead):
+                    break
+                item = self._decode(raw, stream.index, rng, on_skip)
+                if item is None:
+                    continue
+                items.append(item)
+                if len(items) == self.batch_size:
+                    n += 1
+                    yield self._collate(items, lw, epoch, n, streams, skips)
+                    items = []
+                    skips.clear()
+        if items:
+            n += 1
+            yield self._collate(items, lw, epoch, n, streams, skips)
+        elif skips:  # skips after the last full batch still reach the trainer
+            yield {"_meta": {"worker": lw, "epoch": epoch, "batches": n, "pos": [s.position for s in streams],
+                             "skips": {k: dict(v) for k, v in skips.items()}, "empty": True}}
+
+    def _next_item(self, stream: SourceStream, rng: random.Random, on_skip):
+        while True:
+            try:
+                raw = stream.next()
+            except (StopIteration, _Dead):
+                return None
+            item = self._decode(raw, stream.index, rng, on_skip)
+            if item is not None:
+                return item
+
+    # -- decode one raw sample (never unpickles: only image/video/txt/json members were read)
+    def _caption(self, raw: dict, rng: random.Random) -> str:
+        cap = None
+        js = raw.get("json")
+        if js is not None and (b'"captions"' in js or "txt" not in raw):
+            try:
+                meta = json.loads(js)
+            except ValueError:
+                meta = None
+            if isinstance(meta, dict):
+                caps = meta.get("captions")
+                if isinstance(caps, list):
+                    caps = [c for c in caps if isinstance(c, str) and c.strip()]
+                    if caps:
+                        cap = rng.choice(caps) if self.train else caps[0]
+                if cap is None and isinstance(meta.get("caption"), str):
+                    cap = meta["caption"]
+        if cap is None and "txt" in raw:
+            cap = raw["txt"].decode("utf-8", "replace")
+        return pre_caption(cap, self.max_words) if cap else ""
+
+    def _decode(self, raw: dict, si: int, rng: random.Random, on_skip):
+        try:
+            resolve_lazy(raw)
+        except OSError:
+            on_skip(si, "corrupt_tar")
+            return None
+        kind = self.sources[si].kind
+        exts = VIDEO_EXTS if kind == "video" else IMAGE_EXTS
+        ext = next((e for e in exts if e in raw), None)
+        if ext is None:
+            on_skip(si, "oversized" if raw.get("__oversized__") else "missing_image")
+            return None
+        caption = self._caption(raw, rng)
+        if not caption:
+            on_skip(si, "missing_caption")
+            return None
+        if kind == "video":
+            try:
+                pixels = video_frames(raw[ext], self.transform, self.num_frames, self.frame_sampling, rng)
+            except Exception:  # noqa: BLE001 - any decoder failure is a corrupt sample
+                on_skip(si, "corrupt_video")
+                return None
+        else:
+            try:
+                with Image.open(io.BytesIO(raw[ext])) as im:
+                    img = im.convert("RGB")
+            except Exception:  # noqa: BLE001 - truncated, not an image, decompression bomb, ...
+                on_skip(si, "corrupt_image")
+                return None
+            pixels = self.transform.apply(img, self.transform.params(img.width, img.height, rng))
+        return pixels, caption, si, raw["__key__"]
+
+    def _collate(self, items, lw, epoch, n, streams, skips) -> dict:
+        pixels, captions, sis, keys = zip(*items)
+        batch = {"pixel_values": normalize_batch(stack_hwc(pixels))}
+        if self.tokenize is not None:
+            batch.update(self.tokenize(list(captions)))
+        batch.update({
+            "captions": list(captions),
+            "source": [self.names[i] for i in sis],
+            "source_idx": torch.tensor(sis, dtype=torch.long),
+            "keys": list(keys),
+            "_meta": {"worker": lw, "epoch": epoch, "batches": n, "pos": [s.position for s in streams],
+                      "skips": {k: dict(v) for k, v in skips.items()}},
+        })
+        return batch
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """SLURM signals every process of a job step, and the deepspeed launcher terminates its whole
+    process tree: a worker killed by that signal would crash its rank before it can checkpoint.
+    Workers ignore them and exit with their rank (PyTorch's watchdog ends orphaned workers)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class StreamingLoader:
+    """The trainer side: wraps a torch DataLoader around MixedStream, tracks consumed positions,
+    skip counts and data-wait time, and feeds adaptive mixing."""
+
+    def __init__(self, dataset: MixedStream, *, num_workers: int, prefetch_factor: int = 2,
+                 pin_memory: bool = False, mixer: AdaptiveMixer | None = None):
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self.pin_memory = pin_memory
+        self.mixer = mixer
+        self._state = {"epoch": 0, "consumed": 0, "workers": {}}
+        self._skips: dict = defaultdict(lambda: defaultdict(int))
+        self.wait_time = 0.0
+        self.batches = 0
+
+    @property
+    def epoch_batches(self) -> int | None:
+        return self.dataset.epoch_batches
+
+    def __len__(self) -> int:
+        if self.dataset.epoch_batches is None:
+            raise TypeError("an infinite (resampled, no epoch_batches) loader has no length")
+        return self.dataset.epoch_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self._state["epoch"]:
+            self._state = {"epoch": int(epoch), "consumed": 0, "workers": {}}
+
+    def __iter__(self):
+        W = max(1, self.num_workers)
+        ds = self.dataset
+        ds.start = {"epoch": self._state["epoch"], "offset": self._state["consumed"] % W,
+                    "workers": {k: dict(v) for k, v in self._state["workers"].items()}}
+        kw = {}
+        if self.num_workers > 0:
+            kw = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
+        # A private generator: the DataLoader draws its base seed when the iterator is created,
+        # which must not move the trainer's global torch RNG (dropout) or resume would diverge.
+        generator = torch.Generator().manual_seed(self._state["epoch"])
+        if self.num_workers > 0:
+            kw["worker_init_fn"] = _ignore_stop_signals
+        dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                        generator=generator, **kw)
+        it = iter(dl)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            self.wait_time += time.perf_counter() - t0
+            meta = batch.pop("_meta")
+            if meta.get("empty"):
+                self._add_skips(meta["skips"])
+                continue
+            self._state["workers"][str(meta["worker"])] = {"batches": int(meta["batches"]),
+                                                           "pos": [[int(a), int(b)] for a, b in meta["pos"]]}
+            self._state["consumed"] += 1
+            self._add_skips(meta["skips"])
+            self.batches += 1
+            yield batch
+        # a finite epoch ran to its end: the next iter() starts the next epoch
+        self._state = {"epoch": self._state["epoch"] + 1, "consumed": 0, "workers": {}}
+
+    def _add_skips(self, skips: dict) -> None:
+        for src, kinds in skips.items():
+            for k, v in kinds.items():
+                self._skips[src][k] += int(v)
+
+    # -- feedback and reporting
+    def report_loss(self, losses: dict[str, float]) -> list[float] | None:
+        """Per-source mean training loss (e.g. all-reduced over ranks) -> new adaptive shares.
+        A no-op returning None unless data.mixing is adaptive."""
+        if self.mixer is None:
+            return None
+        return self.mixer.report_loss(losses)
+
+    def shares(self) -> dict[str, float]:
+        return dict(zip(self.dataset.names, self.dataset._shares()))
+
+    def skip_counts(self, nested: bool = False) -> dict:
+        """Samples/shards skipped over the consumed batches (restored across resume).
+
+        Default: {"<source>/<cause>": n} for every source x SKIP_KINDS, zeros included, so every rank
+        returns the same keys in the same order (safe to all-reduce). nested=True: {source: {cause: n}}
+        with the non-zero counts only."""
+        if nested:
+            return {s: dict(kinds) for s, kinds in self._skips.items() if kinds}
+        return {f"{s}/{k}": int(self._skips.get(s, {}).get(k, 0))
+                for s in self.dataset.names for k in SKIP_KINDS}
+
+    def stats(self) -> dict:
+        return {"data_wait_s": self.wait_time, "batches": self.batches}
+
+    # -- checkpointing
+    def _identity(self) -> dict:
+        d = self.dataset
+        return {"sources": d.names, "seed": d.seed, "rank": d.rank, "world_size": d.world_size,
+                "num_workers": max(1, self.num_workers), "batch_size": d.batch_size, "mode": d.mode,
+                "mixing": d.mixing, "epoch_batches": d.epoch_batches}
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable position of this rank's loader after the batches consumed so far."""
+        out = {"version": STATE_VERSION, **self._identity(), "salt": self.dataset.salt,
+               "epoch": self._state["epoch"], "consumed": self._state["consumed"],
+               "workers": {k: dict(v) for k, v in self._state["workers"].items()},
+               "skips": self.skip_counts(nested=True)}
+        if self.mixer is not None:
+            out["adaptive"] = self.mixer.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        mine = self._identity()
+        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        self._skips = defaultdict(lambda: defaultdict(int))
+        for s, kinds in state.get("skips", {}).items():
+            for k, v in kinds.items():
+                self._skips[s][k] = int(v)
+        if self.mixer is not None and "adaptive" in state:
+            self.mixer.load_state_dict(state["adaptive"])
+        if diff:
+            if strict:
+                raise ValueError("data loader state does not match this loader (exact resume impossible): "
+                                 + ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items()))
+            # approximate: fresh streams with new seeds, so nothing is replayed in distribution
+            self.dataset.salt = int(state.get("salt", 0)) + 1
+            self._state = {"epoch": int(state.get("epoch", 0)), "consumed": 0, "workers": {}}
+            return
+        self.dataset.salt = int(state.get("salt", 0))
+        self._state = {"epoch": int(state["epoch"]), "consumed": int(state["consumed"]),
+                       "workers": {str(k): {"batches": int(v["batches"]),
+                                            "pos": [[int(a), int(b)] for a, b in v["pos"]]}
+                                   for k, v in state["workers"].items()}}
+
+
+def resolve_sources(data_cfg) -> list[Source]:
+    if not data_cfg.sources:
+        raise ValueError("data.sources is empty: name at least one shard source")
+    out = []
+    for i, s in enumerate(data_cfg.sources):
+        try:
+            urls, total = resolve_spec(s.shards)
+        except ValueError as e:
+            raise ValueError(f"data.sources.{i} ({s.name}): {e}") from None
+        out.append(Source(s.name, urls, float(s.weight), s.kind, s.num_samples or total))
+    return out
+
+
+def build_loader(data_cfg, *, tokenize, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 train: bool = True, epoch_batches: int | None = None, num_workers: int | None = None,
+                 prefetch_factor: int = 2, pin_memory: bool = False) -> StreamingLoader:
+    """A loader over `data_cfg.sources` for one rank (see the module docstring for the guarantees).
+
+    tokenize: picklable `list[str] -> dict(input_ids, attention_mask, labels)` run in the workers, or
+    None for pixels and captions only. num_workers defaults to data_cfg.num_workers.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    sources = resolve_sources(data_cfg)
+    kinds = {s.kind for s in sources}
+    if len(kinds) > 1 and data_cfg.mixing != "batch" and train:
+        raise ValueError("image and video sources can only be mixed with data.mixing: batch "
+                         "(a batch holds one kind)")
+    if train and not data_cfg.resampled and epoch_batches is None:
+        if any(s.num_samples is None for s in sources):
+            missing = [s.name for s in sources if s.num_samples is None]
+            raise ValueError(f"epoch mode (data.resampled: false) needs num_samples for {missing} "
+                             "(set data.sources.N.num_samples, point shards at a manifest.json, or pass "
+                             "epoch_batches)")
+        epoch_batches = sum(s.num_samples for s in sources) // (batch_size * world_size)
+        if epoch_batches < 1:
+            raise ValueError(f"epoch mode: {sum(s.num_samples for s in sources)} samples are fewer than "
+                             f"one batch of {batch_size} per rank on {world_size} ranks")
+    if not train:
+        epoch_batches = None
+    mixer = None
+    shares_tensor = None
+    if data_cfg.mixing == "adaptive" and train:
+        mixer = AdaptiveMixer([s.name for s in sources], [s.weight for s in sources],
+                              data_cfg.adaptive_floor, data_cfg.adaptive_window)
+        shares_tensor = mixer.shared
+    ds = MixedStream(sources, data_cfg=data_cfg, tokenize=tokenize, batch_size=batch_size, rank=rank,
+                     world_size=world_size, seed=seed, train=train, epoch_batches=epoch_batches,
+                     shares_tensor=shares_tensor)
+    nw = data_cfg.num_workers if num_workers is None else num_workers
+    return StreamingLoader(ds, num_workers=nw, prefetch_factor=prefetch_factor, pin_memory=pin_memory,
+                           mixer=mixer)
+
+
+__all__ = ["SKIP_KINDS", "Source", "SourceStream", "MixedStream", "StreamingLoader", "build_loader",
+           "resolve_sources", "stable_seed"]

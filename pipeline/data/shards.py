@@ -1,0 +1,258 @@
+"""Shard specs, manifests and a safe tar reader.
+
+Shard specs are brace patterns (`dir/{00000..01255}.tar`), several joined with `::`, or the path of a
+`manifest.json` written by `simvlg prep` (its shard pattern is resolved next to it and its sample
+count is used for epoch sizing).
+
+The reader groups tar members into samples the WebDataset way (key = path up to the first dot of the
+basename, extension = the rest, lower-cased). Shards come from the internet: only the extensions in
+`ALLOWED_EXTS` are ever read; everything else (`.pyd`, `.pickle`, `.pth`, ...) is skipped without
+reading its bytes, and nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tarfile
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import braceexpand
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
+TEXT_EXTS = ("txt", "json")
+ALLOWED_EXTS = frozenset(IMAGE_EXTS + VIDEO_EXTS + TEXT_EXTS)
+MAX_MEMBER_BYTES = 512 * 2**20  # a member above this is skipped unread (counted as oversized)
+
+_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
+
+
+# ------------------------------------------------------------------------------- specs/manifests
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read shard manifest ({e})") from None
+    if "shards_relative" not in m and "shards" not in m:
+        raise ValueError(f"{path}: not a simvlg manifest (no 'shards' key)")
+    return m
+
+
+def resolve_spec(spec: str) -> tuple[list[str], int | None]:
+    """A shard spec -> (list of shard urls, total samples if a manifest says so).
+
+    `spec` is a brace pattern, several patterns joined by `::`, a manifest.json, or a folder holding
+    one. Raises ValueError with the spec in the message if it expands to nothing.
+    """
+    urls: list[str] = []
+    total: int | None = 0
+    for part in spec.split("::"):
+        part = part.strip()
+        if not part:
+            continue
+        p = Path(part)
+        if part.endswith(".json") or (p.is_dir() and (p / "manifest.json").is_file()):
+            mpath = p if part.endswith(".json") else p / "manifest.json"
+            m = read_manifest(mpath)
+            rel = m.get("shards_relative")
+            pattern = str(mpath.parent / rel) if rel else m["shards"]
+            urls += list(braceexpand.braceexpand(pattern)) if m.get("num_shards", 1) else []
+            if total is not None and m.get("num_samples") is not None:
+                total += int(m["num_samples"])
+            else:
+                total = None
+        else:
+            urls += list(braceexpand.braceexpand(part))
+            total = None
+    if not urls:
+        raise ValueError(f"shard spec {spec!r} expands to no shards")
+    return urls, total
+
+
+def brace_pattern(folder: str, ids: list[int], width: int = 5, ext: str = ".tar") -> str:
+    """Compact brace pattern for shard ids: `f/{00000..00009}.tar`, or `f/{{00000..00003},{00007..00009}}.tar`
+    when there are gaps. braceexpand() of the result gives back exactly the ids, in order."""
+    ids = sorted(set(ids))
+    if not ids:
+        return ""
+    runs: list[tuple[int, int]] = []
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+
+    def fmt(a: int, b: int) -> str:
+        return f"{a:0{width}d}" if a == b else f"{{{a:0{width}d}..{b:0{width}d}}}"
+
+    if len(runs) == 1:
+        body = fmt(*runs[0])
+    else:
+        body = "{" + ",".join(fmt(a, b) for a, b in runs) + "}"
+    prefix = folder.rstrip("/") + "/" if folder else ""
+    return f"{prefix}{body}{ext}"
+
+
+# ---------------------------------------------------------------------------------- tar reading
+@dataclass(frozen=True)
+class LazyMember:
+    """Where a member's bytes are, for skipping without reading (fast-forward on resume)."""
+
+    path: str
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise tarfile.ReadError(f"{self.path}: unexpected end of data")
+        return data
+
+
+def resolve_lazy(sample: dict) -> dict:
+    for k, v in list(sample.items()):
+        if isinstance(v, LazyMember):
+            sample[k] = v.read()
+    return sample
+
+
+def _local_path(url: str) -> str | None:
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    if "://" in url or url.startswith("pipe:"):
+        return None
+    return url
+
+
+def _open_stream(url: str):
+    """(fileobj, closer) for pipe: and http(s):// shards (read sequentially)."""
+    if url.startswith("pipe:"):
+        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, bufsize=1 << 20)  # noqa: S602
+
+        def close():
+            proc.stdout.close()
+            proc.wait()
+        return proc.stdout, close
+    r = urllib.request.urlopen(url, timeout=60)  # noqa: S310 - shard urls are configured by the user
+    return r, r.close
+
+
+class ShardReadError(Exception):
+    """Raised inside iter_tar_samples' error callback path; never escapes it."""
+
+
+def iter_tar_samples(url: str, *, lazy=lambda: False, on_error=None,
+                     allowed: frozenset = ALLOWED_EXTS) -> Iterator[dict]:
+    """Yield samples `{"__key__", "__url__", ext: bytes | LazyMember}` from one tar shard.
+
+    `lazy()` is polled per member: when true (and the shard is a local file) member bytes are not
+    read, a LazyMember is stored instead. Errors never propagate: `on_error(kind, url, exc)` is called
+    with kind "unreadable_shard" (cannot open) or "corrupt_tar" (broken mid-way; samples before the
+    break are kept) and iteration stops. Members whose extension is not in `allowed` are never read.
+    """
+    path = _local_path(url)
+    closer = None
+    current: dict | None = None
+    try:
+        if path is not None:
+            size = os.path.getsize(path)
+            fileobj = open(path, "rb")  # noqa: SIM115
+            closer = fileobj.close
+            tar = tarfile.open(fileobj=fileobj, mode="r:")
+        else:
+            size = None
+            fileobj, closer = _open_stream(url)
+            tar = tarfile.open(fileobj=fileobj, mode="r|*")
+    except (OSError, tarfile.TarError, EOFError, ValueError) as e:
+        if closer:
+            closer()
+        if on_error:
+            on_error("unreadable_shard", url, e)
+        return
+    try:
+        for m in tar:
+            if not m.isfile():
+                continue
+            match = _KEY_RE.match(m.name)
+            if not match:
+                continue
+            key, ext = match.group(1), match.group(2).lower()
+            if key.startswith("__") or os.path.basename(key).startswith("._"):
+                continue
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": url}
+            if ext not in allowed:
+                continue  # never read: shards come from the internet
+            if m.size > MAX_MEMBER_BYTES:
+                current.setdefault("__oversized__", []).append(ext)
+                continue
+            if path is not None and lazy():
+                if m.offset_data + m.size > size:
+                    raise tarfile.ReadError("unexpected end of data")
+                current[ext] = LazyMember(path, m.offset_data, m.size)
+            else:
+                f = tar.extractfile(m)
+                data = f.read()
+                if len(data) != m.size:
+                    raise tarfile.ReadError("unexpected end of data")
+                current[ext] = data
+        if current is not None:
+            yield current
+            current = None
+    except (OSError, tarfile.TarError, EOFError, ValueError, UnicodeDecodeError) as e:
+        if current is not None and len(current) > 2:
+            yield current  # the complete members of the last sample; decode decides if it is usable
+        if on_error:
+            on_error("corrupt_tar", url, e)
+    finally:
+        try:
+            tar.close()
+        finally:
+            if closer:
+                closer()
+
+
+def count_tar_samples(path: str, image_exts=IMAGE_EXTS + VIDEO_EXTS) -> int:
+    """Number of samples with an image/video member (reads headers only). Raises on a broken tar."""
+    n = 0
+    size = os.path.getsize(path)
+    with tarfile.open(path, mode="r:") as tar:
+        for m in tar:
+            if m.offset_data + m.size > size:
+                raise tarfile.ReadError(f"{path}: unexpected end of data")
+            match = _KEY_RE.match(m.name) if m.isfile() else None
+            if match and match.group(2).lower() in image_exts:
+                n += 1
+    return n
+
+
+def write_shard(path: str | Path, samples: list[dict]) -> None:
+    """Write samples `{"__key__": k, ext: bytes | str}` as a WebDataset tar (atomic rename)."""
+    import io
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for s in samples:
+            key = s["__key__"]
+            for ext, data in s.items():
+                if ext.startswith("__"):
+                    continue
+                if isinstance(data, str):
+                    data = data.encode()
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, path)
