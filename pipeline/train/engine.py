@@ -60,6 +60,18 @@ def check_world(cfg: Config, world_size: int) -> None:
             f"gpus_per_node (the config expects {cfg.world_size} ranks)")
 
 
+def _exclude_frozen_from_state_dict(model: torch.nn.Module) -> None:
+    """Checkpoints hold the trainable part only. DeepSpeed's exclude_frozen_parameters misses tied
+    frozen weights (OPT's lm_head is embed_tokens: 257 MB at 2.7b), so drop every frozen name."""
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+    def drop(module, state_dict, prefix, local_metadata):
+        for name in frozen:
+            state_dict.pop(prefix + name, None)
+
+    model.register_state_dict_post_hook(drop)
+
+
 def _to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
@@ -91,6 +103,7 @@ class Trainer:
         self.loader = loader if loader is not None else build_loader(
             cfg.data, tokenize=tokenize, batch_size=cfg.train.micro_batch, rank=self.rank,
             world_size=self.world, seed=cfg.run.seed, train=True)
+        _exclude_frozen_from_state_dict(self.model)
         t = cfg.train
         optimizer = torch.optim.AdamW(param_groups(self.model.named_parameters(), t.weight_decay),
                                       lr=lr_at(0, t), betas=tuple(t.betas))
@@ -103,6 +116,7 @@ class Trainer:
         self.ckpt_root = run_dir / "checkpoints"
         self.step = 0
         self.nan_skips = 0
+        self._resumed_rng = None
         self.stop = StopFlag()
         run_id = self._resume()
         self.tracker = Tracker(cfg, run_dir, run_id=run_id) if self.rank == 0 else None
@@ -116,8 +130,8 @@ class Trainer:
             return None
         state = checkpoint.load(self.engine, Path(shared[0]), rank=self.rank, world_size=self.world)
         self.step, self.nan_skips = state["step"], state["nan_skips"]
-        checkpoint.set_rng_state(state["rng"])
         self.loader.load_state_dict(state["loader"])
+        self._resumed_rng = state["rng"]  # restored in fit(), after the loader's iterator exists
         if self.rank == 0:
             log.warning("resumed from %s at step %d", shared[0], self.step)
         return state.get("mlflow_run_id")
@@ -131,13 +145,20 @@ class Trainer:
                                barrier=dist.barrier)
 
     # -- one optimizer step -----------------------------------------------------------------------
-    def _micro_batches(self, it):
+    def _next_batch(self) -> dict:
+        try:
+            return next(self._it)
+        except StopIteration:  # epoch mode: the next pass starts with a fresh iterator
+            self._it = iter(self.loader)
+            return next(self._it)
+
+    def _micro_batches(self):
         """Yields `grad_accum` finite-loss micro-batches; a non-finite loss on any rank skips that
         micro-batch on every rank (decided together, so ZeRO's collectives stay in step)."""
         t, done, in_a_row = self.cfg.train, 0, 0
         while done < t.grad_accum:
             t0 = time.perf_counter()
-            batch = next(it)
+            batch = self._next_batch()
             self.data_wait += time.perf_counter() - t0
             out = self.engine(**{k: v for k, v in _to_device(batch, self.device).items()
                                  if k in ("pixel_values", "input_ids", "attention_mask", "labels")})
@@ -154,14 +175,14 @@ class Trainer:
             done += 1
             yield batch, out
 
-    def train_step(self, it) -> dict:
+    def train_step(self) -> dict:
         t = self.cfg.train
         lr = lr_at(self.step, t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         losses, samples, tokens = [], 0, 0
         per_source = defaultdict(lambda: [0.0, 0.0])  # name -> [loss sum, count]
-        for batch, out in self._micro_batches(it):
+        for batch, out in self._micro_batches():
             self.engine.backward(out["loss"])
             self.engine.step()
             losses.append(out["loss"].item())
@@ -189,14 +210,16 @@ class Trainer:
     def fit(self) -> dict:
         t = self.cfg.train
         self.engine.train()
-        it = iter(self.loader)
+        self._it = iter(self.loader)
+        if self._resumed_rng is not None:
+            checkpoint.set_rng_state(self._resumed_rng)
         window_start, self.data_wait = time.perf_counter(), 0.0
         window_samples = window_tokens = 0
         first_step, history = self.step, []
         status, stopped_by = "FINISHED", None
         try:
             while self.step < t.steps:
-                m = self.train_step(it)
+                m = self.train_step()
                 window_samples += m["samples"]
                 window_tokens += m["tokens"]
                 history.append((self.step, m["loss"]))

@@ -8,14 +8,12 @@ processes on this node (CPU ranks when there is no GPU: DS_ACCELERATOR=cpu, gloo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from pipeline.config import dump_yaml, load_config
@@ -55,26 +53,36 @@ def launch_local(args, cfg) -> int:
     for ov in args.overrides:
         cmd += ["--set", ov]
     print("simvlg train: " + " ".join(cmd), file=sys.stderr)
-    started = time.time()
     proc = subprocess.Popen(cmd, env=env)
-    forwarded: list[int] = []
 
     def forward(signum, _frame):
-        # The deepspeed launcher passes SIGTERM on to the ranks (and would die of SIGUSR1), so
-        # either signal reaches the ranks as SIGTERM: they checkpoint at the next step and exit 0.
-        forwarded.append(signum)
-        proc.send_signal(signal.SIGTERM)
+        # Neither layer of the deepspeed launcher forwards SIGUSR1, and its outer runner does not
+        # forward SIGTERM on one node: signal the ranks themselves. They checkpoint at the next
+        # step boundary and exit 0, and then so do the launchers.
+        for rank in _rank_processes(proc.pid):
+            rank.send_signal(signal.SIGTERM)
 
     for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, forward)
-    code = proc.wait()
-    if forwarded:
-        # The launcher exits 1 after any signal; what counts is whether the ranks checkpointed.
-        summary = Path(args.run_dir) / "train_summary.json"
-        if summary.is_file() and summary.stat().st_mtime >= started and \
-                json.loads(summary.read_text()).get("stopped_by_signal"):
-            return 0
-    return code
+    return proc.wait()
+
+
+def _rank_processes(runner_pid: int) -> list:
+    import psutil  # a dependency of deepspeed
+
+    try:
+        tree = psutil.Process(runner_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    launchers = {p.pid for p in tree if "deepspeed.launcher.launch" in " ".join(_cmdline(p))}
+    return [p for p in tree if p.ppid() in launchers]
+
+
+def _cmdline(p) -> list[str]:
+    try:
+        return p.cmdline()
+    except Exception:  # noqa: BLE001 - the process may be gone already
+        return []
 
 
 def main(args) -> int:
