@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import webdataset as wds
 
 from pipeline.config import ConfigError, load_config
 from pipeline.train import checkpoint
+from tiny_run import make_tiny_run
 
 pytestmark = pytest.mark.slow
 STEPS = 8
@@ -25,52 +25,8 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from transformers import BertConfig, BertModel
-
-    from pipeline.demo import backbones, corpus
-
     root = tmp_path_factory.mktemp("train")
-    shards = root / "shards"
-    shards.mkdir()
-    samples = list(corpus.generate(96, 0, seed=5))
-    for s in range(3):
-        with wds.TarWriter(str(shards / f"{s:05d}.tar")) as sink:
-            for split, i, attrs, caption, img in samples[s * 32:(s + 1) * 32]:
-                import io
-
-                buf = io.BytesIO()
-                img.save(buf, format="JPEG", quality=95)
-                sink.write({"__key__": f"{s:05d}{i:04d}", "jpg": buf.getvalue(), "txt": caption,
-                            "json": json.dumps(attrs).encode()})
-    bb = root / "backbones"
-    backbones.build_vit(bb / "vit")
-    backbones.build_llm(bb / "opt", corpus.all_captions(), "a photo of", steps=30)
-    torch.manual_seed(0)
-    BertModel(BertConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                         intermediate_size=128)).save_pretrained(bb / "bert")
-    cfg = root / "train.yaml"
-    cfg.write_text(f"""inherit: demo.yaml
-run: {{name: train-test, seed: 3}}
-data:
-  sources: [{{name: shapes, shards: "{shards}/{{00000..00002}}.tar", weight: 1}}]
-  num_workers: 1
-  shuffle_buffer: 16
-model:
-  vision: {{name: {bb}/vit}}
-  tomeformer: {{init: {bb}/bert, num_layers: 3, r: 8}}
-  llm: {{name: {bb}/opt}}
-train:
-  steps: {STEPS}
-  global_batch: 8
-  micro_batch: 4
-  grad_accum: 1
-  lr: 2.0e-3
-  warmup_steps: 1
-  log_every: 1
-  ckpt_every: 2
-  keep_ckpts: 2
-""")
-    return {"root": root, "config": cfg}
+    return {"root": root, "config": make_tiny_run(root, steps=STEPS)}
 
 
 def simvlg_train(config, run_dir, *overrides, **popen):
