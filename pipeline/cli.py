@@ -46,6 +46,8 @@ PASS_THROUGH = {
                          "FLOPs, parameters and memory per sample on the meta device (--vs blip2)"),
     ("bench", "data"): ("pipeline.data.bench", "data loader throughput: decode+augment, workers, waits"),
     ("prep",): ("pipeline.data.prep", "download a dataset recipe into WebDataset shards (img2dataset)"),
+    ("demo",): ("pipeline.demo.run", "the whole pipeline in miniature on CPU: corpus, shards, "
+                                     "backbones, 2-rank DeepSpeed training, eval, report"),
 }
 
 
@@ -108,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         if key[0] == "bench":
             _add_pass_through(bench_sub, key[1], module, help_text)
     _add_pass_through(sub, "prep", *PASS_THROUGH[("prep",)])
+    _add_pass_through(sub, "demo", *PASS_THROUGH[("demo",)])
     return parser
 
 

@@ -122,7 +122,12 @@ def test_cli_config_show_and_validate(tmp_path):
 
 def test_cli_help_describes_every_subcommand():
     top = run_cli("--help")
-    assert top.returncode == 0 and "config" in top.stdout
-    for sub in (["config", "show"], ["config", "validate"]):
+    assert top.returncode == 0
+    for name in ("config", "train", "eval", "bench", "prep", "demo"):
+        assert f"    {name}" in top.stdout, name
+    for sub, flag in ((["config", "show"], "--set"), (["config", "validate"], "--set"),
+                      (["train"], "--run-dir"), (["eval"], "--checkpoint"), (["bench", "flops"], "--vs"),
+                      (["bench", "kernels"], "--out"), (["bench", "data"], "--shards"),
+                      (["prep"], "--input"), (["demo"], "--compare")):
         out = run_cli(*sub, "--help")
-        assert out.returncode == 0 and "--set" in out.stdout
+        assert out.returncode == 0 and flag in out.stdout, (sub, out.stdout[-500:], out.stderr[-500:])

@@ -27,7 +27,7 @@ def make_tiny_run(root: Path, steps: int) -> Path:
                             "json": json.dumps(attrs).encode()})
     bb = root / "backbones"
     backbones.build_vit(bb / "vit")
-    backbones.build_llm(bb / "opt", corpus.all_captions(), "a photo of", steps=30)
+    backbones.build_llm(bb / "opt", corpus.all_attribute_sets(), corpus.caption, "a photo of", steps=30)
     torch.manual_seed(0)
     BertModel(BertConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                          intermediate_size=128)).save_pretrained(bb / "bert")

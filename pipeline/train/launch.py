@@ -44,6 +44,8 @@ def launch_local(args, cfg) -> int:
 
     nproc = args.nproc or cfg.launch.gpus_per_node
     env = dict(os.environ)
+    # DeepSpeed JIT-builds a small op on first use; build it once per environment, not per home.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", "1")

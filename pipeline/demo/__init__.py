@@ -1,0 +1,1 @@
+"""The embedded default: a synthetic shapes corpus served on loopback, and the staged demo run."""
