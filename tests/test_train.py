@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_run import make_tiny_run
 
 from pipeline.config import ConfigError, load_config
 from pipeline.train import checkpoint
-from tiny_run import make_tiny_run
 
 pytestmark = pytest.mark.slow
 STEPS = 8
