@@ -208,7 +208,7 @@ def _www(folder: Path, n: int) -> list[str]:
 
 
 I2D_FLAGS = ["--processes", "1", "--threads", "8", "--samples-per-shard", "12", "--retries", "0",
-             "--timeout", "5", "--max-image-area", "4e6"]
+             "--timeout", "30", "--max-image-area", "4e6"]
 
 
 @pytest.mark.slow
@@ -238,9 +238,14 @@ def test_img2dataset_end_to_end_with_broken_urls(tmp_path, capsys):
         caps = sorted(c for b in batches for c in b["captions"])
         assert caps == sorted(f"photo number {i}, a test" for i in range(26))
         from pipeline.data.shards import iter_tar_samples
-        s = next(iter_tar_samples(str(out / "shards" / "00000.tar")))
-        with Image.open(io.BytesIO(s["jpg"])) as im:
-            assert min(im.size) == 384 and max(im.size) > 384
+        sizes = []
+        for s in iter_tar_samples(str(out / "shards" / "00000.tar")):
+            with Image.open(io.BytesIO(s["jpg"])) as im:
+                sizes.append(im.size)
+        # shorter side brought down to 384 with the aspect kept; smaller images are never upscaled
+        # (the sources are 500 px on their longer side, so an untouched one still measures 500)
+        assert all(min(sz) == 384 and max(sz) > 384 or max(sz) == 500 for sz in sizes), sizes
+        assert any(min(sz) == 384 for sz in sizes), sizes
         # re-run: nothing downloaded again, finished shards untouched
         tars = sorted((out / "shards").glob("*.tar"))
         mtimes = [p.stat().st_mtime_ns for p in tars]

@@ -149,7 +149,7 @@ def test_tracking_local_sqlite_has_params_metrics_artifacts(tmp_path):
     tracker.close()
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(tracker.run_id)
-    assert run.data.params["train.steps"] == "600"
+    assert run.data.params["train.steps"] == str(cfg.train.steps)
     assert run.data.metrics["loss"] == 2.5
     names = {a.path for a in client.list_artifacts(tracker.run_id)}
     assert {"config.yaml", "config.json", "note.txt", "captions.json"} <= names

@@ -92,7 +92,7 @@ def make_shards(corpus_dir: Path, out: Path, rows: list[dict]) -> dict:
                 w.writerow([f"{server.url}/{r['path']}", r["caption"]])
         code = prep.main(["urls", "--input", str(url_list), "--out", str(out), "--image-size", "64",
                           "--processes", "1", "--threads", "8", "--samples-per-shard", "1000",
-                          "--timeout", "5", "--retries", "0"])
+                          "--timeout", "30", "--retries", "0"])
     if code != 0 or not manifest.is_file():
         raise SystemExit(f"simvlg demo: the shards stage failed (prep exit {code}); see above")
     return json.loads(manifest.read_text())
