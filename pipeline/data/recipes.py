@@ -217,20 +217,22 @@ def read_urls(args: Args) -> Iterator[dict]:
         yield from _rename(iter_table(p), args.url_col, args.caption_col, p)
 
 
-def read_cc3m(args: Args) -> Iterator[dict]:
-    (p,) = _need_inputs(args, 1, "cc3m", "Train_GCC-training.tsv (caption<TAB>url)")
+def _read_tsv_or_table(args: Args, recipe: str, expected: str, tsv_columns: tuple) -> Iterator[dict]:
+    """The published TSV (no header, `tsv_columns` order), or the same list as a table."""
+    (p,) = _need_inputs(args, 1, recipe, expected)
     if p.suffix in (".parquet", ".json", ".jsonl", ".csv"):
         yield from _rename(iter_table(p), args.url_col, args.caption_col, p)
         return
-    yield from _iter_tsv_pairs(p, ("caption", "url"))
+    yield from _iter_tsv_pairs(p, tsv_columns)
+
+
+def read_cc3m(args: Args) -> Iterator[dict]:
+    return _read_tsv_or_table(args, "cc3m", "Train_GCC-training.tsv (caption<TAB>url)",
+                              ("caption", "url"))
 
 
 def read_cc12m(args: Args) -> Iterator[dict]:
-    (p,) = _need_inputs(args, 1, "cc12m", "cc12m.tsv (url<TAB>caption)")
-    if p.suffix in (".parquet", ".json", ".jsonl", ".csv"):
-        yield from _rename(iter_table(p), args.url_col, args.caption_col, p)
-        return
-    yield from _iter_tsv_pairs(p, ("url", "caption"))
+    return _read_tsv_or_table(args, "cc12m", "cc12m.tsv (url<TAB>caption)", ("url", "caption"))
 
 
 def read_sbu(args: Args) -> Iterator[dict]:
