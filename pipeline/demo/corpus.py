@@ -83,32 +83,47 @@ def _draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: flo
         d.polygon(pts, fill=fill)
 
 
-def render(a: dict, rng: random.Random, size: int = 64) -> Image.Image:
+def layout(a: dict, rng: random.Random, size: int = 64) -> tuple[list[tuple[float, float]], float]:
+    """Centres and radius of the group's shapes.
+
+    Centres fall inside the position's region with a visible gap between shapes (rejection sampling);
+    where the region is too small for that (three large shapes), the shapes stand as a pair or
+    triangle at a random angle around the region's centre, kept inside the image. Touching shapes
+    would make the count unreadable: two large squares side by side are one rectangle."""
+    x0, y0, x1, y1 = _region(a["position"], size)
+    n = COUNTS.index(a["count"]) + 1
+    r = (size / 16 if a["size"] == "small" else size / 9.5) * rng.uniform(0.9, 1.1)
+    gap = 2.5 * r  # centre to centre
+    centres: list[tuple[float, float]] = []
+    for _ in range(300):
+        if len(centres) == n:
+            return centres, r
+        c = (rng.uniform(x0 + r + 1, x1 - r - 1), rng.uniform(y0 + r + 1, y1 - r - 1))
+        if all(math.dist(c, o) > gap for o in centres):
+            centres.append(c)
+    if len(centres) == n:
+        return centres, r
+    spread = gap / (2 * math.sin(math.pi / n)) + 0.01  # n >= 2 here: one shape always fits
+    edge = spread + r + 1
+    cx = min(max((x0 + x1) / 2, edge), size - edge)
+    cy = min(max((y0 + y1) / 2, edge), size - edge)
+    turn = rng.uniform(0, 2 * math.pi)
+    return [(cx + spread * math.cos(turn + 2 * math.pi * k / n),
+             cy + spread * math.sin(turn + 2 * math.pi * k / n)) for k in range(n)], r
+
+
+def render(a: dict, rng: random.Random, size: int = 64, rgb: tuple | None = None) -> Image.Image:
+    """The image of attribute set `a`; `rgb` paints the shapes in that colour instead of a["color"]."""
     img = Image.new("RGB", (size, size), rng.choice(BACKGROUNDS))
     d = ImageDraw.Draw(img)
     for _ in range(rng.randint(2, 5)):  # clutter: short grey strokes
         x, y = rng.uniform(0, size), rng.uniform(0, size)
         g = rng.randint(150, 200)
         d.line([x, y, x + rng.uniform(-4, 4), y + rng.uniform(-4, 4)], fill=(g, g, g), width=1)
-    x0, y0, x1, y1 = _region(a["position"], size)
-    n = COUNTS.index(a["count"]) + 1
-    r = (size / 16 if a["size"] == "small" else size / 9.5) * rng.uniform(0.9, 1.1)
-    # Non-overlapping centres inside the region, by rejection sampling.
-    centres: list[tuple[float, float]] = []
-    for _ in range(500):
-        if len(centres) == n:
-            break
-        c = (rng.uniform(x0 + r + 1, x1 - r - 1), rng.uniform(y0 + r + 1, y1 - r - 1))
-        if all(math.dist(c, o) > 2.1 * r for o in centres):
-            centres.append(c)
-    if len(centres) < n:  # fall back to an even row/column
-        horizontal = (x1 - x0) >= (y1 - y0)
-        centres = [((x0 + (i + 0.5) * (x1 - x0) / n) if horizontal else (x0 + x1) / 2,
-                    (y0 + y1) / 2 if horizontal else (y0 + (i + 0.5) * (y1 - y0) / n))
-                   for i in range(n)]
+    centres, r = layout(a, rng, size)
     jitter = lambda c: tuple(max(0, min(255, v + rng.randint(-12, 12))) for c_ in [c] for v in c_)
     for cx, cy in centres:
-        _draw_shape(d, a["shape"], cx, cy, r, jitter(COLORS[a["color"]]))
+        _draw_shape(d, a["shape"], cx, cy, r, jitter(rgb or COLORS[a["color"]]))
     return img
 
 
