@@ -538,7 +538,8 @@ def test_simvlg_eval_command_with_a_real_tiny_model(tmp_path):
 
     _tiny_backbones(tmp_path)
     _image_set(tmp_path, 5)
-    sets = [f"model.vision.name={tmp_path / 'vit'}", "model.vision.precision=fp32",
+    sets = [f"model.vision.name={tmp_path / 'vit'}", "model.vision.loader=hf", "model.vision.precision=fp32",
+            "model.vision.arch_config=null", "model.vision.checkpoint=null",
             f"model.tomeformer.init={tmp_path / 'bert'}", f"model.llm.name={tmp_path / 'opt'}",
             "model.llm.precision=fp32", f"eval.data_root={tmp_path}", "eval.datasets.tiny.kind=caption",
             "eval.datasets.tiny.annotations=annotations/caps.json", "eval.datasets.tiny.images=images",

@@ -39,7 +39,7 @@ data:
   num_workers: 1
   shuffle_buffer: 16
 model:
-  vision: {{name: {bb}/vit, precision: bf16}}
+  vision: {{name: {bb}/vit, loader: hf, arch_config: null, checkpoint: null, precision: bf16}}
   tomeformer: {{init: {bb}/bert, num_layers: 3, r: 8}}
   llm: {{name: {bb}/opt, precision: bf16}}
 train:
