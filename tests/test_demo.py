@@ -9,13 +9,86 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-pytestmark = pytest.mark.slow
+
+def test_corpus_shapes_never_touch_and_stay_in_the_image():
+    import math
+    import random
+
+    from pipeline.demo import corpus
+
+    rng = random.Random(0)
+    for a in corpus.all_attribute_sets():
+        for _ in range(5):
+            centres, r = corpus.layout(a, rng)
+            assert len(centres) == corpus.COUNTS.index(a["count"]) + 1
+            assert all(r <= v <= 64 - r for c in centres for v in c), (a, centres, r)
+            assert all(math.dist(p, q) > 2.4 * r for i, p in enumerate(centres) for q in centres[i + 1:])
+            # the group stays on its side: left groups left of centre, top groups above, ...
+            mx = sum(x for x, _ in centres) / len(centres)
+            my = sum(y for _, y in centres) / len(centres)
+            side = {"left": mx < 26, "right": mx > 38, "top": my < 26, "bottom": my > 38}
+            assert side[a["position"]], (a, mx, my)
 
 
+def test_corpus_is_deterministic_and_held_out_pairs_never_train():
+    from pipeline.demo import corpus
+
+    first = list(corpus.generate(30, 10, seed=4))
+    again = list(corpus.generate(30, 10, seed=4))
+    assert [x[3] for x in first] == [x[3] for x in again]
+    assert all(x[4].tobytes() == y[4].tobytes() for x, y in zip(first, again))
+    assert not any(corpus.is_held_out(a) for split, _, a, *_ in first if split == "train")
+    assert all(corpus.is_held_out(a) for split, _, a, *_ in first if split == "heldout")
+    assert all(corpus.parse_caption(cap) == a for _, _, a, cap, _ in first)
+
+
+def test_demo_refuses_a_run_dir_made_with_other_inputs(tmp_path):
+    from pipeline.demo.run import main
+
+    old = tmp_path / "old"
+    (old / "backbones").mkdir(parents=True)
+    (old / "backbones" / "backbones.json").write_text("{}")  # an older demo's cache, no stamp
+    with pytest.raises(SystemExit, match="not made by this version"):
+        main(["--run-dir", str(old)])
+    assert (old / "backbones" / "backbones.json").read_text() == "{}"
+
+    run = tmp_path / "run"
+    run.mkdir()
+    stamp = {"corpus_version": 2, "train_images": 4000, "heldout_images": 240, "seed": 0,
+             "vit_steps": 5, "lm_steps": 400, "tomeformer_init": "bert"}
+    (run / "demo_inputs.json").write_text(json.dumps(stamp))
+    with pytest.raises(SystemExit, match="vit_steps 5 -> 600"):
+        main(["--run-dir", str(run)])
+    assert json.loads((run / "demo_inputs.json").read_text()) == stamp
+    assert sorted(p.name for p in run.iterdir()) == ["demo_inputs.json"]
+
+
+def test_steps_to_loss_uses_a_running_mean():
+    from pipeline.demo.run import steps_to_loss
+
+    curve = [(10 * i, 1.0 / i) for i in range(1, 21)]
+    # means of 5 consecutive losses: steps 10-70 -> 0.219, 20-80 -> 0.177
+    assert steps_to_loss(curve, 0.2) == 80
+    assert steps_to_loss(curve, 0.01) is None
+    assert steps_to_loss([(1, 0.1)] * 4, 0.5) is None  # fewer points than the window
+
+
+def test_side_by_side_curves_share_steps_and_end_on_the_last():
+    from pipeline.demo.run import side_by_side
+
+    a = [(25 * i, 1.0) for i in range(1, 61)]
+    b = [(25 * i, 2.0) for i in range(1, 61)] + [(1525, 9.0)]  # a step only b logged: not shown
+    lines = side_by_side({"tomeformer": a, "qformer": b}).splitlines()
+    assert lines[0].split()[-2:] == ["tomeformer", "qformer"]
+    assert lines[-1].split() == ["1500", "1.0000", "2.0000"]
+    assert len(lines) == 13
+
+
+@pytest.mark.slow
 def test_short_demo_runs_every_stage(tmp_path):
     run_dir = tmp_path / "demo"
     cmd = [str(Path(sys.executable).parent / "simvlg"), "demo", "--run-dir", str(run_dir),
-           "--train-images", "120", "--heldout-images", "12", "--lm-steps", "20",
+           "--train-images", "120", "--heldout-images", "12", "--lm-steps", "20", "--vit-steps", "3",
            "--set", "train.steps=4", "--set", "train.log_every=1", "--set", "train.ckpt_every=2",
            "--set", "train.warmup_steps=1", "--set", "eval.num_beams=1", "--set", "eval.gallery_size=4"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
@@ -32,8 +105,10 @@ def test_short_demo_runs_every_stage(tmp_path):
     assert manifest["num_samples"] == 120, manifest
     assert list((run_dir / "data" / "shards").glob("*.tar"))
     assert manifest["counts"]["by_category"] == {"http_404": 2, "undecodable_image": 2}, manifest
-    # 3 backbones saved with save_pretrained
-    for name in ("vit", "opt", "tomeformer"):
+    # 3 backbones: the pre-trained ViT's weights, the OPT and TomeFormer init saved with save_pretrained
+    assert (run_dir / "backbones" / "vit" / "model.safetensors").is_file()
+    assert "192 images" in report["backbones"]["vit"]
+    for name in ("opt", "tomeformer"):
         assert (run_dir / "backbones" / name / "config.json").is_file()
     # 4 training through the launcher: checkpoints, metrics, MLflow
     train_dir = run_dir / "train" / "tomeformer"
@@ -48,6 +123,7 @@ def test_short_demo_runs_every_stage(tmp_path):
     assert set(report["attribute_accuracy"]) == {"shape", "color", "count", "position", "size"}
     assert all(0.0 <= v <= 1.0 for v in report["attribute_accuracy"].values())
     assert {"CIDEr", "BLEU-4", "METEOR", "ROUGE-L"} <= set(ev["metrics"])
+    assert set(report["runs"]["tomeformer"]["steps_to_loss"]) == {"0.5", "0.2", "0.1"}
     eval_dir = train_dir / "eval" / "shapes_heldout"
     preds = json.loads((eval_dir / "predictions.json").read_text())
     assert len(preds) == 12 and all(isinstance(p["prediction"], str) for p in preds)

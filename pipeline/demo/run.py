@@ -3,8 +3,9 @@
     1 corpus     synthetic shapes images + captions; held-out colour-shape pairs; a URL list with
                  a few broken URLs, served by a real HTTP server on 127.0.0.1
     2 shards     `simvlg prep urls` (img2dataset) downloads them into WebDataset shards
-    3 backbones  small frozen ViT and OPT (the OPT first learns the caption language from text);
-                 TomeFormer from real MiniLM weights
+    3 backbones  small frozen ViT and OPT: the ViT first learns to see shapes (random colours, not
+                 the corpus), the OPT the caption language from text; TomeFormer init (small
+                 BERT, or real MiniLM weights)
     4 train      `simvlg train` through the `deepspeed` launcher: 2 CPU ranks, ZeRO-2, MLflow
     5 eval       captions for held-out images: caption metrics, attribute accuracy, gallery,
                  merged-token figures
@@ -29,6 +30,28 @@ from pipeline.config import load_config
 
 log = logging.getLogger("simvlg.demo")
 BROKEN = ["missing/0.png", "missing/1.png", "notanimage.png", "truncated.png"]
+
+
+CORPUS_VERSION = 2  # 2: shapes of a group never touch; the ViT learns from random-colour shapes
+
+
+def check_inputs(run_dir: Path, inputs: dict) -> None:
+    """Stages reuse what a run dir holds, so a run dir made with other inputs (or an older demo) would
+    mix old data or backbones into this run: refuse, naming the difference, and delete nothing."""
+    stamp = run_dir / "demo_inputs.json"
+    if stamp.is_file():
+        old = json.loads(stamp.read_text())
+        diff = {k: (old.get(k), v) for k, v in inputs.items() if old.get(k) != v}
+        if diff:
+            raise SystemExit(
+                f"simvlg demo: {run_dir} holds a demo made with other inputs ("
+                + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
+                + "); pass another --run-dir, or delete that folder to start over")
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
+        raise SystemExit(f"simvlg demo: {run_dir} is not empty and was not made by this version of "
+                         "the demo; pass another --run-dir, or delete that folder to start over")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(inputs, indent=1))
 
 
 class Stages:
@@ -99,17 +122,22 @@ def make_shards(corpus_dir: Path, out: Path, rows: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------------------------- stage 3
-def make_backbones(out: Path, prompt: str, lm_steps: int, tomeformer_init: str, seed: int) -> dict:
+def make_backbones(out: Path, vit_arch: str, vit_steps: int, prompt: str, lm_steps: int,
+                   tomeformer_init: str, seed: int) -> dict:
     from pipeline.demo import backbones, corpus
 
     info_file = out / "backbones.json"
     if info_file.is_file():
         return json.loads(info_file.read_text())
-    backbones.build_vit(out / "vit", seed=seed)
+    t0 = time.time()
+    vit = backbones.pretrain_vit(out / "vit", Path(vit_arch), steps=vit_steps, seed=seed)
+    vit_s = time.time() - t0
     lm = backbones.build_llm(out / "opt", corpus.all_attribute_sets(), corpus.caption, prompt,
                              steps=lm_steps, seed=seed)
     tomeformer = backbones.build_tomeformer_init(out / "tomeformer", tomeformer_init, seed=seed)
-    info = {"vit": "ViTModel 64px/8, 4 x 192 (random, frozen)",
+    info = {"vit": f"timm {backbones.DEMO_VIT} ({Path(vit_arch).name}), pre-trained on random-colour "
+                   f"shapes: {vit['vit_pretrain_images']} images in {vit_s:.0f} s, final loss "
+                   f"{vit['vit_pretrain_loss']}; frozen",
             "llm": f"OPTForCausalLM 3 x 128, word-level vocab {lm['vocab_size']}, "
                    f"caption-text loss {lm['lm_text_loss']} after {lm_steps} steps",
             "tomeformer_init": tomeformer}
@@ -126,8 +154,9 @@ inherit: {base}
 data:
   sources: [{{name: shapes, shards: "{run_dir}/data/manifest.json", weight: 1}}]
 model:
-  vision: {{name: "{bb}/vit"}}
+  vision: {{checkpoint: "{bb}/vit/model.safetensors"}}
   tomeformer: {{init: "{bb}/tomeformer"}}
+  qformer: {{init: "{bb}/tomeformer"}}
   llm: {{name: "{bb}/opt"}}
 eval:
   datasets:
@@ -205,6 +234,26 @@ def steps_to_loss(curve: list[tuple[int, float]], target: float, window: int = 5
     return None
 
 
+def side_by_side(curves: dict[str, list[tuple[int, float]]], rows: int = 12) -> str:
+    """Training loss of each run, one column per run: the mean of the logged losses since the row
+    above (single logged losses are one micro-batch each, too noisy to compare)."""
+    common = sorted(set.intersection(*(set(s for s, _ in c) for c in curves.values())))
+    if not common:
+        return ""
+    shown = common[max(1, len(common) // rows) - 1:: max(1, len(common) // rows)]
+    shown = shown if shown[-1] == common[-1] else shown + [common[-1]]
+    lines = ["mean loss to step" + "".join(f"{n:>14}" for n in curves)]
+    prev = 0
+    for st in shown:
+        means = []
+        for c in curves.values():
+            window = [loss for s, loss in c if prev < s <= st]
+            means.append(sum(window) / len(window))
+        lines.append(f"{st:>17}" + "".join(f"{m:>14.4f}" for m in means))
+        prev = st
+    return "\n".join(lines)
+
+
 def print_table(report: dict) -> None:
     rows = [("stage timings (s)", ", ".join(f"{k} {v}" for k, v in report["timings"].items()))]
     for name, res in report["runs"].items():
@@ -218,11 +267,15 @@ def print_table(report: dict) -> None:
                  (f"[{name}] CIDEr / BLEU-4", f"{ev.get('metrics', {}).get('CIDEr', float('nan')):.1f} / "
                                               f"{ev.get('metrics', {}).get('BLEU-4', float('nan')):.1f}")]
         if "steps_to_loss" in res:
-            rows.append((f"[{name}] steps to loss {report['loss_target']}", str(res["steps_to_loss"])))
+            rows.append((f"[{name}] steps to reach loss",
+                         ", ".join(f"{t}: {s if s is not None else 'never'}"
+                                   for t, s in res["steps_to_loss"].items())))
     w = max(len(k) for k, _ in rows)
     print("\n" + "=" * (w + 60) + "\nsimvlg demo\n" + "=" * (w + 60))
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
+    if len(report["runs"]) > 1:
+        print("\n" + side_by_side({n: r["train"]["curve"] for n, r in report["runs"].items()}))
     print(f"\nreport: {report['report']}\nMLflow UI: mlflow ui --backend-store-uri "
           f"sqlite:///{report['mlflow_db']}  (then open http://127.0.0.1:5000)")
 
@@ -235,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--train-images", type=int, default=4000)
     p.add_argument("--heldout-images", type=int, default=240)
+    p.add_argument("--vit-steps", type=int, default=600,
+                   help="ViT pre-training on random-colour shapes (batches of 64)")
     p.add_argument("--lm-steps", type=int, default=400, help="LM pre-training on caption text")
     p.add_argument("--tomeformer-init", choices=["bert", "minilm"], default="bert",
                    help="TomeFormer start: small random BERT, or real MiniLM-L6 weights "
@@ -243,21 +298,30 @@ def main(argv: list[str] | None = None) -> int:
                    help="also train the Q-Former connector with the same budget and compare")
     p.add_argument("--sweep-r", default=None, metavar="R,R,...",
                    help="also train with these per-layer merge counts (Fig. 3 in miniature)")
-    p.add_argument("--loss-target", type=float, default=0.5, help="for 'steps to reach a loss'")
+    p.add_argument("--loss-targets", default="0.5,0.2,0.1", metavar="L,L,...",
+                   help="losses for 'steps to reach a loss' (mean of 5 logged points)")
     args = p.parse_args(argv)
+    try:
+        targets = [float(t) for t in args.loss_targets.split(",")]
+    except ValueError:
+        p.error(f"--loss-targets {args.loss_targets!r}: expected numbers separated by commas")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     run_dir = Path(args.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     base = load_config(args.config, args.overrides)
+    check_inputs(run_dir, {"corpus_version": CORPUS_VERSION, "train_images": args.train_images,
+                           "heldout_images": args.heldout_images, "seed": base.run.seed,
+                           "vit_steps": args.vit_steps, "lm_steps": args.lm_steps,
+                           "tomeformer_init": args.tomeformer_init})
     stages = Stages()
     corpus_info = stages.run("corpus", make_corpus, run_dir / "corpus", args.train_images,
                              args.heldout_images, base.run.seed)
     manifest = stages.run("shards", make_shards, run_dir / "corpus", run_dir / "data",
                           corpus_info["rows"])
-    bb = stages.run("backbones", make_backbones, run_dir / "backbones", base.model.llm.prompt,
-                    args.lm_steps, args.tomeformer_init, base.run.seed)
+    bb = stages.run("backbones", make_backbones, run_dir / "backbones", base.model.vision.arch_config,
+                    args.vit_steps, base.model.llm.prompt, args.lm_steps, args.tomeformer_init,
+                    base.run.seed)
     config = write_config(run_dir, _config_path(args.config), args.overrides)
     variants = {"tomeformer": []}
     if args.compare == "qformer":
@@ -270,12 +334,12 @@ def main(argv: list[str] | None = None) -> int:
         ov = args.overrides + extra
         res = {"train": stages.run(f"train[{name}]", train, config, vdir, ov)}
         res["eval"] = stages.run(f"eval[{name}]", evaluate, config, vdir, ov)
-        res["steps_to_loss"] = steps_to_loss(res["train"]["curve"], args.loss_target)
+        res["steps_to_loss"] = {t: steps_to_loss(res["train"]["curve"], t) for t in targets}
         runs[name] = res
     report = {"timings": stages.timings, "corpus": {k: v for k, v in corpus_info.items() if k != "rows"},
               "shards": {k: manifest.get(k) for k in ("shards", "num_samples", "counts", "failures")
                          if k in manifest},
-              "backbones": bb, "loss_target": args.loss_target, "runs": runs,
+              "backbones": bb, "runs": runs,
               "attribute_accuracy": runs["tomeformer"]["eval"]["attribute_accuracy"],
               "mlflow_run_id": runs["tomeformer"]["train"]["summary"]["mlflow_run_id"],
               "mlflow_db": str(run_dir / "train" / "tomeformer" / "mlflow.db"),
