@@ -84,6 +84,23 @@ def test_side_by_side_curves_share_steps_and_end_on_the_last():
     assert len(lines) == 13
 
 
+def test_summary_table_after_a_rerun_that_trained_no_step(capsys):
+    """`make demo` twice: training resumes at its last step, logs no loss itself, and the table
+    still shows the run's curve (from metrics.jsonl, appended across resumes)."""
+    from pipeline.demo.run import print_table
+
+    run = {"train": {"summary": {"steps": 1300, "first_loss": None, "last_loss": None},
+                     "curve": [(25, 0.79), (1300, 0.022)]},
+           "eval": {"attribute_accuracy": {"shape": 0.96}, "n": 240, "metrics": {"CIDEr": 971.6}},
+           "steps_to_loss": {0.5: 125, 0.01: None}}
+    report = {"timings": {"corpus": 3.0}, "runs": {"tomeformer": run, "qformer": run},
+              "report": "r.json", "mlflow_db": "m.db"}
+    print_table(report)
+    out = capsys.readouterr().out
+    assert "1300 steps, loss 0.790 -> 0.022" in out and "0.5: 125, 0.01: never" in out
+    assert "tomeformer       qformer" in out  # the side-by-side curves
+
+
 @pytest.mark.slow
 def test_short_demo_runs_every_stage(tmp_path):
     run_dir = tmp_path / "demo"

@@ -259,9 +259,10 @@ def print_table(report: dict) -> None:
     for name, res in report["runs"].items():
         ev = res.get("eval", {})
         acc = ev.get("attribute_accuracy", {})
-        summary = res["train"]["summary"]
-        rows += [(f"[{name}] train", f"{summary['steps']} steps, loss {summary['first_loss']:.3f} -> "
-                                     f"{summary['last_loss']:.3f}"),
+        summary, curve = res["train"]["summary"], res["train"]["curve"]
+        # from the logged curve: a re-run that resumes at the last step trains no step itself
+        losses = f"loss {curve[0][1]:.3f} -> {curve[-1][1]:.3f}" if curve else "no loss logged"
+        rows += [(f"[{name}] train", f"{summary['steps']} steps, {losses}"),
                  (f"[{name}] attribute accuracy", ", ".join(f"{a} {v:.1%}" for a, v in acc.items())),
                  (f"[{name}] exact captions", f"{ev.get('exact_caption_match', 0):.1%} of {ev.get('n')}"),
                  (f"[{name}] CIDEr / BLEU-4", f"{ev.get('metrics', {}).get('CIDEr', float('nan')):.1f} / "
