@@ -151,3 +151,13 @@ def test_short_demo_runs_every_stage(tmp_path):
         im.verify()
     # 6 report in the terminal
     assert "attribute accuracy" in out.stdout and "mlflow ui" in out.stdout
+
+    # `make demo` twice: every stage reuses what the run dir holds (the loopback server's port, part
+    # of every URL, changes between runs), training resumes at its last step and evaluation re-runs
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-5000:]
+    report2 = json.loads((run_dir / "report.json").read_text())
+    assert all(report2["timings"][s] < 1.0 for s in ("corpus", "shards", "backbones")), report2["timings"]
+    assert report2["shards"] == report["shards"]
+    assert report2["runs"]["tomeformer"]["train"]["summary"]["steps"] == 4
+    assert "4 steps, loss" in again.stdout

@@ -103,6 +103,8 @@ def make_shards(corpus_dir: Path, out: Path, rows: list[dict]) -> dict:
     from pipeline.demo.serve import LoopbackServer
 
     manifest = out / "manifest.json"
+    if manifest.is_file():  # written last by prep: the shards are complete (and the server's port,
+        return json.loads(manifest.read_text())  # part of every URL, differs from run to run)
     with LoopbackServer(corpus_dir) as server:
         url_list = out.parent / "urls.csv"
         out.mkdir(parents=True, exist_ok=True)
