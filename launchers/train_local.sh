@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# One node, N ranks through the `deepspeed` launcher.
+# One node, N ranks through the `deepspeed` launcher: the same path as a bare `simvlg train`, which
+# checks the config first, forwards SIGTERM/SIGUSR1 to the ranks (they checkpoint and exit 0) and
+# ends every rank when one fails.
 #   launchers/train_local.sh CONFIG [NPROC] [simvlg train options: --run-dir DIR --set k=v ...]
 # NPROC defaults to the number of GPUs (nvidia-smi), or 2 CPU ranks when there is none.
 set -euo pipefail
@@ -12,6 +14,6 @@ if [[ -z $nproc || $nproc == 0 ]]; then
   nproc=2
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
-port=${MASTER_PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
-exec deepspeed --num_gpus "$nproc" --master_port "$port" --no_local_rank \
-  --module pipeline.train "$config" "$@"
+here=$(dirname "$0")
+simvlg=$(command -v simvlg || echo "$here/../.venv/bin/simvlg")
+exec "$simvlg" train "$config" --nproc "$nproc" "$@"

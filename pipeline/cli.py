@@ -22,8 +22,13 @@ def cmd_config_show(args) -> int:
 
 
 def cmd_config_validate(args) -> int:
-    load_config(args.config, args.overrides)
-    print(f"{args.config}: ok")
+    from pipeline.preflight import check_for_training, describe
+
+    cfg = load_config(args.config, args.overrides)
+    report = check_for_training(cfg, args.config, files=not args.no_file_checks)
+    print(f"{args.config}: ok" + (" (files not checked)" if args.no_file_checks else ""))
+    for line in describe(report):
+        print(line)
     return 0
 
 
@@ -77,9 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Print the fully resolved config as YAML.")
     _add_config_args(show)
     show.set_defaults(func=cmd_config_show)
-    check = config_sub.add_parser("validate", help="check a config; exit 0 if usable, 1 if not",
-                                  description="Validate a config; errors name the file and key.")
+    check = config_sub.add_parser(
+        "validate", help="check a config; exit 0 if usable, 1 if not",
+        description="Check everything `simvlg train` would refuse: the schema, the files and folders "
+                    "the config names (shards, weights), and that r leaves the promised tokens; "
+                    "errors name the file and key in one line.")
     _add_config_args(check)
+    check.add_argument("--no-file-checks", action="store_true",
+                       help="skip checks of files and folders (a config written for another machine)")
     check.set_defaults(func=cmd_config_validate)
     train = sub.add_parser(
         "train", help="train the connector with DeepSpeed ZeRO-2 (resumes from the run dir)",

@@ -354,19 +354,66 @@ def apply_override(raw: dict, override: str, source: str = "--set") -> None:
             node = node[part]
 
 
-def _format_error(err: dict) -> str:
-    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+def _lower(msg: str) -> str:
+    msg = msg.removeprefix("Value error, ")
+    return msg[0].lower() + msg[1:] if msg else msg
+
+
+def _format_error(err: dict, loc: tuple | None = None) -> str:
+    loc = err["loc"] if loc is None else loc
+    key = ".".join(str(p) for p in loc) or "(top level)"
     kind, msg = err["type"], err["msg"]
     if kind == "extra_forbidden":
         return f"{key}: unknown key"
-    got = err.get("input")
     if kind == "missing":
         return f"{key}: required key is missing"
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+    got = err.get("input")
+    if kind == "value_error" and isinstance(got, dict):  # a section's own check: its message says it
+        return f"{key}: {_lower(msg)}"
     if isinstance(got, (dict, list)):
         got = type(got).__name__
-    return f"{key}: {msg[0].lower() + msg[1:]}, got {got!r}"
+    return f"{key}: {_lower(msg)}, got {got!r}"
+
+
+def _branch_shape(tag: str) -> str:
+    """The value shape a union branch accepts, from pydantic's tag: list[...], a model, a scalar."""
+    if tag.startswith(("list[", "tuple[")):
+        return "list"
+    if tag.startswith("dict[") or tag[:1].isupper():
+        return "dict"
+    return "scalar"
+
+
+def _union_error(errors: list[dict]) -> str | None:
+    """A union field (r: int | list | schedule) fails once per form it accepts: report the form that
+    matches the value's shape, naming the entry at fault, or the accepted forms if none matches."""
+    common = errors[0]["loc"]
+    for e in errors[1:]:
+        n = 0
+        while n < min(len(common), len(e["loc"])) and common[n] == e["loc"][n]:
+            n += 1
+        common = common[:n]
+    if len(errors) < 2 or any(len(e["loc"]) <= len(common) for e in errors):
+        return None
+    branches: dict[str, list[dict]] = {}
+    for e in errors:
+        branches.setdefault(str(e["loc"][len(common)]), []).append(e)
+    if len(branches) < 2:
+        return None
+    field = ".".join(map(str, common))
+    value = next((e["input"] for e in errors if len(e["loc"]) == len(common) + 1), None)
+    shape = "list" if isinstance(value, list) else "dict" if isinstance(value, dict) else "scalar"
+    for tag, errs in branches.items():
+        e = errs[0]
+        rest = tuple(e["loc"][len(common) + 1:])
+        if _branch_shape(tag) != shape or (not rest and e["type"].endswith(("_type", "_parsing"))):
+            continue
+        if shape == "list" and rest and isinstance(rest[0], int):
+            what = _lower(e["msg"]).removeprefix("input ")
+            return f"{field}: entries {what}, got {e['input']!r} at index {rest[0]}"
+        return _format_error(e, tuple(common) + rest)
+    forms = " | ".join(t.replace("constrained-", "") for t in branches)
+    return f"{field}: expected one of {forms}, got {value!r}"
 
 
 def validate(raw: dict, source: str) -> Config:
@@ -374,21 +421,10 @@ def validate(raw: dict, source: str) -> Config:
         return Config.model_validate(raw)
     except ValidationError as e:
         errors = e.errors()
-    # A union field (r: int | list | schedule) fails once per accepted form: report the field once.
-    locs = [err["loc"] for err in errors]
-    common = locs[0]
-    for loc in locs[1:]:
-        n = 0
-        while n < min(len(common), len(loc)) and common[n] == loc[n]:
-            n += 1
-        common = common[:n]
-    if len(errors) > 1 and all(len(loc) == len(common) + 1 for loc in locs):
-        forms = " | ".join(str(loc[-1]) for loc in locs)
-        got = errors[0].get("input")
-        raise ConfigError(f"{source}: {'.'.join(map(str, common))}: expected one of {forms}, "
-                          f"got {got!r}") from None
-    raise ConfigError(f"{source}: {_format_error(errors[0])}"
-                      + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else "")) from None
+    message = _union_error(errors)
+    if message is None:
+        message = _format_error(errors[0]) + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else "")
+    raise ConfigError(f"{source}: {message}") from None
 
 
 def resolve_file(value: str, config_dir: Path | None) -> Path | None:

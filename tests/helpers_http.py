@@ -51,6 +51,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             if kind in ("404", "500", "403"):
                 self.send_error(int(kind))
                 return
+            if kind == "empty":  # 200 with a zero-byte body
+                return self._send(b"", "image/jpeg")
             if kind == "notimage":
                 return self._send(b"<html><body>not an image</body></html>" * 20, "image/jpeg")
             if kind == "truncated":

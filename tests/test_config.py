@@ -66,7 +66,8 @@ def test_scientific_notation_without_dot_is_a_float(tmp_path):
     ("data: {mixing: random}\n", "data.mixing", "'sample', 'batch' or 'adaptive'"),
     ("data: {sources: [{name: a}]}\n", "data.sources.0.shards", "required key is missing"),
     ("model: {tomeformer: {r: [1, 2]}}\n", "model.tomeformer", "num_layers is 12"),
-    ("model: {tomeformer: {r: abc}}\n", "model.tomeformer.r", "expected one of constrained-int |"),
+    ("model: {tomeformer: {r: abc}}\n", "model.tomeformer.r",
+     "expected one of int | list[int] | MergeSchedule"),
     ("train: {micro_batch: 7}\n", "train.global_batch", "x 8 per node) = 112, got 1600"),
     ("model: {llm: {arch_config: nope.json}}\n", "model.llm.arch_config", "file not found"),
 ])

@@ -236,6 +236,44 @@ def test_corrupt_data_skipped_and_counted(tmp_path):
     assert len(flat) == len(SKIP_KINDS)
 
 
+def test_garbled_member_header_loses_one_sample_counted(tmp_path):
+    """Python's tarfile reads a garbled header as the end of the archive: 7 of 8 samples would vanish
+    without a count. The reader resumes after it; the damaged sample is counted as corrupt_tar."""
+    d = tmp_path / "g"
+    d.mkdir()
+    write_shard(d / "00000.tar",
+                [{"__key__": f"s{i}", "jpg": _JPEGS[i], "txt": f"cap {i}"} for i in range(8)])
+    with tarfile.open(d / "00000.tar") as t:
+        offset = t.getmember("s2.jpg").offset
+    data = bytearray((d / "00000.tar").read_bytes())
+    data[offset:offset + 512] = (b"\x01garbled header" * 40)[:512]  # same length: nothing shifts
+    (d / "00000.tar").write_bytes(bytes(data))
+    loader = build_loader(cfg([{"name": "g", "shards": str(d / "00000.tar")}]), tokenize=FakeTokenizer(),
+                          batch_size=8, seed=0, train=False)
+    keys = [k for b in loader for k in b["keys"]]
+    assert sorted(keys) == [f"s{i}" for i in range(8) if i != 2]
+    assert loader.skip_counts(nested=True)["g"] == {"corrupt_tar": 1}
+    # resume fast-forwards through the same damage without counting it twice (lazy == eager)
+    eager = [s["__key__"] for s in iter_tar_samples(str(d / "00000.tar"))]
+    lazy = [s["__key__"] for s in iter_tar_samples(str(d / "00000.tar"), lazy=lambda: True)]
+    assert eager == lazy == [f"s{i}" for i in range(8)]
+
+
+def test_a_shard_broken_mid_run_is_skipped_and_counted(tmp_path):
+    spec = make_source(tmp_path / "m", "m", 3, 6)
+    c = cfg([{"name": "m", "shards": spec}], shuffle_buffer=0)
+    loader = build_loader(c, tokenize=FakeTokenizer(), batch_size=4, seed=1, num_workers=1)
+    it = iter(loader)
+    next(it)
+    for p in sorted((tmp_path / "m").glob("*.tar"))[:2]:  # two shards go bad while we read
+        p.write_bytes(p.read_bytes()[:700])
+    for _ in range(25):
+        assert next(it)["pixel_values"].shape[0] == 4
+    it.close()
+    sk = loader.skip_counts(nested=True)["m"]
+    assert sk.get("corrupt_tar", 0) + sk.get("unreadable_shard", 0) > 0, sk
+
+
 def test_skip_counts_reach_trainer_from_workers(tmp_path):
     d = tmp_path / "w"
     d.mkdir()

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +94,31 @@ def test_drop_invalid_and_formats(tmp_path, capsys):
     g = tmp_path / "other.tsv"
     g.write_text("http://y/1.jpg\tz\n")
     rc, err = run_prep(["cc12m", "--input", str(g), "--out", str(tmp_path / "o"), "--convert-only"], capsys)
-    assert rc == 2 and "different input" in err
+    assert rc == 2 and "input 1 (other.tsv) has other content" in err  # names what changed
+    assert "--drop-invalid True -> False" in err
+    # the same bytes with a new mtime (copied, touched) are the same input; a dropped option is not
+    os.utime(f, (1, 1))
+    rc, err = run_prep(["cc12m", "--input", str(f), "--out", str(tmp_path / "o"), "--convert-only",
+                        "--drop-invalid"], capsys)
+    assert rc == 0 and "reusing converted input" in err
+    rc, err = run_prep(["cc12m", "--input", str(f), "--out", str(tmp_path / "o"), "--convert-only"], capsys)
+    assert rc == 2 and "--drop-invalid True -> False" in err and "other content" not in err
+
+
+def test_duplicate_urls_counted_and_dropped_on_request(tmp_path, capsys):
+    f = tmp_path / "l.csv"
+    f.write_text("url,caption\nhttp://x/1.jpg,a\nhttp://x/2.jpg,b\nhttp://x/1.jpg,a again\nhttp://x/1.jpg,c\n")
+    rc, err = run_prep(["urls", "--input", str(f), "--out", str(tmp_path / "o"), "--convert-only"], capsys)
+    assert rc == 0 and "2 rows repeat a URL" in err
+    src = json.loads((tmp_path / "o" / "input" / "_SOURCE.json").read_text())
+    assert src["rows"] == 4 and src["validation"]["duplicate_urls"] == 2
+    rc, err = run_prep(["urls", "--input", str(f), "--out", str(tmp_path / "d"), "--convert-only",
+                        "--drop-duplicates"], capsys)
+    assert rc == 0 and "(dropped)" in err
+    rows = pq.read_table(tmp_path / "d" / "input" / "part-00000.parquet").to_pylist()
+    assert [r["url"] for r in rows] == ["http://x/1.jpg", "http://x/2.jpg"]
+    src = json.loads((tmp_path / "d" / "input" / "_SOURCE.json").read_text())
+    assert src["rows"] == 2 and src["validation"]["dropped_duplicates"] == 2
 
 
 def test_coco_karpathy_groups_captions(tmp_path, capsys):
@@ -160,6 +185,36 @@ def test_manifest_and_unfinished_shards(tmp_path):
     assert (out / "shards" / "00000.tar").stat().st_mtime_ns == before
 
 
+def garble_header(tar_path: Path, member: str) -> None:
+    """Overwrite a member's header with junk: Python's tarfile alone reads that as the end."""
+    with tarfile.open(tar_path) as t:
+        offset = t.getmember(member).offset
+    data = bytearray(tar_path.read_bytes())
+    data[offset:offset + 512] = bytes((7 * i + 13) % 251 for i in range(512))
+    tar_path.write_bytes(bytes(data))
+
+
+def test_a_garbled_member_header_makes_the_shard_unfinished(tmp_path):
+    out = tmp_path / "o"
+    (out / "shards").mkdir(parents=True)
+    (out / "input").mkdir()
+    (out / "input" / "_SOURCE.json").write_text(json.dumps({"rows": 16, "expected_shards": 2}))
+    for sid in range(2):
+        _fake_shard(out / "shards", sid, 8)
+    garble_header(out / "shards" / "00001.tar", "000010002.jpg")
+    m = prep.build_manifest(out, recipe="urls", kind="image")
+    assert not m["complete"] and m["incomplete_shards"] == [1] and m["num_samples"] == 8
+    assert prep.reset_unfinished(out / "shards") == [1]  # the next run downloads it again
+    assert not (out / "shards" / "00001.tar").exists() and (out / "shards" / "00000.tar").exists()
+    # a readable tar holding fewer samples than its stats say were written is redone as well
+    _fake_shard(out / "shards", 1, 8)
+    write_shard(out / "shards" / "00001.tar",
+                [{"__key__": f"00001{i:04d}", "jpg": b"x", "txt": "c"} for i in range(5)])
+    m = prep.build_manifest(out, recipe="urls", kind="image")
+    assert not m["complete"] and m["mismatched_shards"] == [1]
+    assert prep.reset_unfinished(out / "shards") == [1]
+
+
 def _video(n=12) -> bytes:
     from pipeline.data.video import encode_video
     buf = io.BytesIO()
@@ -217,26 +272,28 @@ def test_img2dataset_end_to_end_with_broken_urls(tmp_path, capsys):
     with serve_folder(tmp_path / "www") as srv:
         rows = [{"url": srv.url(n), "caption": f"Photo number {i}, a test."} for i, n in enumerate(names)]
         broken = [srv.broken("404"), srv.broken("500"), srv.broken("notimage"), srv.broken("truncated"),
-                  refused_url(), "htp://not-a-scheme/x.jpg", srv.url("huge.png"), srv.url("missing.jpg")]
+                  refused_url(), "htp://not-a-scheme/x.jpg", srv.url("huge.png"), srv.url("missing.jpg"),
+                  srv.broken("empty")]
         rows[5:5] = [{"url": u, "caption": "broken"} for u in broken]
+        rows.append({"url": rows[0]["url"], "caption": "the same photo again"})  # counted, kept
         (tmp_path / "list.json").write_text(json.dumps(rows))
         out = tmp_path / "out"
         argv = ["urls", "--input", str(tmp_path / "list.json"), "--out", str(out), *I2D_FLAGS]
         rc, err = run_prep(argv, capsys)
         assert rc == 0, err
         m = json.loads((out / "manifest.json").read_text())
-        assert m["complete"] and m["num_samples"] == 26 and m["counts"]["successes"] == 26
+        assert m["complete"] and m["num_samples"] == 27 and m["counts"]["successes"] == 27
         assert m["num_shards"] == 3 and m["expected_shards"] == 3 and not m["mismatched_shards"]
-        assert m["counts"]["attempted"] == 34
+        assert m["counts"]["attempted"] == 36 and m["counts"]["duplicate_urls"] == 1
         cats = m["counts"]["by_category"]
         assert cats == {"http_404": 2, "http_error": 1, "undecodable_image": 2, "connection_refused": 1,
-                        "bad_url": 1, "too_large": 1}, cats
+                        "bad_url": 1, "too_large": 1, "empty_response": 1}, cats
         # the shards: jpg + txt + json, shorter side 384, aspect kept, captions carried
         cfg = DataConfig(sources=[SourceConfig(name="web", shards=str(out / "manifest.json"))],
                          num_workers=0, image_size=64)
         batches = list(build_loader(cfg, tokenize=None, batch_size=8, train=False))
         caps = sorted(c for b in batches for c in b["captions"])
-        assert caps == sorted(f"photo number {i}, a test" for i in range(26))
+        assert caps == sorted([f"photo number {i}, a test" for i in range(26)] + ["the same photo again"])
         from pipeline.data.shards import iter_tar_samples
         sizes = []
         for s in iter_tar_samples(str(out / "shards" / "00000.tar")):
@@ -260,7 +317,17 @@ def test_img2dataset_end_to_end_with_broken_urls(tmp_path, capsys):
         assert tars[1].exists()
         assert tars[0].stat().st_mtime_ns == mtimes[0] and tars[2].stat().st_mtime_ns == mtimes[2]
         m2 = json.loads((out / "manifest.json").read_text())
-        assert m2["num_samples"] == 26 and m2["complete"]
+        assert m2["num_samples"] == 27 and m2["complete"]
+        # a garbled member header: the shard no longer counts as finished and is downloaded again
+        with tarfile.open(tars[2]) as t:
+            name = t.getmembers()[3].name
+        garble_header(tars[2], name)
+        rc, err = run_prep(argv, capsys)
+        assert rc == 0 and "shard 2 will be redone" in err, err
+        assert tars[0].stat().st_mtime_ns == mtimes[0]
+        from pipeline.data.shards import count_tar_samples
+        m3 = json.loads((out / "manifest.json").read_text())
+        assert m3["complete"] and m3["num_samples"] == 27 and count_tar_samples(str(tars[2])) > 0
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ import random
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -79,15 +80,27 @@ def bench_decode(pattern: str, *, image_size: int, min_scale: float, seconds: fl
                                   "num_samples": None})()]
 
     urls = resolve_sources(_Cfg).pop().urls
+    skips: Counter = Counter()
     t0 = time.perf_counter()
     raw = []
     for u in urls:
-        raw += [s for s in iter_tar_samples(u) if "jpg" in s]
+        for s in iter_tar_samples(u, on_error=lambda kind, _url, _e: skips.update([kind])):
+            if "jpg" not in s:
+                skips["missing_image"] += 1
+                continue
+            try:  # the loader skips and counts undecodable images; so does the benchmark
+                with Image.open(io.BytesIO(s["jpg"])) as im:
+                    im.convert("RGB")
+            except Exception:  # noqa: BLE001 - truncated, not an image, ...
+                skips["corrupt_image"] += 1
+                continue
+            raw.append(s)
         if len(raw) >= 2000:
             break
     read_s = time.perf_counter() - t0
     if not raw:
-        raise SystemExit(f"no jpg samples in {pattern}")
+        raise SystemExit(f"simvlg bench data: no decodable jpg sample in {pattern} (skipped: "
+                         f"{dict(skips) or 'nothing'})")
     tf = TrainTransform(image_size, min_scale)
     rng = random.Random(0)
     import torch
@@ -103,7 +116,7 @@ def bench_decode(pattern: str, *, image_size: int, min_scale: float, seconds: fl
     dt = time.perf_counter() - t0
     torch.set_num_threads(threads)
     return {"decode_augment_per_s": n / dt, "tar_read_samples_per_s": len(raw) / read_s if read_s else None,
-            "n": n, "image_wh": list(img.size)}
+            "n": n, "image_wh": list(img.size), "skipped": dict(skips)}
 
 
 def bench_loader(pattern: str, *, workers: int, batch_size: int, image_size: int, min_scale: float,
@@ -127,9 +140,10 @@ def bench_loader(pattern: str, *, workers: int, batch_size: int, image_size: int
             time.sleep(step_ms / 1000)
     dt = time.perf_counter() - t0
     wait = loader.wait_time - w0
-    del it
+    it.close()  # stops the workers now
+    skipped = loader.skip_counts(nested=True).get("bench", {})
     return {"workers": workers, "samples_per_s": n / dt, "wait_fraction": wait / dt,
-            "wait_ms_per_batch": 1000 * wait / max(1, n // batch_size)}
+            "wait_ms_per_batch": 1000 * wait / max(1, n // batch_size), "skipped": skipped}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in out["loader"]:
             print(f"{r['workers']:>8} {r['samples_per_s']:>10.1f} {r['samples_per_s_per_core']:>9.1f} "
                   f"{100 * r['wait_fraction']:>9.1f}% {r['wait_ms_per_batch']:>9.1f}ms")
+        for where, counts in [("reading for decode", d["skipped"])] + [
+                (f"loader, {r['workers']} workers", r["skipped"]) for r in out["loader"]]:
+            if counts:
+                print(f"skipped ({where}): " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         per_core = d["decode_augment_per_s"]
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         print(f"one core decodes+augments {per_core:.0f} samples/s -> 8 free cores ~{8 * per_core:.0f} "

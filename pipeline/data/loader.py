@@ -42,20 +42,26 @@ sources, seed, rank, world size, num_workers, batch size and mode; otherwise loa
 (strict) or starts a fresh epoch with new seeds (strict=False: nothing is guaranteed but fresh data).
 Resume cost: one segment's header scan per stream (4 shards of 10k samples: a few seconds).
 
-Skips: unreadable_shard, corrupt_tar (samples before the break are kept), corrupt_image,
-corrupt_video, missing_image, missing_caption, oversized, dead_source — counted per source in the
+Skips: unreadable_shard, corrupt_tar (samples lost to a damaged archive: a garbled member header is
+skipped and reading resumes after it; a truncated shard keeps the samples before the break),
+corrupt_image, corrupt_video, missing_image, missing_caption, oversized, dead_source — counted per
+source in the
 workers, shipped with each batch, summed in the trainer process over consumed batches
 (`skip_counts()`: a fixed key set per source, so ranks can all-reduce it), restored with the state.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
 import json
+import os
 import random
+import sys
 import time
 import warnings
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -397,27 +403,29 @@ class MixedStream(IterableDataset):
             on_skip(si, "corrupt_tar")
             return None
         kind = self.sources[si].kind
+        damaged = raw.get("__damaged__")  # next to damage in its tar: a loss there is corrupt_tar
         exts = VIDEO_EXTS if kind == "video" else IMAGE_EXTS
         ext = next((e for e in exts if e in raw), None)
         if ext is None:
-            on_skip(si, "oversized" if raw.get("__oversized__") else "missing_image")
+            on_skip(si, "corrupt_tar" if damaged else
+                    "oversized" if raw.get("__oversized__") else "missing_image")
             return None
         caption = self._caption(raw, rng)
         if not caption:
-            on_skip(si, "missing_caption")
+            on_skip(si, "corrupt_tar" if damaged else "missing_caption")
             return None
         if kind == "video":
             try:
                 pixels = video_frames(raw[ext], self.transform, self.num_frames, self.frame_sampling, rng)
             except Exception:  # noqa: BLE001 - any decoder failure is a corrupt sample
-                on_skip(si, "corrupt_video")
+                on_skip(si, "corrupt_tar" if damaged else "corrupt_video")
                 return None
         else:
             try:
                 with Image.open(io.BytesIO(raw[ext])) as im:
                     img = im.convert("RGB")
             except Exception:  # noqa: BLE001 - truncated, not an image, decompression bomb, ...
-                on_skip(si, "corrupt_image")
+                on_skip(si, "corrupt_tar" if damaged else "corrupt_image")
                 return None
             pixels = self.transform.apply(img, self.transform.params(img.width, img.height, rng))
         return pixels, caption, si, raw["__key__"]
@@ -438,14 +446,59 @@ class MixedStream(IterableDataset):
         return batch
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
+def _worker_init(_worker_id: int) -> None:
     """SLURM signals every process of a job step, and the deepspeed launcher terminates its whole
     process tree: a worker killed by that signal would crash its rank before it can checkpoint.
-    Workers ignore them and exit with their rank (PyTorch's watchdog ends orphaned workers)."""
+    Workers ignore those signals; instead the kernel kills a worker the moment its rank dies
+    (PR_SET_PDEATHSIG), and the rank stops its workers itself (StreamingLoader._stop_workers)."""
     import signal
 
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    if not sys.platform.startswith("linux"):
+        return  # elsewhere PyTorch's worker watchdog ends orphans within a few seconds of idling
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _stop_workers(it) -> None:
+    """Shut a DataLoader iterator's workers down now. Left to the interpreter's exit, a worker that
+    ignores SIGTERM hangs multiprocessing's final join forever (PyTorch skips its own shutdown
+    during interpreter exit)."""
+    workers = list(getattr(it, "_workers", []))
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        try:
+            shutdown()
+        except Exception:  # noqa: BLE001 - killing below is the fallback
+            pass
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5)
+
+
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all_workers() -> None:  # registered after multiprocessing's exit hook, so it runs first
+    for it in list(_LIVE_ITERATORS):
+        for w in list(getattr(it, "_workers", [])):
+            if w.is_alive():
+                w.kill()
 
 
 class StreamingLoader:
@@ -489,27 +542,31 @@ class StreamingLoader:
         # which must not move the trainer's global torch RNG (dropout) or resume would diverge.
         generator = torch.Generator().manual_seed(self._state["epoch"])
         if self.num_workers > 0:
-            kw["worker_init_fn"] = _ignore_stop_signals
+            kw["worker_init_fn"] = _worker_init
         dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                         generator=generator, **kw)
         it = iter(dl)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                break
-            self.wait_time += time.perf_counter() - t0
-            meta = batch.pop("_meta")
-            if meta.get("empty"):
+        _LIVE_ITERATORS.add(it)
+        try:
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                self.wait_time += time.perf_counter() - t0
+                meta = batch.pop("_meta")
+                if meta.get("empty"):
+                    self._add_skips(meta["skips"])
+                    continue
+                self._state["workers"][str(meta["worker"])] = {
+                    "batches": int(meta["batches"]), "pos": [[int(a), int(b)] for a, b in meta["pos"]]}
+                self._state["consumed"] += 1
                 self._add_skips(meta["skips"])
-                continue
-            self._state["workers"][str(meta["worker"])] = {"batches": int(meta["batches"]),
-                                                           "pos": [[int(a), int(b)] for a, b in meta["pos"]]}
-            self._state["consumed"] += 1
-            self._add_skips(meta["skips"])
-            self.batches += 1
-            yield batch
+                self.batches += 1
+                yield batch
+        finally:  # an error, or the consumer stopped early (GeneratorExit): workers go now
+            _stop_workers(it)
         # a finite epoch ran to its end: the next iter() starts the next epoch
         self._state = {"epoch": self._state["epoch"] + 1, "consumed": 0, "workers": {}}
 

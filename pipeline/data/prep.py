@@ -31,6 +31,7 @@ caption may describe. Images smaller than 384 are stored as they are (resize_onl
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -40,6 +41,7 @@ import signal
 import sys
 import tarfile
 import time
+from array import array
 from collections import Counter
 from pathlib import Path
 
@@ -55,37 +57,80 @@ class PrepError(RuntimeError):
 
 
 # -------------------------------------------------------------------------------- conversion
-def _fingerprint(recipe: str, rargs: Args, opts: dict) -> dict:
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fingerprint(recipe: str, rargs: Args, opts: dict, known: list[dict] = ()) -> dict:
+    """What a conversion was made from: each input's content hash (reused from `known` while its size
+    and mtime are unchanged, so a re-run does not re-read a 20 GB list) and every option."""
     inputs = []
-    for p in rargs.inputs:
+    for i, p in enumerate(rargs.inputs):
         st = _check_readable(p).stat()
-        inputs.append({"path": str(Path(p).resolve()), "size": st.st_size, "mtime": int(st.st_mtime)})
+        entry = {"path": str(Path(p).resolve()), "size": st.st_size, "mtime": int(st.st_mtime)}
+        old = known[i] if i < len(known) else {}
+        same_file = {k: old.get(k) for k in ("path", "size", "mtime")} == entry
+        entry["sha256"] = old["sha256"] if same_file and old.get("sha256") else _sha256(p)
+        inputs.append(entry)
     return {"recipe": recipe, "inputs": inputs,
             "options": {"url_col": rargs.url_col, "caption_col": rargs.caption_col,
                         "image_root": rargs.image_root, "video_root": rargs.video_root,
                         "base_url": rargs.base_url, "split": rargs.split, **opts}}
 
 
+def fingerprint_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two fingerprints, in words; inputs are compared by content only."""
+    out = []
+    if old.get("recipe") != new["recipe"]:
+        out.append(f"recipe {old.get('recipe')} -> {new['recipe']}")
+    a, b = old.get("inputs", []), new["inputs"]
+    if len(a) != len(b):
+        out.append(f"{len(a)} input file(s) -> {len(b)}")
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.get("sha256") != y["sha256"]:
+            was = f"sha256 {x['sha256'][:12]}" if x.get("sha256") else f"{x.get('size')} bytes"
+            out.append(f"input {i + 1} ({Path(y['path']).name}) has other content "
+                       f"(sha256 {y['sha256'][:12]}, was {was})")
+    oa, ob = old.get("options", {}), new["options"]
+    for k in sorted(set(oa) | set(ob)):
+        if oa.get(k) != ob.get(k):
+            out.append(f"--{k.replace('_', '-')} {oa.get(k)!r} -> {ob.get(k)!r}")
+    return out
+
+
 def convert(recipe_name: str, rargs: Args, input_dir: Path, *, samples_per_shard: int,
-            drop_invalid: bool = False, limit: int | None = None, rows_per_file: int = 1_000_000,
-            log=None) -> dict:
+            drop_invalid: bool = False, drop_duplicates: bool = False, limit: int | None = None,
+            rows_per_file: int = 1_000_000, log=None) -> dict:
     """Validate the recipe's rows and write them as parquet parts. Reused when already done for the
-    same inputs and options; a different input for the same folder is an error."""
+    same inputs (by content) and options; anything else for the same folder is an error naming what
+    changed. Duplicate URLs (or video files) are counted, and dropped with drop_duplicates."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     recipe = RECIPES[recipe_name]
-    fp = _fingerprint(recipe_name, rargs, {"samples_per_shard": samples_per_shard,
-                                           "drop_invalid": drop_invalid, "limit": limit})
     marker = input_dir / "_SOURCE.json"
-    if marker.is_file():
-        done = json.loads(marker.read_text())
-        if {k: done.get(k) for k in fp} == fp:
+    done = json.loads(marker.read_text()) if marker.is_file() else None
+    fp = _fingerprint(recipe_name, rargs, {"samples_per_shard": samples_per_shard,
+                                           "drop_invalid": drop_invalid,
+                                           "drop_duplicates": drop_duplicates, "limit": limit},
+                      known=(done or {}).get("inputs", []))
+    if done is not None:
+        if "drop_duplicates" not in done.get("options", {}):  # made before the option existed
+            done["options"]["drop_duplicates"] = False
+        changes = fingerprint_changes(done, fp)
+        if not changes:
+            if [i["mtime"] for i in done["inputs"]] != [i["mtime"] for i in fp["inputs"]]:
+                done["inputs"] = fp["inputs"]  # same content, touched since: remember the new mtimes
+                marker.write_text(json.dumps(done, indent=1))
             print(f"prep: reusing converted input {input_dir} ({done['rows']} rows)", file=log or sys.stderr)
             return done
-        raise PrepInputError(f"{input_dir.parent} was prepared from a different input or options "
-                             f"({done.get('recipe')}: {[i['path'] for i in done.get('inputs', [])]}); "
-                             "use another --out, or delete that folder to start over")
+        raise PrepInputError(f"{input_dir.parent} was prepared from other inputs or options: "
+                             + "; ".join(changes) + "; use another --out, or delete that folder to "
+                             "start over")
     validator = RowValidator(kind=recipe.kind, drop_invalid=drop_invalid, source=" + ".join(rargs.inputs)
                              or recipe_name)
     rows = validator(recipe.read(rargs))
@@ -95,6 +140,7 @@ def convert(recipe_name: str, rargs: Args, input_dir: Path, *, samples_per_shard
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     files, counts, buf, schema, total = [], [], [], None, 0
+    key_hashes = array("Q")  # 8 bytes per row: duplicates are found after the stream (numpy)
 
     def flush():
         nonlocal buf, schema
@@ -114,17 +160,27 @@ def convert(recipe_name: str, rargs: Args, input_dir: Path, *, samples_per_shard
         for row in rows:
             buf.append(row)
             total += 1
+            key = (row.get("url") or row.get("video") or "").encode()
+            key_hashes.append(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little"))
             if len(buf) == per_file:
                 flush()
             if limit is not None and total >= limit:
                 break
         flush()
         validator.finish(log)  # raises on unusable rows (unless drop_invalid): nothing downloaded yet
+        duplicates, counts = _duplicates(key_hashes, tmp, files, counts, drop=drop_duplicates)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    validation = {**validator.stats, "duplicate_urls": duplicates,
+                  "dropped_duplicates": duplicates if drop_duplicates else 0}
+    if duplicates:
+        print(f"prep: {duplicates} rows repeat a URL seen earlier in the list"
+              + (" (dropped)" if drop_duplicates else " (kept; --drop-duplicates drops them)"),
+              file=log or sys.stderr)
+    total -= validation["dropped_duplicates"]
     info = {**fp, "rows": total, "files": files, "file_rows": counts, "columns": schema.names,
-            "validation": validator.stats,
+            "validation": validation,
             "expected_shards": sum(math.ceil(c / samples_per_shard) for c in counts)}
     (tmp / "_SOURCE.json").write_text(json.dumps(info, indent=1))
     shutil.rmtree(input_dir, ignore_errors=True)
@@ -132,6 +188,31 @@ def convert(recipe_name: str, rargs: Args, input_dir: Path, *, samples_per_shard
     print(f"prep: {total} rows validated -> {input_dir} ({len(files)} parquet file(s))",
           file=log or sys.stderr)
     return info
+
+
+def _duplicates(key_hashes: array, folder: Path, files: list[str], counts: list[int], *,
+                drop: bool) -> tuple[int, list[int]]:
+    """Rows whose URL (64-bit hash) appeared earlier; with drop, rewrite the parts without them."""
+    import numpy as np
+
+    h = np.frombuffer(key_hashes, dtype=np.uint64)
+    if not len(h):
+        return 0, counts
+    _, first = np.unique(h, return_index=True)
+    duplicates = len(h) - len(first)
+    if not drop or not duplicates:
+        return duplicates, counts
+    import pyarrow.parquet as pq
+
+    keep = np.zeros(len(h), dtype=bool)
+    keep[first] = True
+    start, new_counts = 0, []
+    for name, n in zip(files, counts):
+        table = pq.read_table(folder / name).filter(keep[start:start + n])
+        pq.write_table(table, folder / name)
+        new_counts.append(table.num_rows)
+        start += n
+    return duplicates, new_counts
 
 
 # ------------------------------------------------------------------------------ verification
@@ -191,22 +272,36 @@ def _tar_looks_complete(path: Path) -> str | None:
     return None
 
 
-def reset_unfinished(shards_dir: Path, log=None) -> list[int]:
-    """Remove the stats (and status parquet) of shards whose tar is missing or not a closed tar, so that
-    img2dataset's incremental mode redoes them. Finished shards are not touched."""
+def reset_unfinished(shards_dir: Path, log=None, cache: dict | None = None) -> list[int]:
+    """Remove the stats (and status parquet, and tar) of shards that are not whole, so img2dataset's
+    incremental mode redoes them: the tar is missing, not a closed tar, unreadable (a garbled member
+    header included), or holds another number of samples than its stats file says were written.
+    Whole shards are not touched; tar scans are cached by size + mtime in the manifest."""
     if not shards_dir.is_dir():
         return []
+    verified = verify_shards(shards_dir, cache)
     redo = []
-    for stats in sorted(shards_dir.glob("*_stats.json")):
-        sid = _shard_id(stats.name)
+    for stats_file in sorted(shards_dir.glob("*_stats.json")):
+        sid = _shard_id(stats_file.name)
         if sid is None:
             continue
-        tar = shards_dir / stats.name.replace("_stats.json", ".tar")
+        tar = shards_dir / stats_file.name.replace("_stats.json", ".tar")
         why = "tar missing" if not tar.is_file() else _tar_looks_complete(tar)
+        if why is None:
+            v = verified.get(sid, {})
+            try:
+                written = json.loads(stats_file.read_text()).get("successes")
+            except ValueError:
+                written = None
+            if not v.get("ok"):
+                why = f"unreadable: {v.get('error')}"
+            elif written is not None and v["samples"] != written:
+                why = f"holds {v['samples']} samples, its stats say {written} were written"
         if why:
             print(f"prep: shard {sid} will be redone ({why})", file=log or sys.stderr)
-            stats.unlink()
-            (shards_dir / stats.name.replace("_stats.json", ".parquet")).unlink(missing_ok=True)
+            stats_file.unlink()
+            (shards_dir / stats_file.name.replace("_stats.json", ".parquet")).unlink(missing_ok=True)
+            tar.unlink(missing_ok=True)
             redo.append(sid)
     return redo
 
@@ -254,6 +349,7 @@ _CAUSES = [
                           "connection aborted", "broken pipe", "eof occurred")),
     ("bad_url", ("unknown url type", "no host given", "invalid url", "url can't contain")),
     ("ssl", ("ssl", "certificate")),
+    ("empty_response", ("!buf.empty()", "empty response", "zero bytes")),
     ("undecodable_image", ("image decoding error", "cannot identify image")),
     ("too_large", ("image area too large",)),
     ("too_small", ("image too small",)),
@@ -292,11 +388,16 @@ def build_manifest(out: Path, *, recipe: str, kind: str, settings: dict | None =
     verified = (verify_shards(shards_dir, _cached_shards(out / "manifest.json"), processes)
                 if shards_dir.is_dir() else {})
     expected_ids = set(range(expected)) if expected is not None else set(stats) | set(verified)
-    finished = sorted(i for i in expected_ids if i in stats and verified.get(i, {}).get("ok"))
+    def whole(i):  # readable, and holds what img2dataset says it wrote
+        v, written = verified.get(i, {}), stats[i].get("successes")
+        return v.get("ok") and (written is None or v["samples"] == written)
+
+    mismatched = sorted(i for i in expected_ids if i in stats and verified.get(i, {}).get("ok")
+                        and not whole(i))
+    finished = sorted(i for i in expected_ids if i in stats and whole(i))
     incomplete = sorted(expected_ids - set(finished))
     width = max([5] + [len(v["file"]) - 4 for v in verified.values()])
     with_samples = [i for i in finished if verified[i]["samples"] > 0]
-    mismatched = [i for i in finished if verified[i]["samples"] != stats[i].get("successes")]
     by_cause: Counter = Counter()
     totals = Counter()
     for i in finished:
@@ -324,6 +425,8 @@ def build_manifest(out: Path, *, recipe: str, kind: str, settings: dict | None =
         "counts": {
             "input_rows": source.get("rows"),
             "dropped_rows": (source.get("validation") or {}).get("dropped", {}),
+            "duplicate_urls": (source.get("validation") or {}).get("duplicate_urls", 0),
+            "dropped_duplicates": (source.get("validation") or {}).get("dropped_duplicates", 0),
             "attempted": totals["count"],
             "successes": totals["successes"],
             "failed_to_download": totals["failed_to_download"],
@@ -472,19 +575,19 @@ def run_recipe(recipe_name: str, out: Path, rargs: Args, *, processes: int = 0, 
                image_size: int = 384, resize_mode: str = "keep_ratio", samples_per_shard: int | None = None,
                timeout: int = 10, retries: int = 2, max_image_area: float = DEFAULT_MAX_IMAGE_AREA,
                min_image_size: int = 0, max_aspect_ratio: float = float("inf"), encode_quality: int = 95,
-               drop_invalid: bool = False, limit: int | None = None, convert_only: bool = False,
-               distributor: str = "multiprocessing", log=None) -> dict:
+               drop_invalid: bool = False, drop_duplicates: bool = False, limit: int | None = None,
+               convert_only: bool = False, distributor: str = "multiprocessing", log=None) -> dict:
     recipe = RECIPES[recipe_name]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sps = samples_per_shard or recipe.samples_per_shard
     processes = processes or (os.cpu_count() or 1)
     info = convert(recipe_name, rargs, out / "input", samples_per_shard=sps, drop_invalid=drop_invalid,
-                   limit=limit, log=log)
+                   drop_duplicates=drop_duplicates, limit=limit, log=log)
     if convert_only:
         return info
     shards_dir = out / "shards"
-    reset_unfinished(shards_dir, log)
+    reset_unfinished(shards_dir, log, cache=_cached_shards(out / "manifest.json"))
     before = _finished(shards_dir)
     todo = sorted(set(range(info["expected_shards"])) - set(before))
     t0 = time.time()
@@ -531,8 +634,8 @@ def run_recipe(recipe_name: str, out: Path, rargs: Args, *, processes: int = 0, 
     return m
 
 
-def split_list(recipe_name: str, out: Path, rargs: Args, parts: int, *, drop_invalid=False, limit=None,
-               log=None) -> list[Path]:
+def split_list(recipe_name: str, out: Path, rargs: Args, parts: int, *, drop_invalid=False,
+               drop_duplicates=False, limit=None, log=None) -> list[Path]:
     """Validate + convert once, then cut into `parts` parquet files out/parts/part_NNNNN.parquet for a
     SLURM array (each task runs recipe `urls` on its part)."""
     import pyarrow.parquet as pq
@@ -541,7 +644,7 @@ def split_list(recipe_name: str, out: Path, rargs: Args, parts: int, *, drop_inv
         raise PrepInputError(f"split is for URL lists; {recipe_name} is a local video recipe")
     out = Path(out)
     info = convert(recipe_name, rargs, out / "input", samples_per_shard=1, drop_invalid=drop_invalid,
-                   limit=limit, log=log)
+                   drop_duplicates=drop_duplicates, limit=limit, log=log)
     table = pq.ParquetDataset([str(out / "input" / f) for f in info["files"]]).read()
     n = table.num_rows
     per = math.ceil(n / parts)
@@ -659,6 +762,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-col", default="caption")
     p.add_argument("--drop-invalid", action="store_true",
                    help="drop rows with an empty url/caption instead of failing (they are counted)")
+    p.add_argument("--drop-duplicates", action="store_true",
+                   help="drop rows whose URL appeared earlier in the list (always counted)")
     p.add_argument("--limit", type=int, help="use only the first N valid rows (trial runs)")
     p.add_argument("--processes", type=int, default=0, help="download processes (default: all cores)")
     p.add_argument("--threads", type=int, default=64, help="download threads per process")
@@ -708,7 +813,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("simvlg prep split RECIPE --input ... --parts N --out DIR", file=sys.stderr)
                 return 2
             split_list(args.split_recipe, Path(args.out), rargs, args.parts, drop_invalid=args.drop_invalid,
-                       limit=args.limit)
+                       drop_duplicates=args.drop_duplicates, limit=args.limit)
             return 0
         if args.recipe not in RECIPES:
             print(f"simvlg prep: unknown recipe {args.recipe!r}; known: {', '.join(RECIPES)}",
@@ -719,7 +824,8 @@ def main(argv: list[str] | None = None) -> int:
                        samples_per_shard=args.samples_per_shard, timeout=args.timeout, retries=args.retries,
                        max_image_area=args.max_image_area, min_image_size=args.min_image_size,
                        max_aspect_ratio=args.max_aspect_ratio, encode_quality=args.encode_quality,
-                       drop_invalid=args.drop_invalid, limit=args.limit, convert_only=args.convert_only,
+                       drop_invalid=args.drop_invalid, drop_duplicates=args.drop_duplicates,
+                       limit=args.limit, convert_only=args.convert_only,
                        distributor=args.distributor)
         if args.convert_only:
             return 0

@@ -150,14 +150,36 @@ class ShardReadError(Exception):
     """Raised inside iter_tar_samples' error callback path; never escapes it."""
 
 
+def _members(tar: tarfile.TarFile, path: str | None, size: int | None):
+    """(member, bytes of damage skipped right before it) in archive order, then a final
+    (None, damaged bytes after the last member) for local files.
+
+    The tar is opened with ignore_zeros, so tarfile resynchronises after a garbled header (it tries
+    every following 512-byte block) instead of reading it as the end of the archive, which would lose
+    every later sample silently. A member that does not start where the previous one ended tells us
+    bytes were skipped; after the last member only zero blocks may follow."""
+    expected = 0
+    for m in tar:
+        yield m, max(0, m.offset - expected)
+        expected = m.offset_data + -(-m.size // 512) * 512 if m.isfile() else m.offset_data
+    if path is not None and size is not None and size > expected:
+        with open(path, "rb") as f:
+            f.seek(expected)
+            zeros = all(chunk.count(0) == len(chunk) for chunk in iter(lambda: f.read(1 << 20), b""))
+        yield None, 0 if zeros else size - expected
+
+
 def iter_tar_samples(url: str, *, lazy=lambda: False, on_error=None,
                      allowed: frozenset = ALLOWED_EXTS) -> Iterator[dict]:
     """Yield samples `{"__key__", "__url__", ext: bytes | LazyMember}` from one tar shard.
 
     `lazy()` is polled per member: when true (and the shard is a local file) member bytes are not
-    read, a LazyMember is stored instead. Errors never propagate: `on_error(kind, url, exc)` is called
-    with kind "unreadable_shard" (cannot open) or "corrupt_tar" (broken mid-way; samples before the
-    break are kept) and iteration stops. Members whose extension is not in `allowed` are never read.
+    read, a LazyMember is stored instead. Errors never propagate. A garbled member header does not end
+    the shard: reading resumes at the next valid header. A sample next to damage (garbled bytes, or
+    the archive breaking off inside it) carries `__damaged__`: the loader delivers it if it is still
+    whole, else counts it as `corrupt_tar`. `on_error(kind, url, exc)` is called with kind
+    "unreadable_shard" (cannot open) or "corrupt_tar" (damage no sample carries: the archive broke
+    off between samples). Members whose extension is not in `allowed` are never read.
     """
     path = _local_path(url)
     closer = None
@@ -167,19 +189,30 @@ def iter_tar_samples(url: str, *, lazy=lambda: False, on_error=None,
             size = os.path.getsize(path)
             fileobj = open(path, "rb")  # noqa: SIM115
             closer = fileobj.close
-            tar = tarfile.open(fileobj=fileobj, mode="r:")
+            tar = tarfile.open(fileobj=fileobj, mode="r:", ignore_zeros=True)
         else:
             size = None
             fileobj, closer = _open_stream(url)
-            tar = tarfile.open(fileobj=fileobj, mode="r|*")
+            tar = tarfile.open(fileobj=fileobj, mode="r|*", ignore_zeros=True)
     except (OSError, tarfile.TarError, EOFError, ValueError) as e:
         if closer:
             closer()
         if on_error:
             on_error("unreadable_shard", url, e)
         return
+    damaged_next = False  # garbled bytes were skipped: the next sample may have lost a member
     try:
-        for m in tar:
+        for m, skipped in _members(tar, path, size):
+            if m is None:  # garbled bytes after the last member (or no tar member at all)
+                if skipped and current is not None:
+                    current["__damaged__"] = True
+                elif skipped and on_error:
+                    whole = skipped == size
+                    on_error("unreadable_shard" if whole else "corrupt_tar", url, tarfile.ReadError(
+                        "not a tar archive" if whole else f"{skipped} garbled bytes at the end"))
+                break
+            if skipped:
+                damaged_next = True
             if not m.isfile():
                 continue
             match = _KEY_RE.match(m.name)
@@ -193,6 +226,9 @@ def iter_tar_samples(url: str, *, lazy=lambda: False, on_error=None,
                 current = None
             if current is None:
                 current = {"__key__": key, "__url__": url}
+            if damaged_next:  # damage right before this member: the sample may have lost one
+                current["__damaged__"] = True
+                damaged_next = False
             if ext not in allowed:
                 continue  # never read: shards come from the internet
             if m.size > MAX_MEMBER_BYTES:
@@ -209,12 +245,15 @@ def iter_tar_samples(url: str, *, lazy=lambda: False, on_error=None,
                     raise tarfile.ReadError("unexpected end of data")
                 current[ext] = data
         if current is not None:
+            if damaged_next:
+                current["__damaged__"] = True
             yield current
             current = None
     except (OSError, tarfile.TarError, EOFError, ValueError, UnicodeDecodeError) as e:
-        if current is not None and len(current) > 2:
-            yield current  # the complete members of the last sample; decode decides if it is usable
-        if on_error:
+        if current is not None and len(current) > 2:  # its complete members; decode decides
+            current["__damaged__"] = True
+            yield current  # counted as corrupt_tar by the loader if it is not usable
+        elif on_error:  # the break fell between samples: count the loss once
             on_error("corrupt_tar", url, e)
     finally:
         try:
@@ -225,11 +264,19 @@ def iter_tar_samples(url: str, *, lazy=lambda: False, on_error=None,
 
 
 def count_tar_samples(path: str, image_exts=IMAGE_EXTS + VIDEO_EXTS) -> int:
-    """Number of samples with an image/video member (reads headers only). Raises on a broken tar."""
+    """Number of samples with an image/video member (reads headers only). Raises tarfile.ReadError
+    on a broken tar: truncated, or a garbled header anywhere (which plain tarfile reads as the end)."""
     n = 0
     size = os.path.getsize(path)
-    with tarfile.open(path, mode="r:") as tar:
-        for m in tar:
+    with tarfile.open(path, mode="r:", ignore_zeros=True) as tar:
+        for m, skipped in _members(tar, path, size):
+            if skipped:
+                if skipped == size:
+                    raise tarfile.ReadError(f"{path}: not a tar archive")
+                where = m.offset if m is not None else size
+                raise tarfile.ReadError(f"{path}: {skipped} bytes of garbled data before byte {where}")
+            if m is None:
+                break
             if m.offset_data + m.size > size:
                 raise tarfile.ReadError(f"{path}: unexpected end of data")
             match = _KEY_RE.match(m.name) if m.isfile() else None

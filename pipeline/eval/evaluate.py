@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from pipeline.data.transforms import normalize_batch
+from pipeline.failfast import one_line
 
 from . import captioning, video, vqa
 from .datasets import EvalDataError, EvalDataset, TaskData, collate, load_task
@@ -59,9 +60,7 @@ KINDS: dict[str, Kind] = {
 
 def _one_line(e: Exception) -> str:
     """A DataLoader worker re-raises with the whole traceback in the message: keep the last line."""
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    last = lines[-1] if lines else type(e).__name__
-    return re.sub(r"^[\w.]*EvalDataError: ", "", last)
+    return re.sub(r"^[\w.]*EvalDataError: ", "", one_line(e))
 
 
 def predict(model, data: TaskData, cfg, *, rank: int = 0, world_size: int = 1, device="cpu",
@@ -149,6 +148,10 @@ def evaluate_task(model, cfg, task: str, out_dir: str | Path, *, rank: int = 0, 
                                num_workers=num_workers), None
     except EvalDataError as e:
         local, error = {}, str(e)
+    except Exception as e:  # noqa: BLE001 - e.g. generate() crashed: the peers must hear of it, not
+        # wait in the gather below forever; the traceback goes to the log, the cause to every rank
+        log.error("%s: prediction failed on rank %d", task, rank, exc_info=True)
+        local, error = {}, f"prediction failed on rank {rank}: {_one_line(e)}"
     merged = gather_by_id(local, data.ids, error=error)
     if rank != 0:
         return None

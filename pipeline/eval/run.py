@@ -169,7 +169,19 @@ def _update_report(path: Path, report: dict) -> None:
 
 
 def run(args, *, model=None) -> int:
-    """`model`: an already built model (tests, the demo); else built from the config."""
+    """`model`: an already built model (tests, the demo); else built from the config. Under a
+    launcher, a rank that fails or dies ends the others (pipeline/failfast.py)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from pipeline.failfast import RankGuard
+
+        rank = int(os.environ.get("RANK", "0"))
+        log_dir = (Path(args.run_dir) if args.run_dir else Path(".")) / "logs"
+        with RankGuard("simvlg eval", log_dir, rank) as guard:
+            return _run(args, model=model, guard=guard)
+    return _run(args, model=model)
+
+
+def _run(args, *, model=None, guard=None) -> int:
     tracker, initialised, status = None, False, "FAILED"
     try:
         cfg = load_config(args.config, args.overrides)
@@ -180,10 +192,14 @@ def run(args, *, model=None) -> int:
             check_task_files(t, cfg.eval)  # unknown tasks, missing files fail before the model is built
         run_dir = Path(args.run_dir) if args.run_dir else cfg.run_dir
         rank, world, initialised = _init_distributed()
+        if guard is not None:
+            guard.watch_peers(world)
         device = _device()
         if model is None:
             from pipeline.models import build_model
+            from pipeline.preflight import check_for_eval
 
+            check_for_eval(cfg, args.config)  # a random ViT or missing weights: refuse in one line
             model = build_model(cfg.model, device=device)
         info = load_checkpoint(model, args.checkpoint)
         step = info["step"] or 0
@@ -209,6 +225,8 @@ def run(args, *, model=None) -> int:
     finally:
         if tracker is not None:
             tracker.close(status)
+        if guard is not None:
+            guard.finish()  # before the process group (and rank 0's store) goes away
         if initialised:
             dist.destroy_process_group()
 

@@ -83,7 +83,7 @@ def _all_reduce(values: list[float], device) -> list[float]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, *, model=None, loader=None):
+    def __init__(self, cfg: Config, run_dir: Path, *, model=None, loader=None, guard=None):
         import deepspeed
 
         from pipeline.data import build_loader
@@ -92,6 +92,8 @@ class Trainer:
         self.cfg, self.run_dir = cfg, run_dir
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if guard is not None:
+            guard.watch_peers(self.world)  # from here a failed or killed peer ends this rank too
         check_world(cfg, self.world)
         torch.manual_seed(cfg.run.seed + self.rank)
         device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -277,12 +279,32 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def run(cfg: Config, run_dir: Path) -> dict:
+def setup_logging(run_dir: Path, rank: int) -> None:
+    """Rank 0 logs INFO to the terminal, the others WARNING; every rank logs INFO to
+    <run_dir>/logs/rank<R>.log, where a failing rank's traceback also goes (pipeline/failfast.py)."""
+    fmt = logging.Formatter("%(asctime)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    terminal = logging.StreamHandler(sys.stderr)
+    terminal.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    handlers = [terminal]
+    try:
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run_dir / "logs" / f"rank{rank}.log"))
+    except OSError as e:
+        log.warning("cannot write rank logs in %s: %s", run_dir / "logs", e)
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    logging.captureWarnings(True)
+
+
+def run(cfg: Config, run_dir: Path, guard=None) -> dict:
     """Entry point on each rank (under a launcher)."""
-    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    rank = int(os.environ.get("RANK", "0"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, run_dir)
+    setup_logging(run_dir, rank)
+    trainer = Trainer(cfg, run_dir, guard=guard)
     t0 = time.time()
     result = trainer.fit()
     if trainer.rank == 0:

@@ -1,0 +1,176 @@
+"""Preflight: everything `simvlg train` / `simvlg eval` would refuse, checked before a GPU-hour is spent.
+
+    report = check_for_training(cfg, "my.yaml")           # raises ConfigError with one line
+    report = check_for_training(cfg, "my.yaml", files=False)   # a config written for another machine
+
+`load_config` has already checked the schema and the files named by *.arch_config / train.ds_config.
+Here: data sources exist (non-empty, every local shard of every pattern or manifest is a file), the
+weights each model part loads from exist (a local folder/file, or a hub id that can be fetched), and
+the TomeFormer's `r` leaves the number of tokens it promises: ToMe merges at most half of a layer's
+tokens (CLS kept), and a larger r would be clamped silently to a shorter soft prompt.
+`files=False` skips the file-system checks and keeps the ones that need only the config.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipeline.config import Config, ConfigError
+
+HUB_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    """`bert-base-uncased` or `facebook/opt-2.7b`; not `runs/demo/opt`, `./x`, `/abs` or `~/x`."""
+    parts = value.split("/")
+    if len(parts) > 2 or not all(parts) or value.startswith((".", "~")):
+        return False
+    if len(parts) == 2 and Path(parts[0]).is_dir():
+        return False  # a local folder that is missing its last component
+    return all(set(p) <= HUB_ID_CHARS for p in parts)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an old or missing huggingface_hub: cannot tell
+        return True
+
+
+def check_weights(value: str | None, key: str, source: str, *, what: str) -> None:
+    """A folder/file to load `what` from, or a hub id (only refused offline when not cached)."""
+    if value is None:
+        raise ConfigError(f"{source}: {key}: not set; name the {what}")
+    if Path(value).expanduser().exists():
+        return
+    if _looks_like_hub_id(value):
+        if _offline() and not _hub_cached(value):
+            raise ConfigError(f"{source}: {key}: {value!r} is not a local folder and not in the Hugging "
+                              "Face cache, and HF_HUB_OFFLINE is set; download it first or name a folder")
+        return
+    raise ConfigError(f"{source}: {key}: not found: {value} (relative paths are taken from "
+                      f"{Path.cwd()}); name the {what}")
+
+
+def check_model_files(cfg: Config, source: str) -> None:
+    m = cfg.model
+    v = m.vision
+    if v.loader == "timm":
+        if v.checkpoint is None:
+            raise ConfigError(
+                f"{source}: model.vision.checkpoint: not set, so the frozen ViT would keep random "
+                f"weights; set it to the weights file of {v.name} (for EVA-ViT-g: BLIP-2's "
+                "eva_vit_g.pth, or a timm/safetensors state dict)")
+        if not Path(v.checkpoint).expanduser().is_file():
+            raise ConfigError(f"{source}: model.vision.checkpoint: file not found: {v.checkpoint} "
+                              f"(relative paths are taken from {Path.cwd()})")
+    else:
+        key = "model.vision.checkpoint" if v.checkpoint else "model.vision.name"
+        check_weights(v.checkpoint or v.name, key, source, what="vision tower (an HF folder or id)")
+    if m.connector == "qformer":
+        if m.qformer.init is not None:
+            check_weights(m.qformer.init, "model.qformer.init", source, what="BERT checkpoint")
+    else:
+        check_weights(m.tomeformer.init, "model.tomeformer.init", source, what="BERT checkpoint")
+    check_weights(m.llm.name, "model.llm.name", source, what="language model (an HF folder or id)")
+
+
+def check_sources(cfg: Config, source: str, *, files: bool = True) -> list[dict]:
+    """[{name, shards, samples}] per source; raises on an empty list or shards that do not exist."""
+    from pipeline.data.shards import resolve_spec
+
+    if not cfg.data.sources:
+        raise ConfigError(f"{source}: data.sources: empty; name at least one shard source")
+    out = []
+    for i, s in enumerate(cfg.data.sources):
+        key = f"data.sources.{i}.shards"
+        try:
+            urls, total = resolve_spec(s.shards)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {key}: {e}") from None
+        if files:
+            local = [u.removeprefix("file://") for u in urls
+                     if u.startswith("file://") or ("://" not in u and not u.startswith("pipe:"))]
+            missing = [u for u in local if not Path(u).is_file()]
+            if local and len(missing) == len(local):
+                raise ConfigError(f"{source}: {key}: {s.shards!r} matches no files ({len(local)} names, "
+                                  f"none exists; relative paths are taken from {Path.cwd()})")
+            if missing:
+                raise ConfigError(f"{source}: {key}: {len(missing)} of {len(local)} shards of "
+                                  f"{s.shards!r} do not exist (first: {missing[0]}); point it at the "
+                                  "manifest.json `simvlg prep` wrote, or fix the pattern")
+        out.append({"name": s.name, "shards": len(urls), "samples": s.num_samples or total})
+    return out
+
+
+def vision_tokens(cfg: Config, *, files: bool = True) -> int | None:
+    """Tokens the frozen ViT hands the connector per frame (CLS included), or None if unknown
+    without files."""
+    v = cfg.model.vision
+    if v.loader == "timm" or v.arch_config:
+        from pipeline.models.vision import build_vision
+
+        return build_vision(v, meta=True).num_tokens
+    folder = v.checkpoint or v.name
+    if not files or not Path(folder).is_dir():
+        return None
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(folder)
+    c = getattr(c, "vision_config", c)
+    return (c.image_size // c.patch_size) ** 2 + 1
+
+
+def token_plan(cfg: Config, *, files: bool = True, source: str = "config") -> list[int] | None:
+    """Visual tokens entering the TomeFormer, then after each layer; raises if an r would be clamped."""
+    if cfg.model.connector != "tomeformer":
+        return None
+    from pipeline.models.tomeformer import layer_r
+
+    n = vision_tokens(cfg, files=files)
+    if n is None:
+        return None
+    tf = cfg.model.tomeformer
+    counts = [n]
+    for i, r in enumerate(layer_r(tf.r, tf.num_layers)):
+        most = (n - 1) // 2  # CLS is kept; each merge removes one of the other tokens' halves
+        if r > most:
+            raise ConfigError(
+                f"{source}: model.tomeformer.r: layer {i} would merge {r} of its {n} tokens, but at most "
+                f"{most} can merge there (half the tokens besides CLS); tokens so far: "
+                f"{' -> '.join(map(str, counts))}")
+        n -= r
+        counts.append(n)
+    return counts
+
+
+def check_for_training(cfg: Config, source: str, *, files: bool = True) -> dict:
+    """Raises ConfigError (one line) on anything training would refuse; returns what it found."""
+    if files:
+        check_model_files(cfg, source)
+    report = {"sources": check_sources(cfg, source, files=files)}
+    report["tokens"] = token_plan(cfg, files=files, source=source)
+    return report
+
+
+def check_for_eval(cfg: Config, source: str) -> dict:
+    check_model_files(cfg, source)
+    return {"tokens": token_plan(cfg, source=source)}
+
+
+def describe(report: dict) -> list[str]:
+    lines = []
+    for s in report.get("sources", []):
+        samples = f", {s['samples']} samples" if s.get("samples") else ""
+        lines.append(f"  data source {s['name']}: {s['shards']} shards{samples}")
+    if report.get("tokens"):
+        t = report["tokens"]
+        lines.append(f"  tomeformer tokens: {' -> '.join(map(str, t))} (soft prompt of {t[-1]})")
+    return lines
