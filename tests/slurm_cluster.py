@@ -94,9 +94,9 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
     def run(self, *cmd, check=True) -> subprocess.CompletedProcess:
         return subprocess.run(list(cmd), capture_output=True, text=True, env=self.env, check=check)
 
-    def sbatch(self, *args, env=None) -> str:
+    def sbatch(self, *args, env=None, cwd=None) -> str:
         out = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True,
-                             env={**self.env, **(env or {})}, check=True)
+                             env={**self.env, **(env or {})}, check=True, cwd=cwd)
         return out.stdout.strip().split(";")[0]
 
     def job_state(self, job: str) -> str:

@@ -161,3 +161,22 @@ def test_short_demo_runs_every_stage(tmp_path):
     assert report2["shards"] == report["shards"]
     assert report2["runs"]["tomeformer"]["train"]["summary"]["steps"] == 4
     assert "4 steps, loss" in again.stdout
+
+    # the packaged `demo` config trains by hand on what the demo wrote (README: from the repo root,
+    # where runs/demo is); without a demo it refuses in one line, at once
+    simvlg = str(Path(sys.executable).parent / "simvlg")
+    fresh = tmp_path / "checkout"
+    fresh.mkdir()
+    refused = subprocess.run([simvlg, "train", "demo"], capture_output=True, text=True, cwd=fresh,
+                             timeout=120)
+    assert refused.returncode == 1 and "runs/demo/backbones/vit/model.safetensors" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    (fresh / "runs").mkdir()
+    (fresh / "runs" / "demo").symlink_to(run_dir)
+    ok = subprocess.run([simvlg, "config", "validate", "demo"], capture_output=True, text=True, cwd=fresh)
+    assert ok.returncode == 0 and "65 -> 47 -> 29" in ok.stdout, ok.stderr
+    by_hand = subprocess.run([simvlg, "train", "demo", "--set", "train.steps=1", "--set",
+                              "tracking.enabled=false"], capture_output=True, text=True, cwd=fresh,
+                             timeout=900)
+    assert by_hand.returncode == 0, (by_hand.stdout + by_hand.stderr)[-3000:]
+    assert (run_dir / "train" / "by-hand" / "checkpoints" / "step_00000001" / "COMPLETE.json").is_file()

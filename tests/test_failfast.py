@@ -328,3 +328,15 @@ def test_a_crash_in_generate_on_one_rank_ends_every_rank(tmp_path):
     for r in range(2):
         msg = (tmp_path / f"err.{r}").read_text()
         assert "prediction failed on rank 1: RuntimeError: CUDA out of memory (simulated)" in msg
+
+
+# ------------------------------------------------------------------------- prep's causes, in words
+def test_every_failure_cause_has_a_meaning_in_the_prep_readme():
+    from pipeline.data.prep import _CAUSES, cause_category
+
+    readme = (Path(__file__).resolve().parents[1] / "data_prep" / "README.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`") for line in readme.splitlines() if line.startswith("| `")}
+    assert {name for name, _ in _CAUSES} | {"other"} <= rows
+    # OpenCV's raw assertion on a zero-byte body is a plain-words cause, not `other`
+    assert cause_category("OpenCV(4.10) error: (-215:Assertion failed) !buf.empty() in function "
+                          "'imdecode_'") == "empty_response"

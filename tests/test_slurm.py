@@ -3,6 +3,7 @@ trains with 2 CPU ranks, SIGUSR1 (SLURM's pre-emption warning) makes it checkpoi
 requeue itself, and the requeued job resumes from that checkpoint and finishes."""
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -35,18 +36,21 @@ def steps_logged(run_dir: Path) -> list[int]:
 
 
 def test_sbatch_trains_checkpoints_on_usr1_requeues_and_resumes(cluster, tmp_path):
+    """Submitted as the README says, from a fresh clone's folder (no logs/ made beforehand, no
+    --output): SLURM must be able to open the job's output file before the script runs."""
     config = make_tiny_run(tmp_path, steps=STEPS)
-    run_dir, logs = tmp_path / "run", tmp_path / "logs"
-    logs.mkdir()
+    run_dir, clone = tmp_path / "run", tmp_path / "clone"
+    shutil.copytree(REPO / "launchers", clone / "launchers")
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin:/usr/sbin:/sbin",
-           "SIMVLG_LOG_DIR": str(logs), "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions"),
+           "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions"),
            "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    # only the resources differ from the README's command: this machine has 2 CPUs and no GPU
     job = cluster.sbatch(
         "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=8000",
-        f"--output={logs}/slurm-%j.out", f"--chdir={REPO}",
-        str(REPO / "launchers" / "train_slurm.sbatch"), str(config), "--run-dir", str(run_dir),
-        "--set", "train.ckpt_every=1000", "--set", "launch.gpus_per_node=2", env=env)
-    log = logs / f"slurm-{job}.out"
+        "launchers/train_slurm.sbatch", str(config), "--run-dir", str(run_dir),
+        "--set", "train.ckpt_every=1000", "--set", "launch.gpus_per_node=2", env=env, cwd=clone)
+    log = clone / f"simvlg-{job}.out"
+    logs = clone / "logs"
     deadline = time.time() + 600
     while time.time() < deadline and len(steps_logged(run_dir)) < 3:
         assert cluster.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), log.read_text()[-3000:]

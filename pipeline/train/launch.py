@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config value by dotted key (repeatable)")
     p.add_argument("--nproc", type=int, default=None,
                    help="ranks to start on this node when started bare (default launch.gpus_per_node)")
+    p.add_argument("--check-only", action="store_true",
+                   help="check the config and the files it names (as `simvlg config validate`), then exit")
 
 
 def _free_port() -> int:
@@ -111,6 +113,8 @@ def main(args) -> int:
         from pipeline.preflight import check_for_training
 
         check_for_training(cfg, args.config)  # a ConfigError: one line, exit 1, before any rank starts
+    if args.check_only:
+        return 0
     if not under_launcher():
         return launch_local(args, cfg)
     from pipeline.failfast import RankGuard
