@@ -90,9 +90,9 @@ def check(device, dtype: torch.dtype, mode: str | None = None) -> Verdict:
     return Verdict(True, "")
 
 
-SHAPES = {  # (B, N, C, Cm, r): several match tiles, C blocks and member tiles, odd sizes
-    "random": (2, 133, 80, 40, 50),
-    "tie-heavy": (2, 133, 80, 40, 60),
+SHAPES = {  # (B, N, C, Cm, r): several match tiles, C blocks and member tiles, odd sizes; the
+    "random": (2, 133, 80, 40, 50),  # whole metric row in one tile (Cm <= 128) ...
+    "tie-heavy": (2, 133, 80, 136, 60),  # ... and in chunks
 }
 
 
@@ -172,3 +172,26 @@ def _check_merge(tt, name, mode, x, metric, size, r):
         _close(name, f"grad of x ({what})", gxt, gxe, tol)
         if sized:
             _close(name, f"grad of size ({what})", gst, gse, 10 * tol)
+
+
+def report(device, dtypes=(torch.float32, torch.bfloat16, torch.float16), file=None) -> int:
+    """`simvlg bench kernels --check`: run the check for every dtype and mode and print verdicts."""
+    import sys
+    import time
+    file = file or sys.stdout
+    device = torch.device(device)
+    how = ("compiled kernels" if device.type == "cuda"
+           else "Triton interpreter: the check's logic, not compiled code")
+    print(f"self-check on {device} ({how})", file=file)
+    bad = 0
+    for dtype in dtypes:
+        for mode in (None, *tome.MODES):
+            t0 = time.perf_counter()
+            v = check(device, dtype, mode)
+            bad += not v.ok
+            what = "matching + plan" if mode is None else f"merge mode={mode}"
+            print(f"  {str(dtype):15} {what:18} {'ok' if v.ok else 'FAILED: ' + v.reason} "
+                  f"({time.perf_counter() - t0:.1f} s)", file=file)
+    print("backend='auto' uses Triton for the keys marked ok, eager (with one warning) for the others",
+          file=file)
+    return 1 if bad else 0

@@ -9,7 +9,8 @@ Kernels (a forward merge_tokens is three launches: match, plan, merge; plus allo
   sqrt and division (as eager), and one max-with-index reduction. Scores never leave registers.
 - _plan_kernel, grid (B,): one program per row does the top-r selection and every index the merge
   needs with sorts, a cumsum, gathers and a binary search over L = next_pow2(NA) lanes:
-  O(L log^2 L) work, no serial loop over tokens. Beyond MAX_PLAN_LANES the plan is built with torch.
+  O(L log^2 L) work, no serial loop over tokens. L = 4096 (N <= 8193) compiles for sm_80 without
+  spills; beyond MAX_PLAN_LANES the plan is built with torch ops.
 - _merge_fwd_kernel, grid (B, ceil(N'/BLOCK_R), ceil(C/BLOCK_C)): each block of output rows reads its
   own rows, then the rows merged into them, which are one contiguous run of the plan's CSR list,
   in tiles of BLOCK_M rows reduced with a one-hot tl.dot. A group of r tied tokens costs r/BLOCK_M
@@ -21,8 +22,8 @@ Sizes that enter without requires_grad leave marked non-differentiable (see tome
 
 Recompiles: the sizes that shrink every layer (N, NA, NB, N', R) are do_not_specialize, block sizes
 do not depend on N, and the plan's lane count is at least MIN_PLAN_LANES: a 12-layer TomeFormer at
-257 tokens compiles each kernel once per (dtype, first layer or not). `record_variants()` lists the
-variants the JIT would compile (same rules as Triton's specialisation), also in the interpreter.
+257 tokens compiles 4 variants forward (match, plan, merge with and without sizes), 2 backward.
+kernels/jit_check.py counts the variants a run compiles and compiles them for a GPU target offline.
 
 Interpreter: with TRITON_INTERPRET=1 (set before this module is imported) everything runs on CPU
 tensors. Loads are cast to fp32 right away (bf16 is mis-read by the interpreter otherwise) and dots
@@ -32,8 +33,6 @@ summation order differs. Supported dtypes: float32, float16, bfloat16.
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import os
 
 import torch
@@ -45,8 +44,8 @@ from . import tome
 _MODE_ID = {"wavg": 0, "mean": 1, "sum": 2}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-MIN_PLAN_LANES, MAX_PLAN_LANES = 256, 16384
-I64_MAX, I64_MIN = 9223372036854775807, -9223372036854775808
+MIN_PLAN_LANES, MAX_PLAN_LANES = 256, 4096
+I64_MAX, I64_MIN = tl.constexpr(2**63 - 1), tl.constexpr(-2**63)
 _SHRINKING = ["N", "NA", "NB", "NOUT", "R"]  # change every layer: never specialised on
 
 
@@ -67,11 +66,13 @@ def _match_kernel(m_ptr, val_ptr, idx_ptr, N, NA, NB, CM,
     a_ptrs = base + (2 * ia)[:, None] * CM + k[None, :]  # [BLOCK_A, BLOCK_K]
     na = tl.zeros([BLOCK_A], tl.float32)
     for k0 in range(0, CM, BLOCK_K):  # |a|^2 once per program
-        a = tl.load(a_ptrs + k0, mask=ma[:, None] & (k0 + k < CM)[None, :], other=0.0).to(tl.float32)
-        na += tl.sum(a * a, axis=1)
+        a0 = tl.load(a_ptrs + k0, mask=ma[:, None] & (k0 + k < CM)[None, :], other=0.0).to(tl.float32)
+        na += tl.sum(a0 * a0, axis=1)
     na = tl.maximum(tl.math.sqrt_rn(na), 1e-12)
-    if ONE_K:  # the whole A tile stays in registers
+    if ONE_K:  # the whole A tile stays in registers, in the dot's operand type
         a_tile = tl.load(a_ptrs, mask=ma[:, None] & (k < CM)[None, :], other=0.0).to(tl.float32)
+        if DOT16:
+            a_tile = a_tile.to(dt)  # exact: the values came from dt
     best = tl.full([BLOCK_A], float("-inf"), tl.float32)
     best_i = tl.zeros([BLOCK_A], tl.int32)
     for b0 in range(0, NB, BLOCK_B):
@@ -81,17 +82,19 @@ def _match_kernel(m_ptr, val_ptr, idx_ptr, N, NA, NB, CM,
         nb = tl.zeros([BLOCK_B], tl.float32)
         for k0 in range(0, CM, BLOCK_K):
             mk = (k0 + k < CM)[None, :]
-            if ONE_K:
-                a = a_tile
-            else:
-                a = tl.load(a_ptrs + k0, mask=ma[:, None] & mk, other=0.0).to(tl.float32)
             v = tl.load(base + (2 * ib + 1)[:, None] * CM + (k0 + k)[None, :], mask=mb[:, None] & mk,
                         other=0.0).to(tl.float32)
             nb += tl.sum(v * v, axis=1)
-            if DOT16:  # exact round trip to the input dtype: products exact in fp32, tensor cores
-                dot = tl.dot(a.to(dt), tl.trans(v.to(dt)), dot)
+            if ONE_K:
+                at = a_tile
             else:
-                dot = tl.dot(a, tl.trans(v), dot, input_precision=PREC)
+                at = tl.load(a_ptrs + k0, mask=ma[:, None] & mk, other=0.0).to(tl.float32)
+                if DOT16:
+                    at = at.to(dt)
+            if DOT16:  # 16-bit operands: products exact in fp32, fp32 accumulation, tensor cores
+                dot = tl.dot(at, tl.trans(v.to(dt)), dot)
+            else:
+                dot = tl.dot(at, tl.trans(v), dot, input_precision=PREC)
         nb = tl.maximum(tl.math.sqrt_rn(nb), 1e-12)
         s = tl.math.div_rn(dot, na[:, None] * nb[None, :])  # [BLOCK_A, BLOCK_B] cosine, as eager
         s = tl.where(mb[None, :], s, float("-inf"))
@@ -123,9 +126,8 @@ def _sort_lanes(x, L: tl.constexpr, LOG_L: tl.constexpr, NATIVE: tl.constexpr):
         for i in tl.static_range(1, LOG_L + 1):  # merge bitonic runs of 2^i lanes
             up = (a & (1 << i)) == 0  # this lane's run is sorted ascending
             for j in tl.static_range(i):
-                dist: tl.constexpr = 1 << (i - 1 - j)
-                y = tl.gather(x, a ^ dist, 0)
-                keep_min = ((a & dist) == 0) == up  # lower lane of an ascending pair
+                y = tl.gather(x, a ^ (1 << (i - 1 - j)), 0)
+                keep_min = ((a & (1 << (i - 1 - j))) == 0) == up  # lower lane of an ascending pair
                 x = tl.where(keep_min, tl.minimum(x, y), tl.maximum(x, y))
         return x
 
@@ -170,9 +172,8 @@ def _plan_kernel(val_ptr, idx_ptr, part_ptr, pos_ptr, cnt_ptr, off_ptr, csr_ptr,
     # of lane a; cnt[a] = merged tokens with partner a
     tgt = a.to(tl.int64) << 32
     off = tl.zeros([L], tl.int32)
-    for i in tl.static_range(LOG_L):
-        step: tl.constexpr = L >> (i + 1)
-        off = tl.where(tl.gather(srt, off + step - 1, 0) < tgt, off + step, off)
+    for i in tl.static_range(LOG_L):  # steps L/2, L/4, ..., 1
+        off = tl.where(tl.gather(srt, off + (L >> (i + 1)) - 1, 0) < tgt, off + (L >> (i + 1)), off)
     off += (tl.gather(srt, off, 0) < tgt).to(tl.int32)
     nxt = tl.where(a + 1 < L, tl.gather(off, tl.minimum(a + 1, L - 1), 0), R)
     kept = ma & (merged == 0)
@@ -191,8 +192,8 @@ def _plan_kernel(val_ptr, idx_ptr, part_ptr, pos_ptr, cnt_ptr, off_ptr, csr_ptr,
 @triton.jit
 def _onehot_dot(hw, xm, x_dtype: tl.constexpr, DOT16: tl.constexpr, SPLIT: tl.constexpr):
     # hw [R, M] (one-hot rows times member weights) @ xm [M, C] in fp32. DOT16: 16-bit operands
-    # on tensor cores: xm round-trips exactly; weights are split in hi + lo parts when they are not
-    # all 0/1 (exact for integer sizes < 2^16 in bf16, < 2^22 in fp16).
+    # on tensor cores: xm round-trips exactly; SPLIT: weights are not all 0/1, so they go in as
+    # hi + lo parts (exact for integer sizes < 2^16 in bf16, < 2^22 in fp16).
     if DOT16:
         x16 = xm.to(x_dtype)
         hi = hw.to(x_dtype)
@@ -208,7 +209,8 @@ def _onehot_dot(hw, xm, x_dtype: tl.constexpr, DOT16: tl.constexpr, SPLIT: tl.co
 def _merge_fwd_kernel(x_ptr, s_ptr, pos_ptr, cnt_ptr, off_ptr, csr_ptr, grp_ptr, out_ptr, sout_ptr,
                       wsum_ptr, N, NOUT, R, C,
                       MODE: tl.constexpr, HAS_SIZE: tl.constexpr, DOT16: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                      SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     o0 = tl.program_id(1) * BLOCK_R
     r_loc = tl.arange(0, BLOCK_R)
@@ -252,7 +254,7 @@ def _merge_fwd_kernel(x_ptr, s_ptr, pos_ptr, cnt_ptr, off_ptr, csr_ptr, grp_ptr,
             wm = mm.to(tl.float32)
         hit = (r_loc[:, None] == row[None, :]) & mm[None, :]  # [BLOCK_R, BLOCK_M] one-hot
         hw = tl.where(hit, wm[None, :], 0.0)
-        acc += _onehot_dot(hw, xm, out_ptr.dtype.element_ty, DOT16, MODE == 0 and HAS_SIZE)
+        acc += _onehot_dot(hw, xm, out_ptr.dtype.element_ty, DOT16, SPLIT)
         wsum += tl.sum(hw, axis=1)
         ssum += tl.sum(tl.where(hit, sm[None, :], 0.0), axis=1)
     if MODE == 2:
@@ -323,10 +325,14 @@ def match_scores(metric: torch.Tensor, protect_first: bool = True, block_a=None,
     val = torch.empty(B, NA, dtype=torch.float32, device=m.device)
     idx = torch.empty(B, NA, dtype=torch.int64, device=m.device)
     ba, bb = block_a or 64, block_b or 64  # independent of N: no recompiles as N shrinks
-    bk = block_k or _p2(CM, 16, 128)
+    # Cm <= 128: the whole A tile stays in registers. Else 32-wide chunks, 8 warps, 2 stages: what
+    # compiles for sm_80 without register spills (128-wide fp32 chunks in 3 stages would also need
+    # 192 KB of shared memory, more than an A100 has; kernels/jit_check.py shows these figures)
+    bk = block_k or (_p2(CM, 16, 128) if CM <= 128 else 32)
     _match_kernel[(B, triton.cdiv(NA, ba))](
         m, val, idx, N, NA, NB, CM, PROTECT=bool(protect_first), DOT16=_dot16(m),
-        PREC=_fp32_precision(), ONE_K=CM <= bk, BLOCK_A=ba, BLOCK_B=bb, BLOCK_K=bk)
+        PREC=_fp32_precision(), ONE_K=CM <= bk, BLOCK_A=ba, BLOCK_B=bb, BLOCK_K=bk,
+        **launch_options("_match_kernel", ONE_K=CM <= bk))
     return val, idx
 
 
@@ -348,6 +354,15 @@ def select_top_r(node_max: torch.Tensor, node_idx: torch.Tensor, r: int, n: int)
     return _plan(n, r, scores=(node_max.contiguous(), node_idx.contiguous()))
 
 
+def launch_options(kernel: str, **consts) -> dict:
+    """num_warps / num_stages that differ from Triton's defaults (4 / 3), from the constexprs."""
+    if kernel == "_plan_kernel":
+        return dict(num_warps=4 if consts["L"] <= 1024 else 8)
+    if kernel == "_match_kernel" and not consts["ONE_K"]:
+        return dict(num_warps=8, num_stages=2)
+    return {}
+
+
 def _lanes(na: int) -> int:
     return max(MIN_PLAN_LANES, triton.next_power_of_2(na))
 
@@ -366,7 +381,7 @@ def _plan(N: int, r: int, scores=None, partner=None, native_sort=None) -> tome.M
     val, idx = scores if scores is not None else (partner, partner)
     _plan_kernel[(B,)](val, idx, partner if partner is not None else val, pos, cnt, off, csr, grp,
                        src_idx, dst_idx, N, NA, NB, NOUT, r, FROM_SCORES=scores is not None, L=L,
-                       LOG_L=L.bit_length() - 1, num_warps=4 if L <= 1024 else 8,
+                       LOG_L=L.bit_length() - 1, **launch_options("_plan_kernel", L=L),
                        NATIVE_SORT=not INTERPRET if native_sort is None else native_sort)
     plan = dict(cnt=cnt, off=off, csr=csr, grp=grp)
     return tome.Match(src_idx, dst_idx, N, out_pos=pos, plan=plan)
@@ -412,14 +427,15 @@ class _MergeFunction(torch.autograd.Function):
         grid = (B, triton.cdiv(NOUT, br), triton.cdiv(C, bc))
         _merge_fwd_kernel[grid](x, size if size is not None else x, pos, cnt, off, csr, grp, out, sout,
                                 wsum, N, NOUT, R, C, MODE=mode, HAS_SIZE=size is not None,
-                                DOT16=_dot16(x), BLOCK_R=br, BLOCK_M=bm, BLOCK_C=bc)
+                                DOT16=_dot16(x), SPLIT=mode == 0 and size is not None,
+                                BLOCK_R=br, BLOCK_M=bm, BLOCK_C=bc)
         ctx.size_grad = size is not None and ctx.needs_input_grad[1]
         if not ctx.size_grad:  # constant sizes stay constant: no size-gradient path downstream
             ctx.mark_non_differentiable(sout)
         keep_x = ctx.size_grad and mode == 0  # only d(size) reads x and x'
         keep_s = size is not None and mode == 0  # the weights s_i / S_o of dx
         ctx.save_for_backward(wsum, grp, size if keep_s else None, *((x, out) if keep_x else ()))
-        ctx.mode, ctx.has_size, ctx.x_meta = mode, size is not None, (x.shape, x.dtype)
+        ctx.mode, ctx.x_meta = mode, (x.shape, x.dtype, sdt)
         ctx.set_materialize_grads(False)
         return out, sout
 
@@ -427,7 +443,7 @@ class _MergeFunction(torch.autograd.Function):
     def backward(ctx, g, gs):
         wsum, grp, size = ctx.saved_tensors[:3]
         x, out = ctx.saved_tensors[3:] if len(ctx.saved_tensors) > 3 else (None, None)
-        (B, N, C), dtype = ctx.x_meta
+        (B, N, C), dtype, sdt = ctx.x_meta
         NOUT = wsum.shape[1]
         need_gx = ctx.needs_input_grad[0] and g is not None
         need_gs = ctx.size_grad and ctx.needs_input_grad[1]
@@ -435,8 +451,7 @@ class _MergeFunction(torch.autograd.Function):
             return (None,) * 6
         g = g.contiguous() if g is not None else torch.zeros(B, NOUT, C, dtype=dtype, device=wsum.device)
         gx = torch.empty(B, N, C, dtype=dtype, device=g.device) if need_gx else None
-        gsz = torch.empty(B, N, dtype=ctx.saved_tensors[2].dtype if size is not None else torch.float32,
-                          device=g.device) if need_gs else None
+        gsz = torch.empty(B, N, dtype=sdt, device=g.device) if need_gs else None
         bn, bc = 16, _p2(C, 16, 256)
         _merge_bwd_kernel[(B, triton.cdiv(N, bn))](
             g, gs.contiguous() if gs is not None else g, x if x is not None else g,
@@ -473,44 +488,3 @@ def _check(t: torch.Tensor):
 
 
 KERNELS = (_match_kernel, _plan_kernel, _merge_fwd_kernel, _merge_bwd_kernel)
-
-
-def _variant(name: str, bound: dict, options: dict, specialise_all: bool) -> tuple:
-    """The key Triton's JIT caches a compiled kernel under: constexprs and options by value, ints by
-    width, == 1 and % 16 == 0 (unless do_not_specialize), tensors by dtype and 16-byte alignment."""
-    key = [name]
-    for arg, v in [*bound.items(), *sorted(options.items())]:
-        if isinstance(v, torch.Tensor):
-            key.append((arg, str(v.dtype), v.data_ptr() % 16 == 0))
-        elif isinstance(v, int) and not isinstance(v, bool) and arg not in options:
-            width = "i32" if -2**31 <= v < 2**31 else "i64"
-            fixed = arg in _SHRINKING and not specialise_all
-            key.append((arg, width) if fixed else (arg, width, v == 1, v % 16 == 0))
-        else:
-            key.append((arg, v))
-    return tuple(key)
-
-
-@contextlib.contextmanager
-def record_variants(specialise_all: bool = False):
-    """Collect the JIT variant key of every kernel launch inside the block (a set): how many
-    compiles a fresh process does. specialise_all: as if nothing were do_not_specialize."""
-    seen: set = set()
-    hooks = []
-    for k in KERNELS:
-        sig = inspect.signature(k.fn)
-        consts = {n for n, p in sig.parameters.items() if "constexpr" in str(p.annotation)}
-
-        def hook(*args, _k=k, _sig=sig, _consts=consts, **kwargs):
-            bound = _sig.bind_partial(*args, **{n: v for n, v in kwargs.items() if n in _sig.parameters})
-            opts = {n: v for n, v in kwargs.items() if n not in _sig.parameters}
-            opts.update({n: v for n, v in bound.arguments.items() if n in _consts})
-            seen.add(_variant(_k.__name__, {n: v for n, v in bound.arguments.items() if n not in _consts},
-                              opts, specialise_all))
-        k.add_pre_run_hook(hook)
-        hooks.append((k, hook))
-    try:
-        yield seen
-    finally:
-        for k, hook in hooks:
-            k.pre_run_hooks.remove(hook)

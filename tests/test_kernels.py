@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import contextlib  # noqa: E402
+import functools  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import kernels  # noqa: E402
+import kernels.roofline  # noqa: E402
 from kernels import tome  # noqa: E402
 
 HAS_TRITON = os.environ.get("TRITON_INTERPRET") == "1" and kernels.triton_available()
@@ -446,15 +448,48 @@ def test_kernels_import_nothing_of_ours():
 
 
 def test_bench_runs_small(tmp_path, monkeypatch):
-    from kernels import bench
-    monkeypatch.setitem(bench.SHAPES, "tiny", (2, 33, 16, 8, 5))
-    out = tmp_path / "bench.json"
     import io
+
+    from kernels import bench
+    monkeypatch.setitem(bench.SHAPES, "tiny", (33, 16, 8, 5, False, 2, 2))
+    monkeypatch.setitem(bench.SHAPES, "tiny-ties", (33, 16, 8, 12, True, 2, 2))
+    out = tmp_path / "bench.json"
     buf = io.StringIO()
-    res = bench.run(["tiny"], ["float32"], torch.device("cpu"), 2, True, False, str(out), buf)
-    assert out.exists() and all(res["checks"].values())
-    impls = {r["impl"] for r in res["rows"]}
-    assert impls == {"transcription", "eager"}
+    res = bench.run(["tiny", "tiny-ties"], ["float32"], torch.device("cpu"), 2, True, False, str(out), buf)
+    assert out.exists() and all(res["checks"].values()) and not res["failed"]
+    assert {r["impl"] for r in res["rows"]} == {"transcription", "eager"}
+    assert all(r["launches"] and r["bytes"] for r in res["rows"])
+    # the roofline table: every shape x GPU, with the eager estimate from the counted bytes
+    assert {(e["shape"], e["gpu"]) for e in res["roofline"]} == {
+        (s, g) for s in ("tiny", "tiny-ties") for g in kernels.roofline.GPUS}
+    assert all(e["triton_fwd_us"] < e["eager_fwd_us"] for e in res["roofline"])
+    assert "Expected GPU time" in buf.getvalue()
+
+
+def test_roofline_counts_follow_the_shape():
+    from kernels import roofline
+    s = roofline.Shape(B=4, N=257, C=768, Cm=64, r=19)
+    fwd = {k: b for k, b, _ in roofline.triton_kernels(s)}
+    assert fwd["merge fwd"] >= roofline.min_bytes(s)  # x read once and x' written once, at least
+    assert fwd["merge fwd"] < 1.05 * roofline.min_bytes(s)  # ... plus small index arrays
+    grad = {k: b for k, b, _ in roofline.triton_kernels(roofline.Shape(4, 257, 768, 64, 19, size_grad=True))}
+    assert grad["merge bwd"] > 1.9 * fwd["merge bwd"]  # d(size) reads x and x' again
+
+
+@needs_triton
+def test_bench_check_and_variants_print(monkeypatch):
+    import io
+
+    from kernels import jit_check, selfcheck
+    monkeypatch.setattr(selfcheck, "SHAPES", {"random": (1, 21, 8, 6, 5), "tie-heavy": (1, 21, 8, 6, 7)})
+    buf = io.StringIO()
+    assert selfcheck.report("cpu", dtypes=(torch.float32,), file=buf) == 0
+    assert buf.getvalue().count(" ok ") == 4 and "interpreter" in buf.getvalue()
+    buf = io.StringIO()
+    small = functools.partial(jit_check.tomeformer_pass, N=41, layers=4, r=5)
+    monkeypatch.setattr(jit_check, "tomeformer_pass", small)
+    assert jit_check.print_variants("cpu", file=buf) == 0
+    assert "6 kernel variants" in buf.getvalue()
 
 
 # ----------------------------------------------------------------------------- tie-heavy inputs
@@ -642,8 +677,8 @@ if HAS_TRITON:
     @triton.jit
     def _forgetful_merge_fwd(x_ptr, s_ptr, pos_ptr, cnt_ptr, off_ptr, csr_ptr, grp_ptr, out_ptr, sout_ptr,
                              wsum_ptr, N, NOUT, R, C, MODE: tl.constexpr, HAS_SIZE: tl.constexpr,
-                             DOT16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_C: tl.constexpr):
+                             DOT16: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         # deliberately broken: copies each output row's own input row, drops the merged-in rows
         b = tl.program_id(0).to(tl.int64)
         o = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -716,12 +751,69 @@ def warnings_recorded():
 @needs_triton
 def test_tomeformer_forward_compiles_each_kernel_once():
     # SimVLG's shape: 257 tokens, 12 layers, r = 19 (small channels: the interpreter is slow)
-    tt = kernels._triton()
+    from kernels.jit_check import record_variants
     tf = tiny_tomeformer("triton", n_tokens=257, layers=12, r=19, hidden=16)
     x = torch.randn(1, 257, 16)
-    with torch.no_grad(), tt.record_variants() as variants, tt.record_variants(True) as without_dns:
+    with torch.no_grad(), record_variants() as variants, record_variants(True) as without_dns:
         tf(x)
     names = sorted(k[0] for k in variants)
     # match 1, plan 1, merge 2 (first layer has no sizes yet)
     assert names == ["_match_kernel", "_merge_fwd_kernel", "_merge_fwd_kernel", "_plan_kernel"], names
     assert len(without_dns) > 2 * len(variants)  # specialising on the shrinking sizes
+
+
+@needs_triton
+def test_plan_beyond_the_lane_limit_uses_torch(monkeypatch):
+    tt = kernels._triton()
+    monkeypatch.setattr(tt, "MAX_PLAN_LANES", 128)  # as if N were beyond 8193
+    x, metric, size = make(1, 301, 8, 6, seed=5)
+    mt = kernels.bipartite_match(metric, 60, backend="triton")
+    me = kernels.bipartite_match(metric, 60, backend="eager")
+    assert torch.equal(mt.src_idx, me.src_idx) and torch.equal(mt.dst_idx, me.dst_idx)
+    check_plan(mt.plan, me)
+    xt, st_ = kernels.merge_apply(mt, x, size, backend="triton")
+    xe, se = kernels.merge_apply(me, x, size, backend="eager")
+    torch.testing.assert_close(xt, xe) and torch.testing.assert_close(st_, se)
+    match = tome.Match(me.src_idx, me.dst_idx, 301)  # a plan for an eager match, too
+    torch.testing.assert_close(kernels.merge_apply(match, x, size, backend="triton")[0], xe)
+
+
+# ----------------------------------------------------------------------------- offline GPU compile
+def _ptxas_available():
+    try:
+        import triton
+    except ImportError:
+        return False
+    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas"))
+
+
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas is missing")
+def test_kernels_compile_for_sm80_and_sm90(tmp_path):
+    # The variants one bf16 TomeFormer pass launches, recorded here in the interpreter, compiled for
+    # A100 (sm_80) and H100 (sm_90) down to cubin in a process without TRITON_INTERPRET: no GPU needed.
+    import json
+
+    from kernels import jit_check
+    with jit_check.record_variants() as seen:
+        jit_check.tomeformer_pass(N=41, layers=3, r=5)
+    assert len(seen) == 6
+    specs = tmp_path / "specs.json"
+    specs.write_text(json.dumps(list(seen.values())))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # really compile
+    res = subprocess.run([sys.executable, "-m", "kernels.jit_check", str(specs), "--arch", "80", "90"],
+                         env=env, capture_output=True, text=True, timeout=900,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert res.returncode == 0 and len(rows) == 12 and all(r["ok"] for r in rows), res.stdout + res.stderr
+    for r in rows:
+        ins = " ".join(r["instructions"])
+        assert "approx" not in ins and "div.full" not in ins  # exact sqrt and division only
+        if r["kernel"] == "_match_kernel":  # 16-bit tensor cores
+            assert "sqrt.rn.f32" in ins and "div.rn.f32" in ins
+            assert ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ins if r["arch"] == 80
+                    else "wgmma.mma_async" in ins and "bf16" in ins), ins
+        if r["kernel"] == "_merge_fwd_kernel":  # the one-hot member tiles on tensor cores
+            assert "bf16" in ins
