@@ -8,13 +8,15 @@ attention bias, output projection + LayerNorm, ToMe merge (metric = keys average
     sizes were made non-differentiable: the merge saves x and x' and computes d(size), SDPA
     computes the gradient of its bias;
   - "size without grad": the same sizes, constant (what a chain started with size=None gives now).
-Peak memory: CUDA max_memory_allocated, or on CPU the peak RSS of a fresh process per state.
+Peak memory: CUDA max_memory_allocated, or on CPU the rise of the peak RSS (VmHWM, reset
+through /proc/self/clear_refs) during one step, in a fresh process per state, with glibc mapping
+every large allocation on its own (Linux only).
 """
 
 from __future__ import annotations
 
 import json
-import resource
+import os
 import subprocess
 import sys
 
@@ -88,20 +90,28 @@ def _peak_mb(device, batch, state):
         return (torch.cuda.max_memory_allocated() - base) / 1e6
     code = ("import sys, json; from kernels import bench_layer as b; "
             f"print(json.dumps(b._child({batch}, {state!r})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # glibc: every allocation above 64 KB its own mmap, unmapped when freed, so RSS follows the live
+    # tensors instead of the allocator's free lists
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _child(batch, state):
-    """Peak RSS of one fwd+bwd above what setup holds, in this fresh process (MB)."""
+    """Peak RSS of one fwd+bwd above what this fresh process holds before it (MB, Linux)."""
     torch.set_num_threads(1)
     layer, x, size = _setup(torch.device("cpu"), batch)
-    _step(layer, x, size, STATES[1])  # warm-up: allocator, lazy inits
-    with open("/proc/self/statm") as f:
-        base = int(f.read().split()[1]) * resource.getpagesize()
+    _step(layer, x, size, state)  # warm-up: allocator pools, lazy inits
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+    base = _status_kb("VmRSS")
     _step(layer, x, size, state)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    return (peak - base) / 1e6
+    return (_status_kb("VmHWM") - base) / 1e3
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def layer(device, batch=None, repeats=5, out=None, file=sys.stdout):

@@ -12,7 +12,9 @@ integer values so every dot product is exact and both backends must produce bitw
     grads of x and of size within tolerance.
 Any mismatch or exception gives Verdict(False, "<first failure>"): `auto` then uses eager for that
 key and one RuntimeWarning names the cause. mode=None checks matching + plan only (what
-bipartite_match needs). A check takes well under a second on a GPU (compiles aside).
+bipartite_match needs). A check takes well under a second on a GPU (compiles aside). It does not
+run inside torch.compile tracing or CUDA graph capture: such a first call uses eager, uncached,
+and the first call outside decides.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ def verdict(device, dtype: torch.dtype, mode: str | None = None) -> Verdict:
     """Cached result of check(); the first failing call per key warns once."""
     key = _key(device, dtype, mode)
     v = _VERDICTS.get(key)
+    if v is None and (torch.compiler.is_compiling() or
+                      (key[0].startswith("cuda") and torch.cuda.is_current_stream_capturing())):
+        # the check syncs and launches kernels: not inside torch.compile tracing or CUDA graph
+        # capture. Eager for now (not cached): the first call outside decides.
+        return Verdict(False, "first use inside torch.compile or CUDA graph capture")
     if v is None:
         with _LOCK:
             v = _VERDICTS.get(key)

@@ -817,3 +817,12 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
                     else "wgmma.mma_async" in ins and "bf16" in ins), ins
         if r["kernel"] == "_merge_fwd_kernel":  # the one-hot member tiles on tensor cores
             assert "bf16" in ins
+
+
+@needs_triton
+def test_no_self_check_while_tracing(auto_on_cpu, monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    v = auto_on_cpu.verdict("cpu", torch.float32, "wavg")
+    assert not v.ok and "torch.compile" in v.reason and not auto_on_cpu.known()  # not cached
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert auto_on_cpu.verdict("cpu", torch.float32, "wavg").ok

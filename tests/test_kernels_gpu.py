@@ -17,7 +17,8 @@ import torch
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-compiled = pytest.mark.skipif(INTERPRET, reason="runs in a subprocess without TRITON_INTERPRET")
+compiled = pytest.mark.skipif(not CUDA or INTERPRET, reason="needs a CUDA GPU" if not CUDA
+                              else "runs in a subprocess without TRITON_INTERPRET")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
 
