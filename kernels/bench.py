@@ -220,7 +220,7 @@ def run(shapes, dtypes, device, repeats, backward, use_compile, out=None, file=s
     cuda = device.type == "cuda"
     impls = _impls(device, use_compile)
     passes = ["fwd"] + (["fwd+bwd"] if backward else [])
-    rows, checks, counts, failed = [], {}, {}, {}
+    rows, checks, failed = [], {}, {}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"load average {load}", file=file)
@@ -245,9 +245,11 @@ def run(shapes, dtypes, device, repeats, backward, use_compile, out=None, file=s
                     calls.append(call)
                     names.append(iname)
                     if cuda and not bw:
-                        replay = _cuda_graph(call)
-                        calls.append(replay)
-                        names.append(iname + "+graph")
+                        try:
+                            calls.append(_cuda_graph(call))
+                            names.append(iname + "+graph")
+                        except Exception as e:  # e.g. torch.compile'd code under capture
+                            failed[f"{iname}+graph {sname}/{dname}"] = f"{type(e).__name__}: {str(e)[:120]}"
                 times = [_time_cuda(c) for c in calls] if cuda else _time_cpu(calls, repeats)
                 base = times[0][0 if cuda else 1]  # CPU: ratio of minima (least load noise)
                 for iname, (ms, ms_min) in zip(names, times):
@@ -259,7 +261,6 @@ def run(shapes, dtypes, device, repeats, backward, use_compile, out=None, file=s
                         launches, nbytes = len(ks), sum(k[1] for k in ks)
                     elif plain in ("transcription", "eager"):
                         launches, nbytes = count(impls[plain], x, metric, size, r, bw)
-                        counts.setdefault(sname, {})[(plain, p)] = (launches, nbytes, B)
                     else:
                         launches, nbytes = None, None
                     gbps = roofline.min_bytes(roofline.Shape(B, N, C, 0, r, x.element_size())) / ms / 1e6
@@ -282,7 +283,7 @@ def run(shapes, dtypes, device, repeats, backward, use_compile, out=None, file=s
                      "below are roofline estimates, not measurements.")
     for n in notes:
         print(n, file=file)
-    est = roofline.table(_gpu_shapes(shapes), _scaled_eager(counts))
+    est = roofline.table(_gpu_shapes(shapes), _eager_counts(shapes, device, batch))
     _print_roofline(est, file)
     result = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
                   load_average=load, platform=platform.platform(), rows=rows, checks=checks,
@@ -302,13 +303,15 @@ def _gpu_shapes(shapes):
     return out
 
 
-def _scaled_eager(counts):
-    """Eager launches and bytes counted at the measured batch, bytes scaled to the GPU batch."""
+def _eager_counts(shapes, device, batch):
+    """Eager's launches and bytes in bf16 (the GPU case), counted at the measured batch and scaled
+    to the GPU batch (bytes grow with the batch, launches do not)."""
     res = {}
-    for s, c in counts.items():
-        if ("eager", "fwd") in c and ("eager", "fwd+bwd") in c:
-            scale = SHAPES[s][5] / c[("eager", "fwd")][2]
-            res[s] = tuple((c[("eager", p)][0], c[("eager", p)][1] * scale) for p in ("fwd", "fwd+bwd"))
+    for s in shapes:
+        x, metric, size, r = inputs(s, torch.bfloat16, device, batch)
+        scale = SHAPES[s][5] / x.shape[0]
+        counted = [count(_eager, x, metric, size, r, bw) for bw in (False, True)]
+        res[s] = tuple((launches, nbytes * scale) for launches, nbytes in counted)
     return res
 
 

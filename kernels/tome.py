@@ -22,12 +22,13 @@ They apply to bitwise-equal scores. The backends sum the dot products in differe
 may even differ per column), so candidates equal in exact arithmetic can land an ulp apart and
 resolve differently; that only swaps one equally good merge for another.
 
-Precision: scores in float32 (float64 for float64 metrics), computed as a.b / (|a| |b|) with the
-norms clamped at 1e-12, the same formula and rounding steps as the Triton kernel (correctly rounded
-square root and division), so metrics whose dot products are exact (small integers, duplicates of
-one vector) give bitwise-equal scores in both backends. For half-precision x the Triton merge
-accumulates in float32 and rounds once; this eager merge computes each r-row correction in float32
-and adds it in x's dtype. size=None means all ones as float32 (counts stay exact past 256).
+Precision: scores in float32 (float64 for float64 metrics), computed as (a.b * 1/|a|) * 1/|b| with
+the norms clamped at 1e-12: the same rounding steps as the Triton kernel (correctly rounded square
+roots and reciprocals, two multiplies per score instead of a division), so metrics whose dot
+products are exact (small integers, duplicates of one vector) give bitwise-equal scores in both.
+For half-precision x the Triton merge accumulates in float32 and rounds once; this eager merge
+computes each r-row correction in float32 and adds it in x's dtype. size=None means all ones as
+float32 (counts stay exact past 256).
 Gradients: to x, and to size only when the size passed in requires grad: otherwise the returned
 size is marked non-differentiable and x is not saved for backward (sizes start as constant ones,
 so a chain of merges never builds a size-gradient path). The matching is not differentiable.
@@ -89,10 +90,11 @@ class Match:
 
 def match_scores(metric: Tensor, protect_first: bool = True) -> tuple[Tensor, Tensor]:
     """Best B partner of every A token: (score [B, NA] fp32, index [B, NA] int64)."""
-    m = metric.float() if metric.dtype != torch.float64 else metric
-    norm = (m * m).sum(-1).sqrt().clamp_min(1e-12)  # [B, N]
-    dots = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)  # [B, NA, NB]
-    scores = dots / (norm[:, 0::2, None] * norm[:, None, 1::2])  # cosine similarity
+    m = metric.detach()
+    m = m.float() if m.dtype != torch.float64 else m
+    inv = 1.0 / (m * m).sum(-1).sqrt().clamp_min(1e-12)  # [B, N] reciprocal norms
+    scores = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)  # [B, NA, NB] dot products
+    scores.mul_(inv[:, 0::2, None]).mul_(inv[:, None, 1::2])  # cosine similarity, in place
     if protect_first:
         scores[:, 0] = -torch.inf
     return scores.max(dim=-1)  # first (lowest) index on ties

@@ -5,8 +5,9 @@ Same semantics, output order and tie rules as kernels/tome.py (read that docstri
 Kernels (a forward merge_tokens is three launches: match, plan, merge; plus allocations)
 - _match_kernel, grid (B, ceil(NA/BLOCK_A)): the A tile and its norms are loaded once; per B tile one
   tl.dot (16-bit metrics: native 16-bit operands, exact products, fp32 accumulation, tensor cores;
-  fp32 metrics: tf32x3 on NVIDIA, ieee elsewhere), scores a.b / (|a| |b|) with correctly rounded
-  sqrt and division (as eager), and one max-with-index reduction. Scores never leave registers.
+  fp32 metrics: tf32x3 on NVIDIA, ieee elsewhere), scores (a.b * 1/|a|) * 1/|b| with correctly
+  rounded sqrt and reciprocals (as eager; two multiplies per score, no per-score division), and
+  one max-with-index reduction. Scores never leave registers.
 - _plan_kernel, grid (B,): one program per row does the top-r selection and every index the merge
   needs with sorts, a cumsum, gathers and a binary search over L = next_pow2(NA) lanes:
   O(L log^2 L) work, no serial loop over tokens. L = 4096 (N <= 8193) compiles for sm_80 without
@@ -68,7 +69,7 @@ def _match_kernel(m_ptr, val_ptr, idx_ptr, N, NA, NB, CM,
     for k0 in range(0, CM, BLOCK_K):  # |a|^2 once per program
         a0 = tl.load(a_ptrs + k0, mask=ma[:, None] & (k0 + k < CM)[None, :], other=0.0).to(tl.float32)
         na += tl.sum(a0 * a0, axis=1)
-    na = tl.maximum(tl.math.sqrt_rn(na), 1e-12)
+    ra = tl.math.div_rn(tl.full([BLOCK_A], 1.0, tl.float32), tl.maximum(tl.math.sqrt_rn(na), 1e-12))
     if ONE_K:  # the whole A tile stays in registers, in the dot's operand type
         a_tile = tl.load(a_ptrs, mask=ma[:, None] & (k < CM)[None, :], other=0.0).to(tl.float32)
         if DOT16:
@@ -95,8 +96,8 @@ def _match_kernel(m_ptr, val_ptr, idx_ptr, N, NA, NB, CM,
                 dot = tl.dot(at, tl.trans(v.to(dt)), dot)
             else:
                 dot = tl.dot(at, tl.trans(v), dot, input_precision=PREC)
-        nb = tl.maximum(tl.math.sqrt_rn(nb), 1e-12)
-        s = tl.math.div_rn(dot, na[:, None] * nb[None, :])  # [BLOCK_A, BLOCK_B] cosine, as eager
+        rb = tl.math.div_rn(tl.full([BLOCK_B], 1.0, tl.float32), tl.maximum(tl.math.sqrt_rn(nb), 1e-12))
+        s = (dot * ra[:, None]) * rb[None, :]  # [BLOCK_A, BLOCK_B] cosine, rounded as eager
         s = tl.where(mb[None, :], s, float("-inf"))
         bm, bi = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
         upd = bm > best  # strict: an earlier tile keeps ties (lowest B index)
