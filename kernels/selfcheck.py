@@ -82,7 +82,9 @@ def reset():
 
 def check(device, dtype: torch.dtype, mode: str | None = None) -> Verdict:
     """Run the Triton kernels against eager (uncached). Never raises: failures become the reason."""
-    try:
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the eager reference in full fp32, whatever the
+    try:  # caller's matmul precision
         from . import tome_triton as tt
         for name in SHAPES:
             inputs = _inputs(name, device, dtype)
@@ -94,6 +96,8 @@ def check(device, dtype: torch.dtype, mode: str | None = None) -> Verdict:
     except Exception as e:  # compile errors, launch failures, missing drivers
         first = (str(e).strip().splitlines() or [""])[0][:300]
         return Verdict(False, f"{type(e).__name__}: {first}")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     return Verdict(True, "")
 
 
