@@ -10,7 +10,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 export NO_ALBUMENTATIONS_UPDATE = 1
 export DS_BUILD_OPS = 0
 
-.PHONY: venv demo test test-fast lint bench clean
+.PHONY: venv demo test test-fast test-gpu lint bench clean
 venv: $(STAMP)
 
 $(STAMP): setup.py
@@ -28,6 +28,10 @@ test: venv
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests
+
+# compiled Triton kernels against eager on this machine's GPU (skipped without CUDA)
+test-gpu: venv
+	TRITON_INTERPRET=0 $(PY) -m pytest -q tests/test_kernels_gpu.py
 
 lint: venv
 	$(VENV)/bin/ruff check pipeline kernels tests

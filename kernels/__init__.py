@@ -7,12 +7,16 @@ x [B, N, C], metric [B, N, Cm], size [B, N, 1] or None (all ones, float32) -> x2
 s2 [B, N - r', 1] with r' = clamp(r, 0, (N - protect_first) // 2). Modes: "wavg" (size-weighted
 average), "mean" (plain mean of the group, sizes still summed), "sum". Backends: "eager" (PyTorch),
 "triton" (fused kernels; CPU tensors only under TRITON_INTERPRET=1), "auto" (triton for CUDA tensors
-when triton imports, eager otherwise).
+once the self-check in kernels/selfcheck.py has passed for that device, dtype and mode; eager
+otherwise, with one warning naming the cause if the check failed).
 
 Output order: kept tokens in ascending original position; a merged group sits at its B (odd) token's
 position, so a protected CLS stays first. r' = 0 returns the inputs unchanged.
 Ties: lowest B index wins the argmax, lowest A index wins equal scores in the top-r selection.
 See kernels/tome.py for the algorithm and kernels/tome_triton.py for the kernels.
+
+Sizes: s2 requires grad only if the size passed in does (size=None never builds a size-gradient
+path, and x is then not saved for backward).
 
 Lower-level pieces: bipartite_match -> Match; merge_apply(match, any [B, N, ...] tensor);
 merge_source (which original tokens each output token holds); unmerge; prop_attn_bias (log size).
@@ -32,6 +36,7 @@ __all__ = [
 ]
 
 _BACKENDS = ("auto", "eager", "triton")
+AUTO_DEVICES = ("cuda",)  # device types `auto` may send to Triton (tests add "cpu": the interpreter)
 
 
 def _triton():
@@ -48,12 +53,15 @@ def triton_available() -> bool:
     return True
 
 
-def _resolve(backend: str, t: torch.Tensor) -> str:
+def _resolve(backend: str, t: torch.Tensor, mode: str | None = None) -> str:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        ok = t.is_cuda and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        return "triton" if ok and triton_available() else "eager"
+        ok = t.device.type in AUTO_DEVICES and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        if not (ok and triton_available()):
+            return "eager"
+        from . import selfcheck
+        return "triton" if selfcheck.verdict(t.device, t.dtype, mode).ok else "eager"
     if backend == "triton":
         try:
             _triton()
@@ -73,7 +81,9 @@ def bipartite_match(metric: torch.Tensor, r: int, protect_first: bool = True,
 def merge_apply(match: Match, x: torch.Tensor, size: torch.Tensor | None = None,
                 mode: str = "wavg", backend: str = "auto"):
     """Apply a match to any x [B, N, ...] -> (x' [B, N', ...], s' [B, N', 1])."""
-    if _resolve(backend, x) == "triton":
+    if mode not in tome.MODES:
+        raise ValueError(f"mode must be one of {tome.MODES}, got {mode!r}")
+    if _resolve(backend, x, mode) == "triton":
         return _triton().merge_apply(match, x, size, mode)
     return tome.merge_apply(match, x, size, mode)
 
@@ -85,7 +95,6 @@ def merge_tokens(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor | Non
 
     source: a [B, N, N0] 0/1 matrix to carry along, or True to start from the identity (N0 = N).
     """
-    backend = _resolve(backend, x)
     match = bipartite_match(metric, r, protect_first, backend)
     x2, s2 = merge_apply(match, x, size, mode, backend)
     if source is None or source is False:

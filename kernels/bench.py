@@ -1,17 +1,24 @@
-"""Benchmark of the token-merging implementations: `python -m kernels.bench [--out F.json]`.
+"""Benchmark of the token-merging implementations: `simvlg bench kernels [options]`.
+
+    simvlg bench kernels                 time per shape: transcription, eager, compile(eager), triton
+    simvlg bench kernels --check         self-check verdict per dtype and mode (what `auto` will do)
+    simvlg bench kernels --layer         a TomeFormer layer fwd+bwd with and without a size gradient
+    simvlg bench kernels --variants      kernel variants a 12-layer TomeFormer pass compiles
+    simvlg bench kernels --compile-for 80 90   compile those variants for sm_80 / sm_90 (no GPU)
 
 Implementations
-- transcription: the straightforward eager form of ToMe's algorithm (full argsort, x*size, gathers,
+- transcription: ToMe's algorithm written out directly (full argsort, x*size, gathers,
   scatter_reduce into a copy of B, cat, divide): the baseline.
-- eager: kernels.tome (sort of [B, NA] scores only, one index_select pass over x, index_add on the
-  r merged rows, a gather-shaped backward). Our fastest CPU path.
-- triton: kernels.tome_triton (CUDA only here; the interpreter is a correctness tool, not a speed one).
-- compile(...): torch.compile of the eager forms (CUDA by default, CPU with --compile).
+- eager: kernels.tome (sort of the [B, NA] scores only, one index_select pass over x, index_add on
+  the r merged rows, a gather-shaped backward).
+- compile(eager): torch.compile of eager, where it compiles (CUDA by default, CPU with --compile).
+- triton, and on CUDA triton+graph / eager+graph: the forward replayed as a CUDA graph.
+On CPU the interpreter is a correctness tool, not a speed one: no triton timings.
 
-For every implementation it prints an analytic count of bytes moved and kernel launches: eager forms
-are counted op by op with a TorchDispatchMode (each non-view aten op = one launch; bytes = its operand
-and result sizes; gathers and index_add_/scatter_add_ counted by the rows they touch); the Triton
-path is four kernels (match, rank, plan, merge) counted at their DRAM lower bound.
+Bytes and launches follow one rule for every implementation (kernels/roofline.py): eager forms are
+counted op by op as they run, the Triton kernels by the same rule from their loads and stores.
+"GB/s" is the unavoidable traffic (read x once, write x' once) over the time, for every row.
+The roofline table is an estimate for GPUs we have not run on.
 """
 
 from __future__ import annotations
@@ -30,19 +37,18 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from . import tome
+from . import roofline, tome
 
-SHAPES = {  # name: (B, N, C, Cm, r)
-    "tomeformer-b32": (32, 257, 768, 64, 19),
-    "tomeformer-b200": (200, 257, 768, 64, 19),
-    "vit-b16": (32, 197, 768, 64, 16),
-    "vit-g14": (32, 257, 1408, 88, 8),
+SHAPES = {  # name: (N, C, Cm, r, tie-heavy, GPU batch, CPU batch)
+    "n257": (257, 768, 64, 19, False, 256, 32),  # TomeFormer layer 1 (ViT-g/14 at 224 + CLS)
+    "n577": (577, 1024, 64, 48, False, 128, 8),  # ViT-L/14 at 336
+    "n4097": (4097, 1024, 64, 512, False, 16, 1),  # video: 16 frames x 256 tokens + CLS
+    "n577-ties": (577, 1024, 64, 192, True, 128, 8),  # letterbox: two thirds identical tokens
 }
-TARGET = ("tomeformer-b32", "float32")  # CPU target: eager >= 2x transcription
 
 
 def transcription(x, metric, size, r, protect_first=True):
-    """ToMe's algorithm written out directly (the eager baseline), output [unmerged A..., B...]."""
+    """ToMe's algorithm written out directly (the baseline), output [unmerged A..., B...]."""
     B, N, C = x.shape
     r = min(r, (N - int(protect_first)) // 2)
     if r <= 0:
@@ -78,7 +84,7 @@ def _eager(x, metric, size, r):
     return tome.merge_tokens_eager(x, metric, size, r)
 
 
-def _triton_impl(x, metric, size, r):
+def _triton(x, metric, size, r):
     from . import merge_tokens
     return merge_tokens(x, metric, size, r, backend="triton")
 
@@ -109,29 +115,14 @@ class _Counter(TorchDispatchMode):
         return out
 
 
-def count(fn, *args):
-    with _Counter() as c:
-        fn(*args)
+def count(fn, x, metric, size, r, backward=False):
+    """(launches, bytes) of one forward (and backward) of an eager implementation."""
+    x = x.detach().requires_grad_(backward)
+    with _Counter() as c, torch.set_grad_enabled(backward):
+        y, _ = fn(x, metric, size, r)
+        if backward:
+            y.backward(torch.ones_like(y))
     return c.launches, c.bytes
-
-
-def triton_count(x, metric, size, r):
-    """Four kernels (match, rank, plan, merge), each at its DRAM lower bound (analytic)."""
-    B, N, C = x.shape
-    Cm, NA = metric.shape[-1], (N + 1) // 2
-    rr = tome.clamp_r(N, r)
-    e, em, nout = x.element_size(), metric.element_size(), N - rr
-    match_bytes = B * N * Cm * em + B * NA * (4 + 8)  # metric in, (score, index) out
-    rank_bytes = B * NA * (12 + 4)  # scores, indices in; partner out
-    plan_bytes = B * NA * 4 + B * nout * 16 + B * rr * 20 + B * N * 4  # pos/cnt/off, csr/src/dst, grp
-    merge_bytes = (B * N * C + B * nout * C) * e + B * N * (4 if size is not None else 0) \
-        + B * nout * (16 + 4 + 4 + 4)  # x in, x' out, sizes, plan in, s' and weights out
-    return 4, match_bytes + rank_bytes + plan_bytes + merge_bytes
-
-
-def bound_bytes(x, r):
-    B, N, C = x.shape
-    return (B * N * C + B * (N - tome.clamp_r(N, r)) * C) * x.element_size()
 
 
 def _step(fn, x, metric, size, r):
@@ -164,120 +155,139 @@ def _time_cuda(fn):
     return ms, ms
 
 
-def _device_gbps():
-    try:
-        import triton.testing
-        return float(triton.testing.get_dram_gbps())
-    except Exception:
-        return None
+def _cuda_graph(fn):
+    """fn (a no-grad forward) captured once as a CUDA graph; returns its replay. Warm-up on a side
+    stream first: the first calls compile kernels and run the self-check, which capture forbids."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
 
 
-def _inputs(shape, dtype, device, grad=False, seed=0):
-    B, N, C, Cm, r = shape
+def inputs(name, dtype, device, batch=None, seed=0):
+    N, C, Cm, r, ties, b_gpu, b_cpu = SHAPES[name]
+    B = batch or (b_gpu if device.type == "cuda" else b_cpu)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, N, C, generator=g).to(device, dtype).requires_grad_(grad)
-    metric = torch.randn(B, N, Cm, generator=g).to(device, dtype)
-    size = (torch.randint(1, 4, (B, N, 1), generator=g).float()).to(device)
-    return x, metric, size, r
+    x = torch.randn(B, N, C, generator=g)
+    metric = torch.randn(B, N, Cm, generator=g)
+    if ties:  # letterbox / padding: a long run of one token
+        metric[:, N // 6: N * 5 // 6] = metric[:, 3:4]
+    size = torch.randint(1, 4, (B, N, 1), generator=g).float()
+    return x.to(device, dtype), metric.to(device, dtype), size.to(device), r
 
 
-def _check(x, metric, size, r):
-    """Our eager output equals the transcription's once both are put in original-position order."""
+def check(x, metric, size, r, ties):
+    """Eager == transcription once both are put in original-position order. Tie-heavy inputs: the
+    transcription's unstable argsort may pick other, equally good merges; compare what every valid
+    merge conserves there: per row the total size and the size-weighted sum of x."""
     B, N, _ = x.shape
     with torch.no_grad():
         a, sa = tome.merge_tokens_eager(x, metric, size, r)
         b, sb = transcription(x.float(), metric.float(), size, r)
+        tol = 1e-4 if x.dtype == torch.float32 else 5e-2
+        if ties:
+            mass = [(t.float() * s).sum(1) / s.sum(1) for t, s in ((a, sa), (b, sb))]
+            return bool(torch.equal(sa.sum(1), sb.sum(1)) and torch.allclose(*mass, atol=tol, rtol=tol))
         m = tome.bipartite_match(metric, r)
         na = (N + 1) // 2 - m.r
-        # transcription order: kept A ascending, then all B: sort by original position
         pos = torch.cat([m.out_pos[m.out_pos % 2 == 0].view(B, na),
                          torch.arange(1, N, 2, device=x.device).expand(B, -1)], 1)
-        order = pos.argsort(1)
-        b = b.gather(1, order[..., None].expand_as(b))
-        sb = sb.gather(1, order[..., None])
-        tol = 1e-4 if x.dtype == torch.float32 else 5e-2
+        order = pos.argsort(1)  # transcription order -> original-position order
+        b, sb = b.gather(1, order[..., None].expand_as(b)), sb.gather(1, order[..., None])
         ok = bool(torch.allclose(a.float(), b, atol=tol, rtol=tol) and torch.equal(sa, sb))
-        if x.is_cuda:  # and the Triton path agrees with eager
-            t, st = _triton_impl(x, metric, size, r)
-            ok = ok and bool(torch.allclose(t.float(), a.float(), atol=tol, rtol=tol))
-            ok = ok and bool(torch.equal(st, sa))
+        if x.is_cuda:
+            t, st = _triton(x, metric, size, r)
+            ok = ok and bool(torch.allclose(t.float(), a.float(), atol=tol, rtol=tol) and torch.equal(st, sa))
         return ok
 
 
-def run(shapes, dtypes, device, repeats, backward, use_compile, out=None, file=sys.stdout):
-    cuda = device.type == "cuda"
+def _impls(device, use_compile):
     impls = {"transcription": transcription, "eager": _eager}
-    if cuda:
-        impls["triton"] = _triton_impl
     if use_compile:
-        impls["compile(transcription)"] = torch.compile(transcription)
         impls["compile(eager)"] = torch.compile(_eager)
+    if device.type == "cuda":
+        impls["triton"] = _triton
+    return impls
+
+
+def run(shapes, dtypes, device, repeats, backward, use_compile, out=None, file=sys.stdout, batch=None):
+    cuda = device.type == "cuda"
+    impls = _impls(device, use_compile)
     passes = ["fwd"] + (["fwd+bwd"] if backward else [])
-    rows, checks = [], {}
-    bw = _device_gbps() if cuda else None
-    hdr = (f"{'shape':16} {'dtype':9} {'pass':8} {'impl':22} {'ms':>9} {'min ms':>9} {'vs transc.':>10} "
-           f"{'MB moved':>9} {'launches':>8} {'GB/s':>7}")
+    rows, checks, failed = [], {}, {}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"load average {load}", file=file)
-    print(hdr, file=file)
-    print("-" * len(hdr), file=file)
+    hdr = (f"{'shape':10} {'B':>4} {'dtype':9} {'pass':8} {'impl':16} {'ms':>9} {'min ms':>9} "
+           f"{'vs transc.':>10} {'MB moved':>9} {'launches':>8} {'GB/s':>7}")
+    print(hdr + "\n" + "-" * len(hdr), file=file)
     for sname in shapes:
         for dname in dtypes:
-            dtype = getattr(torch, dname)
-            x, metric, size, r = _inputs(SHAPES[sname], dtype, device)
-            checks[f"{sname}/{dname}"] = _check(x, metric, size, r)
+            x, metric, size, r = inputs(sname, getattr(torch, dname), device, batch)
+            B, N, C = x.shape
+            checks[f"{sname}/{dname}"] = check(x, metric, size, r, SHAPES[sname][4])
             for p in passes:
-                calls = [functools.partial(_step, fn, x.detach().requires_grad_(p != "fwd"),
-                                           metric, size, r) for fn in impls.values()]
+                bw = p != "fwd"
+                calls, names = [], []
+                for iname, fn in impls.items():
+                    call = functools.partial(_step, fn, x.detach().requires_grad_(bw), metric, size, r)
+                    try:
+                        call()  # first call: compiles; a failure drops the row, with its reason
+                    except Exception as e:
+                        failed[f"{iname} {sname}/{dname}/{p}"] = f"{type(e).__name__}: {str(e)[:120]}"
+                        continue
+                    calls.append(call)
+                    names.append(iname)
+                    if cuda and not bw:
+                        try:
+                            calls.append(_cuda_graph(call))
+                            names.append(iname + "+graph")
+                        except Exception as e:  # e.g. torch.compile'd code under capture
+                            failed[f"{iname}+graph {sname}/{dname}"] = f"{type(e).__name__}: {str(e)[:120]}"
                 times = [_time_cuda(c) for c in calls] if cuda else _time_cpu(calls, repeats)
                 base = times[0][0 if cuda else 1]  # CPU: ratio of minima (least load noise)
-                for (iname, fn), (ms, ms_min) in zip(impls.items(), times):
-                    speed = base / (ms if cuda else ms_min)
-                    if p == "fwd" and not iname.startswith("compile"):
-                        if iname == "triton":
-                            launches, nbytes = triton_count(x, metric, size, r)
-                        else:
-                            with torch.no_grad():
-                                launches, nbytes = count(fn, x, metric, size, r)
+                for iname, (ms, ms_min) in zip(names, times):
+                    plain = iname.removesuffix("+graph")
+                    if plain.startswith("triton"):
+                        ks = roofline.triton_kernels(roofline.Shape(B, N, C, metric.shape[-1], r,
+                                                                    x.element_size()))
+                        ks = ks if bw else ks[:3]
+                        launches, nbytes = len(ks), sum(k[1] for k in ks)
+                    elif plain in ("transcription", "eager"):
+                        launches, nbytes = count(impls[plain], x, metric, size, r, bw)
                     else:
                         launches, nbytes = None, None
-                    gbps = bound_bytes(x, r) / ms / 1e6 if p == "fwd" else None
-                    row = dict(shape=sname, B=x.shape[0], N=x.shape[1], C=x.shape[2], r=r,
-                               dtype=dname, pass_=p, impl=iname, ms=ms, ms_min=ms_min, speedup=speed,
-                               bytes=nbytes, launches=launches, bound_gbps=gbps)
+                    gbps = roofline.min_bytes(roofline.Shape(B, N, C, 0, r, x.element_size())) / ms / 1e6
+                    row = dict(shape=sname, B=B, N=N, C=C, r=r, dtype=dname, pass_=p, impl=iname, ms=ms,
+                               ms_min=ms_min, speedup=base / (ms if cuda else ms_min), bytes=nbytes,
+                               launches=launches, gbps=gbps)
                     rows.append(row)
                     mb = f"{nbytes / 1e6:9.1f}" if nbytes is not None else f"{'-':>9}"
                     ln = f"{launches:8d}" if launches is not None else f"{'-':>8}"
-                    gb = f"{gbps:7.1f}" if gbps is not None else f"{'-':>7}"
-                    print(f"{sname:16} {dname:9} {p:8} {iname:22} {ms:9.3f} {ms_min:9.3f} {speed:9.2f}x "
-                          f"{mb} {ln} {gb}", file=file)
-    notes = [
-        "GB/s = (read x once + write x' once) / time: the bandwidth bound's traffic.",
-        "MB moved / launches: analytic (see kernels/bench.py docstring); fwd only.",
-        "ms: median; CPU speedups compare minima of interleaved runs (robust to other load), "
-        "CUDA speedups compare do_bench medians.",
-        f"outputs agree (eager vs transcription up to order; triton vs eager on CUDA): {checks}",
-    ]
+                    print(f"{sname:10} {B:4d} {dname:9} {p:8} {iname:16} {ms:9.3f} {ms_min:9.3f} "
+                          f"{row['speedup']:9.2f}x {mb} {ln} {gbps:7.1f}", file=file)
+    notes = ["GB/s = (read x once + write x' once) / time, for every row; MB moved and launches: one "
+             "counting rule for all (kernels/roofline.py).",
+             "ms: median; CPU speedups compare minima of interleaved runs, CUDA ones do_bench medians.",
+             f"outputs agree (eager vs transcription; triton vs eager on CUDA): {checks}"]
+    if failed:
+        notes.append(f"did not run: {failed}")
     if not cuda:
-        notes.append("CPU run: eager vs transcription only. GPU figures (triton, torch.compile, "
-                     "GB/s vs device bandwidth) need a GPU: run this again on a CUDA machine.")
-    elif bw:
-        notes.append(f"device DRAM bandwidth ~{bw:.0f} GB/s (triton.testing.get_dram_gbps)")
+        notes.append("CPU run: no Triton timings (the interpreter is a correctness tool). GPU rows "
+                     "below are roofline estimates, not measurements.")
     for n in notes:
         print(n, file=file)
-    tgt = [rw for rw in rows if (rw["shape"], rw["dtype"]) == TARGET and rw["pass_"] == "fwd"
-           and rw["impl"] == "eager"]
+    est = roofline.table(_gpu_shapes(shapes), _eager_counts(shapes, device, batch))
+    _print_roofline(est, file)
     result = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
-                  load_average=load,
-                  platform=platform.platform(), device_gbps=bw, rows=rows, checks=checks,
-                  notes=notes)
-    if tgt and not cuda:
-        result["cpu_target"] = dict(shape=TARGET[0], dtype=TARGET[1], speedup=tgt[0]["speedup"],
-                                    required=2.0, met=tgt[0]["speedup"] >= 2.0)
-        print(f"CPU target (eager >= 2x transcription at {TARGET[0]} {TARGET[1]}): "
-              f"{tgt[0]['speedup']:.2f}x -> {'met' if tgt[0]['speedup'] >= 2 else 'NOT met'}",
-              file=file)
+                  load_average=load, platform=platform.platform(), rows=rows, checks=checks,
+                  failed=failed, roofline=est, notes=notes)
     if out:
         with open(out, "w") as f:
             json.dump(result, f, indent=2)
@@ -285,25 +295,84 @@ def run(shapes, dtypes, device, repeats, backward, use_compile, out=None, file=s
     return result
 
 
+def _gpu_shapes(shapes):
+    out = {}
+    for s in shapes:
+        N, C, Cm, r, _, b_gpu, _ = SHAPES[s]
+        out[s] = roofline.Shape(b_gpu, N, C, Cm, r)
+    return out
+
+
+def _eager_counts(shapes, device, batch):
+    """Eager's launches and bytes in bf16 (the GPU case), counted at the measured batch and scaled
+    to the GPU batch (bytes grow with the batch, launches do not)."""
+    res = {}
+    for s in shapes:
+        x, metric, size, r = inputs(s, torch.bfloat16, device, batch)
+        scale = SHAPES[s][5] / x.shape[0]
+        counted = [count(_eager, x, metric, size, r, bw) for bw in (False, True)]
+        res[s] = tuple((launches, nbytes * scale) for launches, nbytes in counted)
+    return res
+
+
+def _print_roofline(est, file):
+    print("\nExpected GPU time per merge step (bf16, GPU batch; HBM roofline + "
+          f"{roofline.LAUNCH_S * 1e6:.0f} us per launch; estimates, not measurements):", file=file)
+    print(f"{'shape':10} {'gpu':10} {'fwd MB':>8} {'bwd MB':>8} {'match GF':>8} {'floor us':>8} "
+          f"{'triton fwd':>10} {'fwd+bwd':>8} {'eager fwd':>9} {'fwd+bwd':>8} {'launches':>9}", file=file)
+    for e in est:
+        eg = (f"{e['eager_fwd_us']:9.0f} {e['eager_fwdbwd_us']:8.0f} "
+              f"{e['eager_fwd_launches']:4d}/{e['eager_fwdbwd_launches']:<4d}") if "eager_fwd_us" in e else ""
+        print(f"{e['shape']:10} {e['gpu']:10} {e['fwd_MB']:8.0f} {e['bwd_MB']:8.0f} {e['match_GFLOP']:8.1f} "
+              f"{e['floor_us']:8.0f} {e['triton_fwd_us']:10.0f} {e['triton_fwdbwd_us']:8.0f} {eg}", file=file)
+    print("floor: read x + write x' at full HBM bandwidth. triton: 3 launches fwd, 1 bwd; match on "
+          "16-bit tensor cores at 50% of peak; eager match: fp32 matmul (TF32 off) at 50% of fp32 peak.",
+          file=file)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="simvlg bench kernels", description=__doc__.split("\n")[0])
     ap.add_argument("--out", help="write results as JSON here")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=None)
     ap.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"], default=None)
-    ap.add_argument("--repeats", type=int, default=10, help="CPU timing repeats (median)")
+    ap.add_argument("--batch", type=int, default=None, help="batch for every shape (default: per shape)")
+    ap.add_argument("--repeats", type=int, default=5, help="CPU timing repeats (median)")
     ap.add_argument("--no-backward", action="store_true", help="skip fwd+bwd timings")
     ap.add_argument("--compile", action="store_true", help="add torch.compile rows on CPU too")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--check", action="store_true", help="print the self-check verdicts and exit")
+    ap.add_argument("--layer", action="store_true", help="TomeFormer layer: size gradient or not")
+    ap.add_argument("--variants", action="store_true", help="kernel variants per TomeFormer pass")
+    ap.add_argument("--compile-for", type=int, nargs="+", metavar="SM", help="compile them for sm_SM")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and (args.check or args.variants or args.compile_for):
+        _use_interpreter()
+    if args.check:
+        from . import selfcheck
+        return selfcheck.report(device)
+    if args.variants or args.compile_for:
+        from . import jit_check
+        return jit_check.print_variants(device, args.compile_for)
+    if args.layer:
+        from . import bench_layer
+        return bench_layer.layer(device, args.batch, args.repeats, args.out)
     cuda = device.type == "cuda"
-    shapes = args.shapes or (list(SHAPES) if cuda else ["tomeformer-b32", "vit-b16", "vit-g14"])
-    dtypes = args.dtypes or (["bfloat16", "float32"] if cuda else ["float32", "bfloat16"])
-    run(shapes, dtypes, device, args.repeats, not args.no_backward, args.compile or cuda, args.out)
+    shapes = args.shapes or list(SHAPES)
+    dtypes = args.dtypes or (["bfloat16", "float32"] if cuda else ["float32"])
+    run(shapes, dtypes, device, args.repeats, not args.no_backward, args.compile or cuda, args.out,
+        batch=args.batch)
     return 0
+
+
+def _use_interpreter():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("triton was imported before TRITON_INTERPRET=1 could be set: "
+                         "run `TRITON_INTERPRET=1 simvlg bench kernels ...` for a CPU run")
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 if __name__ == "__main__":

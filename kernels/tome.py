@@ -22,10 +22,16 @@ They apply to bitwise-equal scores. The backends sum the dot products in differe
 may even differ per column), so candidates equal in exact arithmetic can land an ulp apart and
 resolve differently; that only swaps one equally good merge for another.
 
-Precision: scores in float32 (float64 for float64 metrics). For half-precision x the Triton merge
-accumulates in float32 and rounds once; this eager merge computes each r-row correction in float32
-and adds it in x's dtype. size=None means all ones as float32 (counts stay exact past 256).
-Gradients: to x and size (a hand-written gather-shaped backward); the matching is not differentiable.
+Precision: scores in float32 (float64 for float64 metrics), computed as (a.b * 1/|a|) * 1/|b| with
+the norms clamped at 1e-12: the same rounding steps as the Triton kernel (correctly rounded square
+roots and reciprocals, two multiplies per score instead of a division), so metrics whose dot
+products are exact (small integers, duplicates of one vector) give bitwise-equal scores in both.
+For half-precision x the Triton merge accumulates in float32 and rounds once; this eager merge
+computes each r-row correction in float32 and adds it in x's dtype. size=None means all ones as
+float32 (counts stay exact past 256).
+Gradients: to x, and to size only when the size passed in requires grad: otherwise the returned
+size is marked non-differentiable and x is not saved for backward (sizes start as constant ones,
+so a chain of merges never builds a size-gradient path). The matching is not differentiable.
 """
 
 from __future__ import annotations
@@ -84,9 +90,11 @@ class Match:
 
 def match_scores(metric: Tensor, protect_first: bool = True) -> tuple[Tensor, Tensor]:
     """Best B partner of every A token: (score [B, NA] fp32, index [B, NA] int64)."""
-    m = metric.float() if metric.dtype != torch.float64 else metric
-    m = F.normalize(m, dim=-1, eps=1e-12)  # [B, N, Cm]
-    scores = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)  # [B, NA, NB]
+    m = metric.detach()
+    m = m.float() if m.dtype != torch.float64 else m
+    inv = 1.0 / (m * m).sum(-1).sqrt().clamp_min(1e-12)  # [B, N] reciprocal norms
+    scores = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)  # [B, NA, NB] dot products
+    scores.mul_(inv[:, 0::2, None]).mul_(inv[:, None, 1::2])  # cosine similarity, in place
     if protect_first:
         scores[:, 0] = -torch.inf
     return scores.max(dim=-1)  # first (lowest) index on ties
@@ -164,26 +172,32 @@ class _MergeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xf, sf, match, mode):
         out, s_out, W = _merge(match, xf, sf, mode)
-        ctx.save_for_backward(xf, sf, out, W)
+        ctx.size_grad = ctx.needs_input_grad[1]
+        if not ctx.size_grad:  # constant sizes stay constant: no size-gradient path downstream
+            ctx.mark_non_differentiable(s_out)
+        keep_x = ctx.size_grad and mode == "wavg"  # only d(size) reads x and x'
+        ctx.save_for_backward(sf, W, *((xf, out) if keep_x else ()))
         ctx.match, ctx.mode = match, mode
+        ctx.set_materialize_grads(False)
         return out, s_out
 
     @staticmethod
     def backward(ctx, g, gs):
-        xf, sf, out, W = ctx.saved_tensors
+        sf, W = ctx.saved_tensors[:2]
         m = ctx.match
-        base = torch.arange(m.src_idx.shape[0], device=xf.device)[:, None]
+        base = torch.arange(m.src_idx.shape[0], device=W.device)[:, None]
         grp = (m.group + base * m.n_out).flatten()  # [B*N] output row of every input row
         Wg = W.index_select(0, grp)  # [B*N]
         gx = gsz = None
-        if ctx.mode == "wavg" and ctx.needs_input_grad[1]:
-            gg = g.index_select(0, grp)  # [B*N, C]
-            acc = torch.promote_types(xf.dtype, torch.float32)
-            dot = torch.linalg.vecdot(gg.to(acc), (xf - out.index_select(0, grp)).to(acc))
-            gsz = (dot / Wg + gs.index_select(0, grp)).to(sf.dtype)
-        elif ctx.needs_input_grad[1]:
-            gsz = gs.index_select(0, grp)
-        if ctx.needs_input_grad[0]:
+        if ctx.size_grad and ctx.needs_input_grad[1]:
+            gsz = gs.index_select(0, grp) if gs is not None else torch.zeros_like(sf)
+            if ctx.mode == "wavg" and g is not None:
+                xf, out = ctx.saved_tensors[2:]
+                gg = g.index_select(0, grp)  # [B*N, C]
+                acc = torch.promote_types(xf.dtype, torch.float32)
+                dot = torch.linalg.vecdot(gg.to(acc), (xf - out.index_select(0, grp)).to(acc))
+                gsz = (dot / Wg + gsz).to(sf.dtype)
+        if ctx.needs_input_grad[0] and g is not None:
             scale = (sf / Wg) if ctx.mode == "wavg" else 1.0 / Wg  # [B*N]
             gx = g.index_select(0, grp).mul_(scale.to(g.dtype)[:, None])
         return gx, gsz, None, None

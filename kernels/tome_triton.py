@@ -2,29 +2,39 @@
 
 Same semantics, output order and tie rules as kernels/tome.py (read that docstring first).
 
-Kernels (a forward merge_tokens is four launches: match, rank, plan, merge; plus allocations)
-- _match_kernel, grid (B, ceil(NA/BLOCK_A)): loads A and B metric tiles, accumulates A.B^T, |A|^2 and
-  |B|^2 over Cm chunks in fp32, divides by the norms, keeps a running row max/argmax over B tiles.
-  The NA x NB score matrix never leaves registers.
-- _rank_kernel, grid (B, ceil(NA/BLOCK_L)): top-r without a sort: a token is selected iff fewer than
-  r tokens beat it (higher score, or equal score and lower index). Writes partner[a] or -1.
-- _plan_kernel, same grid: from the partner row, by counting, every index the merge needs: output
-  position of each token, src/dst lists, and per output row the CSR list of rows merged into it.
-- _merge_fwd_kernel, grid (B, ceil(N'/BLOCK_R), ceil(C/BLOCK_C)): each output row reads its own
-  input row and the rows merged into it, accumulates sum(w*x) and sum(w) in fp32, divides once,
-  writes once. x is read once and x' written once.
-- _merge_bwd_kernel, grid (B, ceil(N/BLOCK_N)): one program per block of *input* rows; every input
-  row belongs to exactly one output row, so dx is a gather (no atomics), and d(size) reduces over C
-  inside the program. Forward and backward are deterministic: no atomics anywhere.
-The rank and plan kernels cost O(NA^2) compares per row (fine for N = 257, ~4M at N = 4096).
+Kernels (a forward merge_tokens is three launches: match, plan, merge; plus allocations)
+- _match_kernel, grid (B, ceil(NA/BLOCK_A)): the A tile and its norms are loaded once; per B tile one
+  tl.dot (16-bit metrics: native 16-bit operands, exact products, fp32 accumulation, tensor cores;
+  fp32 metrics: tf32x3 on NVIDIA, ieee elsewhere), scores (a.b * 1/|a|) * 1/|b| with correctly
+  rounded sqrt and reciprocals (as eager; two multiplies per score, no per-score division), and
+  one max-with-index reduction. Scores never leave registers.
+- _plan_kernel, grid (B,): one program per row does the top-r selection and every index the merge
+  needs with sorts, a cumsum, gathers and a binary search over L = next_pow2(NA) lanes:
+  O(L log^2 L) work, no serial loop over tokens. L = 4096 (N <= 8193) compiles for sm_80 without
+  spills; beyond MAX_PLAN_LANES the plan is built with torch ops.
+- _merge_fwd_kernel, grid (B, ceil(N'/BLOCK_R), ceil(C/BLOCK_C)): each block of output rows reads its
+  own rows, then the rows merged into them, which are one contiguous run of the plan's CSR list,
+  in tiles of BLOCK_M rows reduced with a one-hot tl.dot. A group of r tied tokens costs r/BLOCK_M
+  full tiles, not r one-row steps. fp32 accumulation, one division, one write.
+- _merge_bwd_kernel, grid (B, ceil(N/BLOCK_N)): one program per block of *input* rows; each input row
+  belongs to exactly one output row, so dx is a gather (no atomics). x and x' are read (and saved for
+  backward) only when the size gradient is needed. No atomics anywhere: deterministic.
+Sizes that enter without requires_grad leave marked non-differentiable (see tome.py).
+
+Recompiles: the sizes that shrink every layer (N, NA, NB, N', R) are do_not_specialize, block sizes
+do not depend on N, and the plan's lane count is at least MIN_PLAN_LANES: a 12-layer TomeFormer at
+257 tokens compiles 4 variants forward (match, plan, merge with and without sizes), 2 backward.
+kernels/jit_check.py counts the variants a run compiles and compiles them for a GPU target offline.
 
 Interpreter: with TRITON_INTERPRET=1 (set before this module is imported) everything runs on CPU
-tensors. Loads are cast to fp32 right away (bf16 is mis-read by the interpreter otherwise).
-Supported dtypes: float32, float16, bfloat16. Matching uses IEEE fp32 dots (no TF32), so scores match
-the eager path up to summation order.
+tensors. Loads are cast to fp32 right away (bf16 is mis-read by the interpreter otherwise) and dots
+run in fp32 there; compiled 16-bit dots use the same values (exact round trips), so only the
+summation order differs. Supported dtypes: float32, float16, bfloat16.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -34,45 +44,63 @@ from . import tome
 
 _MODE_ID = {"wavg": 0, "mean": 1, "sum": 2}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MIN_PLAN_LANES, MAX_PLAN_LANES = 256, 4096
+I64_MAX, I64_MIN = tl.constexpr(2**63 - 1), tl.constexpr(-2**63)
+_SHRINKING = ["N", "NA", "NB", "NOUT", "R"]  # change every layer: never specialised on
 
 
 def _p2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHRINKING)
 def _match_kernel(m_ptr, val_ptr, idx_ptr, N, NA, NB, CM,
-                  PROTECT: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
+                  PROTECT: tl.constexpr, DOT16: tl.constexpr, PREC: tl.constexpr, ONE_K: tl.constexpr,
+                  BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     ia = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)  # [BLOCK_A] A indices
     ma = ia < NA
     base = m_ptr + b * N * CM
+    dt = m_ptr.dtype.element_ty
+    k = tl.arange(0, BLOCK_K)
+    a_ptrs = base + (2 * ia)[:, None] * CM + k[None, :]  # [BLOCK_A, BLOCK_K]
+    na = tl.zeros([BLOCK_A], tl.float32)
+    for k0 in range(0, CM, BLOCK_K):  # |a|^2 once per program
+        a0 = tl.load(a_ptrs + k0, mask=ma[:, None] & (k0 + k < CM)[None, :], other=0.0).to(tl.float32)
+        na += tl.sum(a0 * a0, axis=1)
+    ra = tl.math.div_rn(tl.full([BLOCK_A], 1.0, tl.float32), tl.maximum(tl.math.sqrt_rn(na), 1e-12))
+    if ONE_K:  # the whole A tile stays in registers, in the dot's operand type
+        a_tile = tl.load(a_ptrs, mask=ma[:, None] & (k < CM)[None, :], other=0.0).to(tl.float32)
+        if DOT16:
+            a_tile = a_tile.to(dt)  # exact: the values came from dt
     best = tl.full([BLOCK_A], float("-inf"), tl.float32)
     best_i = tl.zeros([BLOCK_A], tl.int32)
     for b0 in range(0, NB, BLOCK_B):
         ib = b0 + tl.arange(0, BLOCK_B)  # [BLOCK_B] B indices
         mb = ib < NB
         dot = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
-        na = tl.zeros([BLOCK_A], tl.float32)
         nb = tl.zeros([BLOCK_B], tl.float32)
         for k0 in range(0, CM, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            mk = k < CM
-            a = tl.load(base + (2 * ia)[:, None] * CM + k[None, :],
-                        mask=ma[:, None] & mk[None, :], other=0.0).to(tl.float32)
-            v = tl.load(base + (2 * ib + 1)[:, None] * CM + k[None, :],
-                        mask=mb[:, None] & mk[None, :], other=0.0).to(tl.float32)
-            dot += tl.dot(a, tl.trans(v), input_precision="ieee")
-            na += tl.sum(a * a, axis=1)
+            mk = (k0 + k < CM)[None, :]
+            v = tl.load(base + (2 * ib + 1)[:, None] * CM + (k0 + k)[None, :], mask=mb[:, None] & mk,
+                        other=0.0).to(tl.float32)
             nb += tl.sum(v * v, axis=1)
-        na = tl.maximum(tl.sqrt(na), 1e-12)
-        nb = tl.maximum(tl.sqrt(nb), 1e-12)
-        s = dot / na[:, None] / nb[None, :]  # [BLOCK_A, BLOCK_B] cosine scores
+            if ONE_K:
+                at = a_tile
+            else:
+                at = tl.load(a_ptrs + k0, mask=ma[:, None] & mk, other=0.0).to(tl.float32)
+                if DOT16:
+                    at = at.to(dt)
+            if DOT16:  # 16-bit operands: products exact in fp32, fp32 accumulation, tensor cores
+                dot = tl.dot(at, tl.trans(v.to(dt)), dot)
+            else:
+                dot = tl.dot(at, tl.trans(v), dot, input_precision=PREC)
+        rb = tl.math.div_rn(tl.full([BLOCK_B], 1.0, tl.float32), tl.maximum(tl.math.sqrt_rn(nb), 1e-12))
+        s = (dot * ra[:, None]) * rb[None, :]  # [BLOCK_A, BLOCK_B] cosine, rounded as eager
         s = tl.where(mb[None, :], s, float("-inf"))
-        bm = tl.max(s, axis=1)
-        bi = tl.argmax(s, axis=1, tie_break_left=True)  # lowest B index in the tile
-        upd = bm > best  # strict: an earlier tile keeps ties
+        bm, bi = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        upd = bm > best  # strict: an earlier tile keeps ties (lowest B index)
         best = tl.where(upd, bm, best)
         best_i = tl.where(upd, bi + b0, best_i)
     if PROTECT:
@@ -83,83 +111,116 @@ def _match_kernel(m_ptr, val_ptr, idx_ptr, N, NA, NB, CM,
 
 
 @triton.jit
-def _rank_kernel(val_ptr, idx_ptr, part_ptr, NA, R, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr):
-    # Top-R selection without a sort: A token a is selected iff fewer than R tokens rank before
-    # it, "before" meaning a higher score, or an equal score and a lower index (a stable sort).
-    b = tl.program_id(0).to(tl.int64)
-    a = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)  # [BLOCK_L] A tokens
-    ma = a < NA
-    s = tl.load(val_ptr + b * NA + a, mask=ma, other=float("-inf"))
-    rank = tl.zeros([BLOCK_L], tl.int32)
-    for j0 in range(0, NA, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        sj = tl.load(val_ptr + b * NA + j, mask=j < NA, other=float("-inf"))
-        before = (sj[None, :] > s[:, None]) | ((sj[None, :] == s[:, None]) & (j[None, :] < a[:, None]))
-        rank += tl.sum((before & (j < NA)[None, :]).to(tl.int32), axis=1)
-    d = tl.load(idx_ptr + b * NA + a, mask=ma, other=0).to(tl.int32)
-    tl.store(part_ptr + b * NA + a, tl.where(rank < R, d, -1), mask=ma)
+def _sort_lanes(x, L: tl.constexpr, LOG_L: tl.constexpr, NATIVE: tl.constexpr):
+    # Ascending sort of L int64 keys. NATIVE: tl.sort (compiled kernels). The interpreter's cost is
+    # per op and its tl.sort takes ~14 s at L = 4096, so there: a stable rank by counting (O(L^2)
+    # work in a few ops; blocks are capped at 2^20 elements), or for larger L a bitonic network of
+    # tl.gather compare-exchanges. All three give the same sorted values.
+    a = tl.arange(0, L)
+    if NATIVE:
+        return tl.sort(x)
+    elif L <= 1024:
+        before = (x[None, :] < x[:, None]) | ((x[None, :] == x[:, None]) & (a[None, :] < a[:, None]))
+        rank = tl.sum(before.to(tl.int32), axis=1)  # [L] a permutation of 0 .. L-1
+        return tl.sum(tl.where(rank[None, :] == a[:, None], x[None, :], 0), axis=1)
+    else:
+        for i in tl.static_range(1, LOG_L + 1):  # merge bitonic runs of 2^i lanes
+            up = (a & (1 << i)) == 0  # this lane's run is sorted ascending
+            for j in tl.static_range(i):
+                y = tl.gather(x, a ^ (1 << (i - 1 - j)), 0)
+                keep_min = ((a & (1 << (i - 1 - j))) == 0) == up  # lower lane of an ascending pair
+                x = tl.where(keep_min, tl.minimum(x, y), tl.maximum(x, y))
+        return x
 
 
-@triton.jit
-def _plan_kernel(part_ptr, pos_ptr, cnt_ptr, off_ptr, csr_ptr, grp_ptr, src_ptr, dst_ptr,
-                 N, NA, NB, NOUT, R, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr):
-    # From partner[a] (B index, or -1 if A token a is kept) to every index the merge needs.
-    # Lane a is A token a and, for a < NB, B token a. All counts are over the partner row.
+@triton.jit(do_not_specialize=_SHRINKING)
+def _plan_kernel(val_ptr, idx_ptr, part_ptr, pos_ptr, cnt_ptr, off_ptr, csr_ptr, grp_ptr, src_ptr,
+                 dst_ptr, N, NA, NB, NOUT, R,
+                 FROM_SCORES: tl.constexpr, L: tl.constexpr, LOG_L: tl.constexpr,
+                 NATIVE_SORT: tl.constexpr):
+    # Lane a is A token a (position 2a) and, for a < NB, B token a (position 2a + 1).
     b = tl.program_id(0).to(tl.int64)
-    a = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    a = tl.arange(0, L)
     ma = a < NA
     mb = a < NB
-    p = tl.load(part_ptr + b * NA + a, mask=ma, other=-1)
-    merged = p >= 0
-    d = tl.maximum(p, 0)
-    le_a = tl.zeros([BLOCK_L], tl.int32)  # merged A tokens with index <= a
-    le_d = tl.zeros([BLOCK_L], tl.int32)  # merged A tokens with index <= partner of a
-    cnt = tl.zeros([BLOCK_L], tl.int32)  # A tokens merged into B token a
-    off = tl.zeros([BLOCK_L], tl.int32)  # A tokens merged into B tokens < a
-    slot = tl.zeros([BLOCK_L], tl.int32)  # merged tokens before a in (partner, index) order
-    for j0 in range(0, NA, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        pj = tl.load(part_ptr + b * NA + j, mask=j < NA, other=-1)[None, :]
-        mj = pj >= 0
-        jj = j[None, :]
-        le_a += tl.sum((mj & (jj <= a[:, None])).to(tl.int32), axis=1)
-        le_d += tl.sum((mj & (jj <= d[:, None])).to(tl.int32), axis=1)
-        cnt += tl.sum((pj == a[:, None]).to(tl.int32), axis=1)
-        off += tl.sum((mj & (pj < a[:, None])).to(tl.int32), axis=1)
-        first = (pj < d[:, None]) | ((pj == d[:, None]) & (jj < a[:, None]))
-        slot += tl.sum((mj & first).to(tl.int32), axis=1)
+    if FROM_SCORES:  # top-R by one sort of (descending score, ascending index) keys
+        s = tl.load(val_ptr + b * NA + a, mask=ma, other=0.0)
+        d = tl.load(idx_ptr + b * NA + a, mask=ma, other=0).to(tl.int32)
+        s = tl.where(s == 0.0, 0.0, s)  # -0.0 ties with 0.0, as in torch.sort
+        bits = s.to(tl.int32, bitcast=True)
+        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int order == float order
+        ordered = tl.where(s != s, 0x7FFFFFFF, ordered)  # NaN counts as the largest score
+        key = ((~ordered).to(tl.int64) << 32) | a.to(tl.int64)
+        key = tl.where(ma, key, I64_MAX)
+        srt = _sort_lanes(key, L, LOG_L, NATIVE_SORT)
+        cut = tl.max(tl.where(a < R, srt, I64_MIN), axis=0)  # the R-th smallest key
+        merged = ma & (key <= cut)
+    else:  # from a given match: partner[a] is a B index, or -1 if A token a is kept
+        p = tl.load(part_ptr + b * NA + a, mask=ma, other=-1)
+        merged = p >= 0
+        d = tl.maximum(p, 0)
+    d = tl.minimum(d, L - 1)
+    le = tl.cumsum(merged.to(tl.int32), 0)  # merged A tokens with index <= a
+    ck = a + 1 - le  # kept A tokens with index <= a
+    row_a = ck - 1 + tl.minimum(a, NB)  # output row of kept A token a
+    row_b = a + ck  # output row of B token a
+    row_d = tl.gather(row_b, d, 0)  # output row of the partner of A token a
+    # merged tokens sorted by (partner, index): the CSR member list, grouped by output row
+    mkey = tl.where(merged, (d.to(tl.int64) << 32) | a.to(tl.int64), I64_MAX)
+    srt = _sort_lanes(mkey, L, LOG_L, NATIVE_SORT)
+    tl.store(csr_ptr + b * R + a, (2 * (srt & 0x7FFFFFFF)).to(tl.int32), mask=a < R)
+    # off[a] = merged tokens with partner < a (binary search in srt), the members before both rows
+    # of lane a; cnt[a] = merged tokens with partner a
+    tgt = a.to(tl.int64) << 32
+    off = tl.zeros([L], tl.int32)
+    for i in tl.static_range(LOG_L):  # steps L/2, L/4, ..., 1
+        off = tl.where(tl.gather(srt, off + (L >> (i + 1)) - 1, 0) < tgt, off + (L >> (i + 1)), off)
+    off += (tl.gather(srt, off, 0) < tgt).to(tl.int32)
+    nxt = tl.where(a + 1 < L, tl.gather(off, tl.minimum(a + 1, L - 1), 0), R)
     kept = ma & (merged == 0)
-    ck = a + 1 - le_a  # kept A tokens with index <= a
-    row_a = ck - 1 + tl.minimum(a, NB)  # output row of kept A token a (position 2a)
-    row_b = a + ck  # output row of B token a (position 2a + 1)
-    row_d = 2 * d + 1 - le_d  # output row of the partner of a merged-away A token
     tl.store(pos_ptr + b * NOUT + row_a, (2 * a).to(tl.int64), mask=kept)
     tl.store(pos_ptr + b * NOUT + row_b, (2 * a + 1).to(tl.int64), mask=mb)
-    tl.store(cnt_ptr + b * NOUT + row_a, tl.zeros([BLOCK_L], tl.int32), mask=kept)
-    tl.store(off_ptr + b * NOUT + row_a, tl.zeros([BLOCK_L], tl.int32), mask=kept)
-    tl.store(cnt_ptr + b * NOUT + row_b, cnt, mask=mb)
+    tl.store(cnt_ptr + b * NOUT + row_a, tl.zeros([L], tl.int32), mask=kept)
+    tl.store(off_ptr + b * NOUT + row_a, off, mask=kept)
+    tl.store(cnt_ptr + b * NOUT + row_b, nxt - off, mask=mb)
     tl.store(off_ptr + b * NOUT + row_b, off, mask=mb)
-    tl.store(csr_ptr + b * R + slot, 2 * a, mask=merged)  # grouped by output row, ascending a
     tl.store(grp_ptr + b * N + 2 * a, tl.where(merged, row_d, row_a), mask=ma)
     tl.store(grp_ptr + b * N + 2 * a + 1, row_b, mask=mb)
-    tl.store(src_ptr + b * R + le_a - 1, a.to(tl.int64), mask=merged)  # ascending a
-    tl.store(dst_ptr + b * R + le_a - 1, d.to(tl.int64), mask=merged)
+    tl.store(src_ptr + b * R + le - 1, a.to(tl.int64), mask=merged)  # ascending a
+    tl.store(dst_ptr + b * R + le - 1, d.to(tl.int64), mask=merged)
 
 
 @triton.jit
-def _merge_fwd_kernel(x_ptr, s_ptr, pos_ptr, cnt_ptr, off_ptr, csr_ptr, out_ptr, sout_ptr, wsum_ptr,
-                      N, NOUT, R, C,
-                      MODE: tl.constexpr, HAS_SIZE: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _onehot_dot(hw, xm, x_dtype: tl.constexpr, DOT16: tl.constexpr, SPLIT: tl.constexpr):
+    # hw [R, M] (one-hot rows times member weights) @ xm [M, C] in fp32. DOT16: 16-bit operands
+    # on tensor cores: xm round-trips exactly; SPLIT: weights are not all 0/1, so they go in as
+    # hi + lo parts (exact for integer sizes < 2^16 in bf16, < 2^22 in fp16).
+    if DOT16:
+        x16 = xm.to(x_dtype)
+        hi = hw.to(x_dtype)
+        acc = tl.dot(hi, x16)
+        if SPLIT:
+            acc = tl.dot((hw - hi.to(tl.float32)).to(x_dtype), x16, acc)
+        return acc
+    else:
+        return tl.dot(hw, xm, input_precision="ieee")
+
+
+@triton.jit(do_not_specialize=_SHRINKING)
+def _merge_fwd_kernel(x_ptr, s_ptr, pos_ptr, cnt_ptr, off_ptr, csr_ptr, grp_ptr, out_ptr, sout_ptr,
+                      wsum_ptr, N, NOUT, R, C,
+                      MODE: tl.constexpr, HAS_SIZE: tl.constexpr, DOT16: tl.constexpr,
+                      SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    o = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] output rows
+    o0 = tl.program_id(1) * BLOCK_R
+    r_loc = tl.arange(0, BLOCK_R)
+    o = o0 + r_loc  # [BLOCK_R] output rows
     mo = o < NOUT
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C] channels
     mc = c < C
-    pos = tl.load(pos_ptr + b * NOUT + o, mask=mo, other=0)
-    cnt = tl.load(cnt_ptr + b * NOUT + o, mask=mo, other=0)
-    off = tl.load(off_ptr + b * NOUT + o, mask=mo, other=0)
     xb = x_ptr + b * N * C
+    pos = tl.load(pos_ptr + b * NOUT + o, mask=mo, other=0)
     x = tl.load(xb + pos[:, None] * C + c[None, :], mask=mo[:, None] & mc[None, :],
                 other=0.0).to(tl.float32)
     if HAS_SIZE:
@@ -173,26 +234,34 @@ def _merge_fwd_kernel(x_ptr, s_ptr, pos_ptr, cnt_ptr, off_ptr, csr_ptr, out_ptr,
     acc = x * w[:, None]
     wsum = w
     ssum = s
-    for k in range(0, tl.max(cnt, axis=0)):  # the rows merged into each output row
-        mk = mo & (k < cnt)
-        p = tl.load(csr_ptr + b * R + off + k, mask=mk, other=0)
-        xk = tl.load(xb + p[:, None] * C + c[None, :], mask=mk[:, None] & mc[None, :],
-                     other=0.0).to(tl.float32)
+    # the rows merged into o0 .. o_last are one contiguous run m0 .. m1 of the CSR list
+    o_last = tl.minimum(o0 + BLOCK_R, NOUT) - 1
+    m0 = tl.load(off_ptr + b * NOUT + o0)
+    m1 = tl.load(off_ptr + b * NOUT + o_last) + tl.load(cnt_ptr + b * NOUT + o_last)
+    for m in range(m0, m1, BLOCK_M):
+        mi = m + tl.arange(0, BLOCK_M)
+        mm = mi < m1
+        p = tl.load(csr_ptr + b * R + mi, mask=mm, other=0)  # input positions of the members
+        row = tl.load(grp_ptr + b * N + p, mask=mm, other=-1) - o0  # their local output rows
+        xm = tl.load(xb + p[:, None] * C + c[None, :], mask=mm[:, None] & mc[None, :],
+                     other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C]
         if HAS_SIZE:
-            sk = tl.load(s_ptr + b * N + p, mask=mk, other=0.0).to(tl.float32)
+            sm = tl.load(s_ptr + b * N + p, mask=mm, other=0.0).to(tl.float32)
         else:
-            sk = mk.to(tl.float32)
+            sm = mm.to(tl.float32)
         if MODE == 0:
-            wk = sk
+            wm = sm
         else:
-            wk = mk.to(tl.float32)
-        acc += xk * wk[:, None]
-        wsum += wk
-        ssum += sk
+            wm = mm.to(tl.float32)
+        hit = (r_loc[:, None] == row[None, :]) & mm[None, :]  # [BLOCK_R, BLOCK_M] one-hot
+        hw = tl.where(hit, wm[None, :], 0.0)
+        acc += _onehot_dot(hw, xm, out_ptr.dtype.element_ty, DOT16, SPLIT)
+        wsum += tl.sum(hw, axis=1)
+        ssum += tl.sum(tl.where(hit, sm[None, :], 0.0), axis=1)
     if MODE == 2:
         wsum = tl.full([BLOCK_R], 1.0, tl.float32)
     else:
-        acc = acc / wsum[:, None]
+        acc = tl.math.div_rn(acc, wsum[:, None] + tl.zeros_like(acc))
     tl.store(out_ptr + b * NOUT * C + o[:, None] * C + c[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=mo[:, None] & mc[None, :])
     if tl.program_id(2) == 0:
@@ -200,7 +269,7 @@ def _merge_fwd_kernel(x_ptr, s_ptr, pos_ptr, cnt_ptr, off_ptr, csr_ptr, out_ptr,
         tl.store(wsum_ptr + b * NOUT + o, wsum, mask=mo)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHRINKING)
 def _merge_bwd_kernel(g_ptr, gs_ptr, x_ptr, s_ptr, out_ptr, wsum_ptr, grp_ptr, gx_ptr, gsz_ptr,
                       N, NOUT, C,
                       MODE: tl.constexpr, HAS_SIZE: tl.constexpr, NEED_GX: tl.constexpr,
@@ -215,7 +284,7 @@ def _merge_bwd_kernel(g_ptr, gs_ptr, x_ptr, s_ptr, out_ptr, wsum_ptr, grp_ptr, g
         w = tl.load(s_ptr + b * N + i, mask=mi, other=0.0).to(tl.float32)
     else:
         w = tl.full([BLOCK_N], 1.0, tl.float32)
-    scale = w / W  # d x'_o / d x_i
+    scale = tl.math.div_rn(w, W)  # d x'_o / d x_i
     dot = tl.zeros([BLOCK_N], tl.float32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
@@ -232,10 +301,19 @@ def _merge_bwd_kernel(g_ptr, gs_ptr, x_ptr, s_ptr, out_ptr, wsum_ptr, grp_ptr, g
                          other=0.0).to(tl.float32)
             dot += tl.sum(g * (xi - xo), axis=1)
     if NEED_GS:
-        gs = dot / W  # d x'_o / d s_i = (x_i - x'_o) / S_o  (wavg only; zero otherwise)
+        gs = tl.math.div_rn(dot, W)  # d x'_o / d s_i = (x_i - x'_o) / S_o  (wavg; zero otherwise)
         if HAS_GS:
             gs += tl.load(gs_ptr + b * NOUT + o, mask=mi, other=0.0).to(tl.float32)
         tl.store(gsz_ptr + b * N + i, gs.to(gsz_ptr.dtype.element_ty), mask=mi)
+
+
+def _dot16(t: torch.Tensor) -> bool:
+    """16-bit tl.dot operands: compiled kernels only (the interpreter's 16-bit dot is unreliable)."""
+    return t.dtype != torch.float32 and not INTERPRET
+
+
+def _fp32_precision() -> str:
+    return "tf32x3" if torch.version.hip is None and not INTERPRET else "ieee"
 
 
 def match_scores(metric: torch.Tensor, protect_first: bool = True, block_a=None, block_b=None,
@@ -247,16 +325,20 @@ def match_scores(metric: torch.Tensor, protect_first: bool = True, block_a=None,
     NA, NB = (N + 1) // 2, N // 2
     val = torch.empty(B, NA, dtype=torch.float32, device=m.device)
     idx = torch.empty(B, NA, dtype=torch.int64, device=m.device)
-    ba = block_a or _p2(NA, 16, 64)
-    bb = block_b or _p2(NB, 16, 64)
-    bk = block_k or _p2(CM, 16, 64)
-    _match_kernel[(B, triton.cdiv(NA, ba))](m, val, idx, N, NA, NB, CM, PROTECT=bool(protect_first),
-                                            BLOCK_A=ba, BLOCK_B=bb, BLOCK_K=bk)
+    ba, bb = block_a or 64, block_b or 64  # independent of N: no recompiles as N shrinks
+    # Cm <= 128: the whole A tile stays in registers. Else 32-wide chunks, 8 warps, 2 stages: what
+    # compiles for sm_80 without register spills (128-wide fp32 chunks in 3 stages would also need
+    # 192 KB of shared memory, more than an A100 has; kernels/jit_check.py shows these figures)
+    bk = block_k or (_p2(CM, 16, 128) if CM <= 128 else 32)
+    _match_kernel[(B, triton.cdiv(NA, ba))](
+        m, val, idx, N, NA, NB, CM, PROTECT=bool(protect_first), DOT16=_dot16(m),
+        PREC=_fp32_precision(), ONE_K=CM <= bk, BLOCK_A=ba, BLOCK_B=bb, BLOCK_K=bk,
+        **launch_options("_match_kernel", ONE_K=CM <= bk))
     return val, idx
 
 
 def bipartite_match(metric: torch.Tensor, r: int, protect_first: bool = True) -> tome.Match:
-    """Three launches: match kernel, rank kernel (top-r), plan kernel; the Match carries the plan."""
+    """Two launches: match kernel, then the plan kernel (top-r and the merge plan)."""
     B, N, _ = metric.shape
     r = tome.clamp_r(N, r, protect_first)
     if r == 0:
@@ -265,42 +347,70 @@ def bipartite_match(metric: torch.Tensor, r: int, protect_first: bool = True) ->
 
 
 def select_top_r(node_max: torch.Tensor, node_idx: torch.Tensor, r: int, n: int) -> tome.Match:
-    """Triton twin of tome.select_top_r (rank kernel + plan kernel)."""
-    B, NA = node_max.shape
-    node_max, node_idx = node_max.contiguous(), node_idx.contiguous()
-    partner = torch.empty(B, NA, dtype=torch.int32, device=node_max.device)
-    bl, bj = _p2(NA, 16, 128), _p2(NA, 16, 32)
-    _rank_kernel[(B, triton.cdiv(NA, bl))](node_max, node_idx, partner, NA, r, BLOCK_L=bl,
-                                           BLOCK_J=bj)
-    return _plan(partner, n, r)
+    """Triton twin of tome.select_top_r: one plan-kernel launch (torch beyond MAX_PLAN_LANES)."""
+    if _lanes((n + 1) // 2) > MAX_PLAN_LANES:
+        match = tome.select_top_r(node_max, node_idx, r, n)
+        match.plan = plan_torch(match)
+        return match
+    return _plan(n, r, scores=(node_max.contiguous(), node_idx.contiguous()))
 
 
-def _plan(partner: torch.Tensor, N: int, r: int) -> tome.Match:
-    """partner [B, NA] int32 (B index or -1) -> Match with src/dst, out_pos and the fused plan."""
-    B, NA, NB, NOUT, dev = partner.shape[0], (N + 1) // 2, N // 2, N - r, partner.device
+def launch_options(kernel: str, **consts) -> dict:
+    """num_warps / num_stages that differ from Triton's defaults (4 / 3), from the constexprs."""
+    if kernel == "_plan_kernel":
+        return dict(num_warps=4 if consts["L"] <= 1024 else 8)
+    if kernel == "_match_kernel" and not consts["ONE_K"]:
+        return dict(num_warps=8, num_stages=2)
+    return {}
+
+
+def _lanes(na: int) -> int:
+    return max(MIN_PLAN_LANES, triton.next_power_of_2(na))
+
+
+def _plan(N: int, r: int, scores=None, partner=None, native_sort=None) -> tome.Match:
+    """From (scores, indices) [B, NA] or partner [B, NA] int32 (B index or -1): Match + fused plan."""
+    t = scores[0] if scores is not None else partner
+    B, NA, NB, NOUT, dev = t.shape[0], (N + 1) // 2, N // 2, N - r, t.device
     i32 = dict(dtype=torch.int32, device=dev)
     pos = torch.empty(B, NOUT, dtype=torch.int64, device=dev)
     cnt, off = torch.empty(B, NOUT, **i32), torch.empty(B, NOUT, **i32)
     csr, grp = torch.empty(B, r, **i32), torch.empty(B, N, **i32)
     src_idx = torch.empty(B, r, dtype=torch.int64, device=dev)
     dst_idx = torch.empty(B, r, dtype=torch.int64, device=dev)
-    bl, bj = _p2(NA, 16, 128), _p2(NA, 16, 32)
-    _plan_kernel[(B, triton.cdiv(NA, bl))](partner, pos, cnt, off, csr, grp, src_idx, dst_idx,
-                                           N, NA, NB, NOUT, r, BLOCK_L=bl, BLOCK_J=bj)
+    L = _lanes(NA)
+    val, idx = scores if scores is not None else (partner, partner)
+    _plan_kernel[(B,)](val, idx, partner if partner is not None else val, pos, cnt, off, csr, grp,
+                       src_idx, dst_idx, N, NA, NB, NOUT, r, FROM_SCORES=scores is not None, L=L,
+                       LOG_L=L.bit_length() - 1, **launch_options("_plan_kernel", L=L),
+                       NATIVE_SORT=not INTERPRET if native_sort is None else native_sort)
     plan = dict(cnt=cnt, off=off, csr=csr, grp=grp)
     return tome.Match(src_idx, dst_idx, N, out_pos=pos, plan=plan)
+
+
+def plan_torch(match: tome.Match) -> dict:
+    """The fused plan built with torch ops (huge N; also the reference the self-check compares to)."""
+    B = match.src_idx.shape[0]
+    cnt = torch.zeros(B, match.n_out, dtype=torch.int32, device=match.src_idx.device)
+    cnt.scatter_add_(1, match.dst_out, torch.ones_like(match.dst_out, dtype=torch.int32))
+    key = match.dst_out * match.n + 2 * match.src_idx  # members sorted by (output row, position)
+    return dict(cnt=cnt, off=(cnt.cumsum(1, dtype=torch.int32) - cnt),
+                csr=(key.sort(dim=1).values % match.n).to(torch.int32), grp=match.group.to(torch.int32))
 
 
 def _plan_for(match: tome.Match) -> tuple[torch.Tensor, dict]:
     """The fused plan of a match (built by the plan kernel if the match came from elsewhere)."""
     if match.plan is None:
         B, NA = match.src_idx.shape[0], (match.n + 1) // 2
-        partner = torch.full((B, NA), -1, dtype=torch.int32, device=match.src_idx.device)
-        partner.scatter_(1, match.src_idx, match.dst_idx.to(torch.int32))
-        fused = _plan(partner, match.n, match.r)
-        match.plan = fused.plan
-        if "out_pos" not in match.__dict__:
-            match.out_pos = fused.out_pos
+        if _lanes(NA) > MAX_PLAN_LANES:
+            match.plan = plan_torch(match)
+        else:
+            partner = torch.full((B, NA), -1, dtype=torch.int32, device=match.src_idx.device)
+            partner.scatter_(1, match.src_idx, match.dst_idx.to(torch.int32))
+            fused = _plan(match.n, match.r, partner=partner)
+            match.plan = fused.plan
+            if "out_pos" not in match.__dict__:
+                match.out_pos = fused.out_pos
     return match.out_pos.contiguous(), match.plan
 
 
@@ -308,49 +418,53 @@ class _MergeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, size, pos, plan, mode, blocks):
         B, N, C = x.shape
-        cnt, off, csr = plan["cnt"], plan["off"], plan["csr"]
+        cnt, off, csr, grp = plan["cnt"], plan["off"], plan["csr"], plan["grp"]
         NOUT, R = pos.shape[1], csr.shape[1]
         out = torch.empty(B, NOUT, C, dtype=x.dtype, device=x.device)
         sdt = size.dtype if size is not None else torch.float32
         sout = torch.empty(B, NOUT, dtype=sdt, device=x.device)
         wsum = torch.empty(B, NOUT, dtype=torch.float32, device=x.device)
-        br, bc = blocks
+        br, bm, bc = blocks
         grid = (B, triton.cdiv(NOUT, br), triton.cdiv(C, bc))
-        _merge_fwd_kernel[grid](x, size if size is not None else x, pos, cnt, off, csr, out, sout,
+        _merge_fwd_kernel[grid](x, size if size is not None else x, pos, cnt, off, csr, grp, out, sout,
                                 wsum, N, NOUT, R, C, MODE=mode, HAS_SIZE=size is not None,
-                                BLOCK_R=br, BLOCK_C=bc)
-        ctx.save_for_backward(x, size, out, wsum, plan["grp"])
-        ctx.mode, ctx.has_size = mode, size is not None
-        ctx.set_materialize_grads(False)
-        if size is None:
+                                DOT16=_dot16(x), SPLIT=mode == 0 and size is not None,
+                                BLOCK_R=br, BLOCK_M=bm, BLOCK_C=bc)
+        ctx.size_grad = size is not None and ctx.needs_input_grad[1]
+        if not ctx.size_grad:  # constant sizes stay constant: no size-gradient path downstream
             ctx.mark_non_differentiable(sout)
+        keep_x = ctx.size_grad and mode == 0  # only d(size) reads x and x'
+        keep_s = size is not None and mode == 0  # the weights s_i / S_o of dx
+        ctx.save_for_backward(wsum, grp, size if keep_s else None, *((x, out) if keep_x else ()))
+        ctx.mode, ctx.x_meta = mode, (x.shape, x.dtype, sdt)
+        ctx.set_materialize_grads(False)
         return out, sout
 
     @staticmethod
     def backward(ctx, g, gs):
-        x, size, out, wsum, grp = ctx.saved_tensors
-        B, N, C = x.shape
-        NOUT = out.shape[1]
-        need_gx = ctx.needs_input_grad[0]
-        need_gs = ctx.has_size and ctx.needs_input_grad[1]
-        if g is None:
-            g = torch.zeros_like(out)
-        g = g.contiguous()
-        gx = torch.empty_like(x) if need_gx else None
-        gsz = torch.empty_like(size) if need_gs else None
+        wsum, grp, size = ctx.saved_tensors[:3]
+        x, out = ctx.saved_tensors[3:] if len(ctx.saved_tensors) > 3 else (None, None)
+        (B, N, C), dtype, sdt = ctx.x_meta
+        NOUT = wsum.shape[1]
+        need_gx = ctx.needs_input_grad[0] and g is not None
+        need_gs = ctx.size_grad and ctx.needs_input_grad[1]
         if not (need_gx or need_gs):
             return (None,) * 6
+        g = g.contiguous() if g is not None else torch.zeros(B, NOUT, C, dtype=dtype, device=wsum.device)
+        gx = torch.empty(B, N, C, dtype=dtype, device=g.device) if need_gx else None
+        gsz = torch.empty(B, N, dtype=sdt, device=g.device) if need_gs else None
         bn, bc = 16, _p2(C, 16, 256)
         _merge_bwd_kernel[(B, triton.cdiv(N, bn))](
-            g, gs.contiguous() if gs is not None else g, x, size if size is not None else x, out,
-            wsum, grp, gx if need_gx else x, gsz if need_gs else wsum, N, NOUT, C,
-            MODE=ctx.mode, HAS_SIZE=ctx.has_size, NEED_GX=need_gx, NEED_GS=need_gs,
+            g, gs.contiguous() if gs is not None else g, x if x is not None else g,
+            size if size is not None else wsum, out if out is not None else g, wsum, grp,
+            gx if need_gx else g, gsz if need_gs else wsum, N, NOUT, C,
+            MODE=ctx.mode, HAS_SIZE=size is not None, NEED_GX=need_gx, NEED_GS=need_gs,
             HAS_GS=gs is not None, BLOCK_N=bn, BLOCK_C=bc)
         return gx, gsz, None, None, None, None
 
 
 def merge_apply(match: tome.Match, x: torch.Tensor, size: torch.Tensor | None = None,
-                mode: str = "wavg", block_r=None, block_c=None):
+                mode: str = "wavg", block_r=None, block_c=None, block_m=None):
     """Triton version of tome.merge_apply: x [B, N, ...] -> (x' [B, N', ...], s' [B, N', 1])."""
     if mode not in _MODE_ID:
         raise ValueError(f"mode must be one of {tuple(_MODE_ID)}, got {mode!r}")
@@ -364,7 +478,7 @@ def merge_apply(match: tome.Match, x: torch.Tensor, size: torch.Tensor | None = 
     s2 = size.reshape(B, N).contiguous() if size is not None else None
     pos, plan = _plan_for(match)
     C = x3.shape[2]
-    blocks = (block_r or _p2(match.n_out, 16, 16), block_c or _p2(C, 16, 256))
+    blocks = (block_r or 16, block_m or 16, block_c or _p2(C, 16, 128))
     out, sout = _MergeFunction.apply(x3, s2, pos, plan, _MODE_ID[mode], blocks)
     return out.view(B, match.n_out, *x.shape[2:]), sout.view(B, match.n_out, 1)
 
@@ -372,3 +486,6 @@ def merge_apply(match: tome.Match, x: torch.Tensor, size: torch.Tensor | None = 
 def _check(t: torch.Tensor):
     if t.dtype not in DTYPES:
         raise TypeError(f"triton backend supports {DTYPES}, got {t.dtype}; use backend='eager'")
+
+
+KERNELS = (_match_kernel, _plan_kernel, _merge_fwd_kernel, _merge_bwd_kernel)

@@ -8,6 +8,8 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import contextlib  # noqa: E402
+import functools  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -17,6 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import kernels  # noqa: E402
+import kernels.roofline  # noqa: E402
 from kernels import tome  # noqa: E402
 
 HAS_TRITON = os.environ.get("TRITON_INTERPRET") == "1" and kernels.triton_available()
@@ -97,10 +100,8 @@ def expected_plan(match):
 
 
 def check_plan(plan, match):
-    want = expected_plan(match)
-    used = want["cnt"] > 0  # offsets of rows without merged-in rows are never read
-    assert torch.equal(plan["off"].long()[used], want["off"][used])
-    for k in ("cnt", "csr", "grp"):
+    want = expected_plan(match)  # off: members before each row, for every row (block bounds)
+    for k in ("cnt", "off", "csr", "grp"):
         assert torch.equal(plan[k].long(), want[k]), k
 
 
@@ -134,15 +135,17 @@ def test_triton_matches_eager(B, N, C, Cm, r, protect, mode, sized, seed, dtype)
     if dtype == torch.float32:
         assume(reference(x, metric, size, r, protect, mode)[3])
     me = kernels.bipartite_match(metric, r, protect, backend="eager")
-    mt = kernels.bipartite_match(metric, r, protect, backend="triton")
-    if me.r:
+    if me.r:  # kernels.bipartite_match(backend="triton") step by step, to look at the scores
         vt, it = kernels._triton().match_scores(metric, protect)
+        mt = kernels._triton().select_top_r(vt, it, me.r, N)
         ve, ie = tome.match_scores(metric, protect)
         torch.testing.assert_close(vt, ve, atol=1e-5, rtol=1e-5)
         # the same matching unless two candidates are within float32 rounding of each other
         top = ve.sort(dim=-1, descending=True).values
         assume(me.r == top.shape[1] or bool((top[:, me.r - 1] - top[:, me.r] > 1e-4).all()))
         assume(torch.equal(ie.gather(1, me.src_idx), it.gather(1, me.src_idx)))
+    else:
+        mt = kernels.bipartite_match(metric, r, protect, backend="triton")
     assert torch.equal(me.src_idx, mt.src_idx) and torch.equal(me.dst_idx, mt.dst_idx)
     assert torch.equal(me.out_pos, mt.out_pos)
     if me.r:  # the fused plan from scores == the fused plan from the eager match's partners
@@ -339,13 +342,13 @@ def test_triton_tiles_and_long_merge_lists():
     assert torch.equal(it, ie)
     match = tome.select_top_r(ve, ie, 30, 70)
     _, plan = tt._plan_for(match)
-    assert int(plan["cnt"].max()) > 10
+    assert int(plan["cnt"].max()) > 16  # one group spans two 16-row member tiles
     check_plan(plan, match)
     for mode in tome.MODES:
         xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
         ss = [size.clone().requires_grad_(), size.clone().requires_grad_()]
         oe = tome.merge_apply(match, xs[0], ss[0], mode)
-        ot = tt.merge_apply(match, xs[1], ss[1], mode, block_r=16, block_c=16)
+        ot = tt.merge_apply(match, xs[1], ss[1], mode, block_r=16, block_c=16, block_m=16)
         for a, b in zip(ot, oe):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         sum(o.sum() for o in oe).backward()
@@ -388,7 +391,7 @@ def test_triton_large(B, N, C, Cm, r):
     tt = kernels._triton()
     x, metric, size = make(B, N, C, Cm, seed=4, dtype=torch.bfloat16)
     ve, ie = tome.match_scores(metric)
-    vt, it = tt.match_scores(metric, True, *((256, 256, 64) if N > 1000 else ()))
+    vt, it = tt.match_scores(metric, True, *((256, 256, 64) if N > 1000 else ()))  # fewer programs
     torch.testing.assert_close(vt, ve, atol=1e-5, rtol=1e-5)
     s = tome.F.normalize(metric.float(), dim=-1)
     s = s[:, 0::2] @ s[:, 1::2].transpose(1, 2)
@@ -400,8 +403,9 @@ def test_triton_large(B, N, C, Cm, r):
     for k in ("src_idx", "dst_idx", "out_pos"):
         assert torch.equal(getattr(me, k), getattr(mt, k)), k
     assert torch.equal(mt.plan["grp"].long(), me.group)
+    check_plan(mt.plan, me)
     xe, se = kernels.merge_apply(me, x, size, backend="eager")
-    xt, st_ = kernels.merge_apply(mt, x, size, backend="triton")
+    xt, st_ = tt.merge_apply(mt, x, size, block_r=64 if N > 1000 else None)
     torch.testing.assert_close(xt.float(), xe.float(), atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(st_, se)
 
@@ -444,12 +448,381 @@ def test_kernels_import_nothing_of_ours():
 
 
 def test_bench_runs_small(tmp_path, monkeypatch):
-    from kernels import bench
-    monkeypatch.setitem(bench.SHAPES, "tiny", (2, 33, 16, 8, 5))
-    out = tmp_path / "bench.json"
     import io
+
+    from kernels import bench
+    monkeypatch.setitem(bench.SHAPES, "tiny", (33, 16, 8, 5, False, 2, 2))
+    monkeypatch.setitem(bench.SHAPES, "tiny-ties", (33, 16, 8, 12, True, 2, 2))
+    out = tmp_path / "bench.json"
     buf = io.StringIO()
-    res = bench.run(["tiny"], ["float32"], torch.device("cpu"), 2, True, False, str(out), buf)
-    assert out.exists() and all(res["checks"].values())
-    impls = {r["impl"] for r in res["rows"]}
-    assert impls == {"transcription", "eager"}
+    res = bench.run(["tiny", "tiny-ties"], ["float32"], torch.device("cpu"), 2, True, False, str(out), buf)
+    assert out.exists() and all(res["checks"].values()) and not res["failed"]
+    assert {r["impl"] for r in res["rows"]} == {"transcription", "eager"}
+    assert all(r["launches"] and r["bytes"] for r in res["rows"])
+    # the roofline table: every shape x GPU, with the eager estimate from the counted bytes
+    assert {(e["shape"], e["gpu"]) for e in res["roofline"]} == {
+        (s, g) for s in ("tiny", "tiny-ties") for g in kernels.roofline.GPUS}
+    assert all(e["triton_fwd_us"] < e["eager_fwd_us"] for e in res["roofline"])
+    assert "Expected GPU time" in buf.getvalue()
+
+
+def test_roofline_counts_follow_the_shape():
+    from kernels import roofline
+    s = roofline.Shape(B=4, N=257, C=768, Cm=64, r=19)
+    fwd = {k: b for k, b, _ in roofline.triton_kernels(s)}
+    assert fwd["merge fwd"] >= roofline.min_bytes(s)  # x read once and x' written once, at least
+    assert fwd["merge fwd"] < 1.05 * roofline.min_bytes(s)  # ... plus small index arrays
+    grad = {k: b for k, b, _ in roofline.triton_kernels(roofline.Shape(4, 257, 768, 64, 19, size_grad=True))}
+    assert grad["merge bwd"] > 1.9 * fwd["merge bwd"]  # d(size) reads x and x' again
+
+
+@needs_triton
+def test_bench_check_and_variants_print(monkeypatch):
+    import io
+
+    from kernels import jit_check, selfcheck
+    monkeypatch.setattr(selfcheck, "SHAPES", {"random": (1, 21, 8, 6, 5), "tie-heavy": (1, 21, 8, 6, 7)})
+    buf = io.StringIO()
+    assert selfcheck.report("cpu", dtypes=(torch.float32,), file=buf) == 0
+    assert buf.getvalue().count(" ok ") == 4 and "interpreter" in buf.getvalue()
+    buf = io.StringIO()
+    small = functools.partial(jit_check.tomeformer_pass, N=41, layers=4, r=5)
+    monkeypatch.setattr(jit_check, "tomeformer_pass", small)
+    assert jit_check.print_variants("cpu", file=buf) == 0
+    assert "6 kernel variants" in buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- tie-heavy inputs
+def identical_tokens(B, N, Cm, seed=0, dtype=torch.float32):
+    """Every token the same small-integer vector (black frames, padding): exact dot products, so
+    both backends score all pairs bitwise equal and the tie rules alone decide."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randint(-3, 4, (Cm,), generator=g).float()
+    v[0] = 5.0  # never the zero vector
+    return v.expand(B, N, Cm).to(dtype).contiguous()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N,r", [(37, 12), (133, 66), pytest.param(4097, 1900, marks=pytest.mark.slow)])
+def test_all_identical_tokens(backend, N, r):
+    B, C = 1, 8
+    metric = identical_tokens(B, N, 16)
+    x, _, size = make(B, N, C, 4, seed=N)
+    if backend == "triton" and N > 1000:  # wide match tiles: fewer interpreted programs
+        tt = kernels._triton()
+        match = tt.select_top_r(*tt.match_scores(metric, True, 256, 256), r, N)
+    else:
+        match = kernels.bipartite_match(metric, r, backend=backend)
+    # every A token scores 1 with every B token: lowest B index (0) wins, lowest A indices merge
+    assert match.src_idx.tolist() == [list(range(1, r + 1))]
+    assert match.dst_idx.tolist() == [[0] * r]
+    if backend == "triton":
+        check_plan(match.plan, tome.bipartite_match(metric, r))
+        assert int(match.plan["cnt"].max()) == r  # one output row receives all r members
+    kw = dict(block_r=64) if (backend == "triton" and N > 1000) else {}
+    xx = x.clone().requires_grad_()
+    impl = kernels._triton().merge_apply if backend == "triton" else tome.merge_apply
+    x2, s2 = impl(match, xx, size, "wavg", **kw)
+    want, want_s = tome.merge_apply(tome.bipartite_match(metric, r), x, size)
+    torch.testing.assert_close(x2, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s2, want_s)
+    x2.sum().backward()
+    group = torch.cat([torch.tensor([1]), 2 * torch.arange(1, r + 1)])  # B token 0 + members
+    w = size[0, group, 0] / size[0, group, 0].sum()
+    torch.testing.assert_close(xx.grad[0, group, 0], w)
+
+
+@needs_triton
+def test_plan_with_tl_sort_equals_bitonic_network():
+    # compiled kernels sort with tl.sort, the interpreter with a tl.gather network (tl.sort is
+    # slow there); keys are unique, so both must give the same plan. Run tl.sort once here.
+    tt = kernels._triton()
+    metric = make(1, 37, 4, 6, seed=3)[1]
+    metric[0, 9:20] = metric[0, 3]  # ties
+    ve, ie = tome.match_scores(metric)
+    ms = [tt._plan(37, 11, scores=(ve, ie), native_sort=n) for n in (False, True)]
+    for k in ("src_idx", "dst_idx", "out_pos"):
+        assert torch.equal(getattr(ms[0], k), getattr(ms[1], k)), k
+    for k in ms[0].plan:
+        assert torch.equal(ms[0].plan[k], ms[1].plan[k]), k
+    check_plan(ms[1].plan, tome.select_top_r(ve, ie, 11, 37))
+
+
+@needs_triton
+def test_plan_ranks_special_scores():
+    # -0.0 ties with 0.0 (lowest index first), -inf (protected) last, as torch's stable sort
+    tt = kernels._triton()
+    val = torch.tensor([[float("-inf"), 0.0, -0.0, 0.5, -0.0, -1.0, 0.0, 0.5]])
+    idx = torch.tensor([[0, 3, 1, 2, 0, 6, 5, 4]])
+    for r in range(1, 8):
+        me, mt = tome.select_top_r(val, idx, r, 16), tt.select_top_r(val, idx, r, 16)
+        assert torch.equal(mt.src_idx, me.src_idx) and torch.equal(mt.dst_idx, me.dst_idx), r
+        check_plan(mt.plan, me)
+
+
+# ----------------------------------------------------------------------------- size gradients
+def saved_tensors(fn):
+    """Run fn and list the tensors autograd saves for backward (via saved_tensors_hooks)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["wavg", "mean"])
+def test_sizes_carry_no_grad(backend, mode):
+    B, N, C = 2, 41, 12
+    x0, metric, _ = make(B, N, C, 6, seed=21)
+
+    def chain(size):
+        x, sizes = x0.clone().requires_grad_(), []
+        for r in (6, 5, 4, 3):
+            x, size = kernels.merge_tokens(x, x[..., :6].detach(), size, r, mode=mode, backend=backend)
+            sizes.append(size)
+        x.sum().backward()  # saves nothing itself
+        return sizes
+
+    sizes, saved = saved_tensors(lambda: chain(None))
+    assert not any(s.requires_grad for s in sizes)
+    assert not [t.shape for t in saved if t.shape[-1] == C]  # x and x' never saved
+    # a caller's size that needs a gradient still gets one, and then x is saved (wavg only)
+    s0 = torch.ones(B, N, 1, requires_grad=True)
+    sizes_g, saved_g = saved_tensors(lambda: chain(s0))
+    assert all(s.requires_grad for s in sizes_g) and s0.grad is not None
+    n_x = len([t for t in saved_g if t.shape[-1] == C])
+    assert n_x == (8 if mode == "wavg" else 0)  # x and x' for each of the 4 merges
+    assert len(saved) <= len(saved_g) - n_x + 1  # +1: the first merge's size, when given
+
+
+@needs_triton
+def test_sizes_carry_no_grad_triton_grads_equal_eager():
+    x0, metric, _ = make(2, 41, 12, 6, seed=22)
+    grads = []
+    for backend in ("eager", "triton"):
+        x, size = x0.clone().requires_grad_(), None
+        xs = x
+        for r in (6, 5, 4):
+            x, size = kernels.merge_tokens(x, metric[:, :x.shape[1]], size, r, backend=backend)
+        (x.square().sum() + size.sum()).backward()  # size takes part in the loss: still no grad path
+        grads.append(xs.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)
+
+
+def tiny_tomeformer(backend, n_tokens=37, layers=3, r=4, hidden=32):
+    from transformers import BertConfig
+
+    from pipeline.models.tomeformer import TomeFormer
+    cfg = BertConfig(hidden_size=hidden, num_attention_heads=2, intermediate_size=2 * hidden,
+                     num_hidden_layers=layers, max_position_embeddings=n_tokens,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    return TomeFormer(cfg, [r] * layers, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tomeformer_sizes_carry_no_grad(backend):
+    tf = tiny_tomeformer(backend)
+    x0 = torch.randn(2, 37, 32)
+    sizes = []
+    hooks = [layer.register_forward_hook(lambda m, i, out: sizes.append(out[1]))
+             for layer in tf.encoder.layer]
+    y, saved = saved_tensors(lambda: tf(x0.clone().requires_grad_()))
+    for h in hooks:
+        h.remove()
+    assert len(sizes) == 3 and not any(s.requires_grad for s in sizes)
+    y.sum().backward()
+
+    def stack(size):  # the same layers, entered with a size that needs a gradient (the old chain)
+        x = tf.embeddings(x0.clone().requires_grad_())
+        for layer in tf.encoder.layer:
+            x, size, _ = layer(x, size)
+        return x
+
+    s0 = torch.ones(2, 37, 1, requires_grad=True)
+    y_g, saved_g = saved_tensors(lambda: stack(s0))
+    torch.testing.assert_close(y_g, y)
+
+    def nbytes(ts):
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}.values())
+
+    # every layer's pre-merge x ([2, N, 32] fp32) is no longer kept alive for backward
+    pre_merge = sum(2 * n * 32 * 4 for n in [37] + tf.token_counts(37)[:-1])
+    assert nbytes(saved_g) - nbytes(saved) >= pre_merge
+
+
+# ----------------------------------------------------------------------------- verified dispatch
+@pytest.fixture
+def auto_on_cpu(monkeypatch):
+    """`auto` treats CPU tensors like CUDA ones (the interpreter stands in for the GPU), with small
+    self-check inputs; verdicts are reset before and after."""
+    from kernels import selfcheck
+    monkeypatch.setattr(kernels, "AUTO_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(selfcheck, "SHAPES", {"random": (1, 45, 20, 12, 16),
+                                              "tie-heavy": (1, 45, 20, 12, 20)})
+    selfcheck.reset()
+    yield selfcheck
+    selfcheck.reset()
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _forgetful_merge_fwd(x_ptr, s_ptr, pos_ptr, cnt_ptr, off_ptr, csr_ptr, grp_ptr, out_ptr, sout_ptr,
+                             wsum_ptr, N, NOUT, R, C, MODE: tl.constexpr, HAS_SIZE: tl.constexpr,
+                             DOT16: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        # deliberately broken: copies each output row's own input row, drops the merged-in rows
+        b = tl.program_id(0).to(tl.int64)
+        o = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        m2 = (o < NOUT)[:, None] & (c < C)[None, :]
+        pos = tl.load(pos_ptr + b * NOUT + o, mask=o < NOUT, other=0)
+        x = tl.load(x_ptr + b * N * C + pos[:, None] * C + c[None, :], mask=m2, other=0.0)
+        tl.store(out_ptr + b * NOUT * C + o[:, None] * C + c[None, :], x, mask=m2)
+        tl.store(sout_ptr + b * NOUT + o, tl.full([BLOCK_R], 1.0, tl.float32), mask=o < NOUT)
+        tl.store(wsum_ptr + b * NOUT + o, tl.full([BLOCK_R], 1.0, tl.float32), mask=o < NOUT)
+
+
+@needs_triton
+def test_auto_uses_triton_once_verified(auto_on_cpu, monkeypatch):
+    tt = kernels._triton()
+    calls = []
+    real = tt.merge_apply
+    monkeypatch.setattr(tt, "merge_apply", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, metric, size = make(2, 21, 8, 6, seed=1)
+    with warnings_recorded() as w:
+        x2, s2 = kernels.merge_tokens(x, metric, size, 5)  # backend="auto"
+    assert not w and calls  # no warning, Triton used
+    assert auto_on_cpu.known()[("cpu", torch.float32, "wavg")].ok
+    assert auto_on_cpu.known()[("cpu", torch.float32, None)].ok
+    want = kernels.merge_tokens(x, metric, size, 5, backend="eager")
+    torch.testing.assert_close(x2, want[0])
+
+
+@needs_triton
+def test_auto_falls_back_from_a_broken_kernel(auto_on_cpu, monkeypatch):
+    tt = kernels._triton()
+    monkeypatch.setattr(tt, "_merge_fwd_kernel", _forgetful_merge_fwd)
+    x, metric, size = make(2, 21, 8, 6, seed=1)
+    with pytest.warns(RuntimeWarning, match=r"self-check failed for cpu torch.float32 mode=wavg: .*merged x"):
+        x2, s2 = kernels.merge_tokens(x, metric, size, 5)
+    want = kernels.merge_tokens(x, metric, size, 5, backend="eager")
+    assert torch.equal(x2, want[0]) and torch.equal(s2, want[1])  # eager's result, bit for bit
+    with warnings_recorded() as w:  # warned once per key; other modes are checked on their own
+        kernels.merge_tokens(x, metric, size, 5)
+    assert not w
+    assert not auto_on_cpu.known()[("cpu", torch.float32, "wavg")].ok
+    assert auto_on_cpu.known()[("cpu", torch.float32, None)].ok  # matching kernels still trusted
+
+
+@needs_triton
+def test_auto_falls_back_when_kernels_fail_to_launch(auto_on_cpu, monkeypatch):
+    tt = kernels._triton()
+
+    def no_driver(*a, **k):
+        raise RuntimeError("0 active drivers ([]). There should only be one.")
+
+    monkeypatch.setattr(tt, "match_scores", no_driver)
+    x, metric, size = make(1, 15, 4, 4, seed=2)
+    with pytest.warns(RuntimeWarning, match="RuntimeError: 0 active drivers"):
+        match = kernels.bipartite_match(metric, 3)
+    assert match.plan is None  # the eager match
+    v = auto_on_cpu.verdict("cpu", torch.float32, None)
+    assert not v.ok and "0 active drivers" in v.reason
+
+
+@contextlib.contextmanager
+def warnings_recorded():
+    import warnings
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        yield w
+
+
+# ----------------------------------------------------------------------------- recompiles
+@needs_triton
+def test_tomeformer_forward_compiles_each_kernel_once():
+    # SimVLG's shape: 257 tokens, 12 layers, r = 19 (small channels: the interpreter is slow)
+    from kernels.jit_check import record_variants
+    tf = tiny_tomeformer("triton", n_tokens=257, layers=12, r=19, hidden=16)
+    x = torch.randn(1, 257, 16)
+    with torch.no_grad(), record_variants() as variants, record_variants(True) as without_dns:
+        tf(x)
+    names = sorted(k[0] for k in variants)
+    # match 1, plan 1, merge 2 (first layer has no sizes yet)
+    assert names == ["_match_kernel", "_merge_fwd_kernel", "_merge_fwd_kernel", "_plan_kernel"], names
+    assert len(without_dns) > 2 * len(variants)  # specialising on the shrinking sizes
+
+
+@needs_triton
+def test_plan_beyond_the_lane_limit_uses_torch(monkeypatch):
+    tt = kernels._triton()
+    monkeypatch.setattr(tt, "MAX_PLAN_LANES", 128)  # as if N were beyond 8193
+    x, metric, size = make(1, 301, 8, 6, seed=5)
+    mt = kernels.bipartite_match(metric, 60, backend="triton")
+    me = kernels.bipartite_match(metric, 60, backend="eager")
+    assert torch.equal(mt.src_idx, me.src_idx) and torch.equal(mt.dst_idx, me.dst_idx)
+    check_plan(mt.plan, me)
+    xt, st_ = kernels.merge_apply(mt, x, size, backend="triton")
+    xe, se = kernels.merge_apply(me, x, size, backend="eager")
+    torch.testing.assert_close(xt, xe) and torch.testing.assert_close(st_, se)
+    match = tome.Match(me.src_idx, me.dst_idx, 301)  # a plan for an eager match, too
+    torch.testing.assert_close(kernels.merge_apply(match, x, size, backend="triton")[0], xe)
+
+
+# ----------------------------------------------------------------------------- offline GPU compile
+def _ptxas_available():
+    try:
+        import triton
+    except ImportError:
+        return False
+    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas"))
+
+
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas is missing")
+def test_kernels_compile_for_sm80_and_sm90(tmp_path):
+    # The variants one bf16 TomeFormer pass launches, recorded here in the interpreter, compiled for
+    # A100 (sm_80) and H100 (sm_90) down to cubin in a process without TRITON_INTERPRET: no GPU needed.
+    import json
+
+    from kernels import jit_check
+    with jit_check.record_variants() as seen:
+        jit_check.tomeformer_pass(N=41, layers=3, r=5)
+    assert len(seen) == 6
+    specs = tmp_path / "specs.json"
+    specs.write_text(json.dumps(list(seen.values())))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # really compile
+    res = subprocess.run([sys.executable, "-m", "kernels.jit_check", str(specs), "--arch", "80", "90"],
+                         env=env, capture_output=True, text=True, timeout=900,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert res.returncode == 0 and len(rows) == 12 and all(r["ok"] for r in rows), res.stdout + res.stderr
+    for r in rows:
+        ins = " ".join(r["instructions"])
+        assert "approx" not in ins and "div.full" not in ins  # exact sqrt and division only
+        if r["kernel"] == "_match_kernel":  # 16-bit tensor cores
+            assert "sqrt.rn.f32" in ins and "div.rn.f32" in ins
+            assert ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ins if r["arch"] == 80
+                    else "wgmma.mma_async" in ins and "bf16" in ins), ins
+        if r["kernel"] == "_merge_fwd_kernel":  # the one-hot member tiles on tensor cores
+            assert "bf16" in ins
+
+
+@needs_triton
+def test_no_self_check_while_tracing(auto_on_cpu, monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    v = auto_on_cpu.verdict("cpu", torch.float32, "wavg")
+    assert not v.ok and "torch.compile" in v.reason and not auto_on_cpu.known()  # not cached
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert auto_on_cpu.verdict("cpu", torch.float32, "wavg").ok
