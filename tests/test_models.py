@@ -266,13 +266,16 @@ def _reference_official_layer(layer, x, r):
     return layer.output(layer.intermediate(a), a)
 
 
-def test_official_switch_matches_plain_mean_tome(backbones):
+def test_official_fields_match_plain_mean_tome(backbones):
     from transformers import BertConfig
 
     torch.manual_seed(1)
     c = BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
                    max_position_embeddings=128)
-    official = TomeFormer(c, [12, 12, 12], official=True, backend="eager").eval()
+    tf_cfg = TomeFormerConfig(official=True)  # resolved by the config, read by the model as fields
+    assert (tf_cfg.merge_mode, tf_cfg.prop_attn, tf_cfg.token_order) == ("mean", False, "tome")
+    official = TomeFormer(c, [12, 12, 12], merge_mode=tf_cfg.merge_mode, prop_attn=tf_cfg.prop_attn,
+                          token_order=tf_cfg.token_order, backend="eager").eval()
     default = TomeFormer(c, [12, 12, 12], backend="eager").eval()
     default.load_state_dict(official.state_dict())
     x = torch.randn(2, 65, 32)
@@ -288,7 +291,8 @@ def test_official_switch_matches_plain_mean_tome(backbones):
     assert not torch.allclose(other.sort(1).values, got.sort(1).values, atol=1e-3)
     # official = plain-mean merge without proportional attention: same numbers after layer 1 up to
     # token order (layer 1 sees all sizes = 1, so only the order differs)
-    one_off = TomeFormer(c, [12], official=True, backend="eager").eval()
+    one_off = TomeFormer(c, [12], merge_mode="mean", prop_attn=False, token_order="tome",
+                         backend="eager").eval()
     one_mean = TomeFormer(c, [12], merge_mode="mean", prop_attn=False, backend="eager").eval()
     sd = {k: v for k, v in official.state_dict().items() if not k.startswith("encoder.layer.") or
           k.startswith("encoder.layer.0.")}
@@ -297,6 +301,11 @@ def test_official_switch_matches_plain_mean_tome(backbones):
     with torch.no_grad():
         a, b = one_off(x), one_mean(x)
     torch.testing.assert_close(a.sort(1).values, b.sort(1).values, rtol=1e-5, atol=1e-5)
+    # over three layers the order decides the next layer's A/B split: a different function
+    three_mean = TomeFormer(c, [12, 12, 12], merge_mode="mean", prop_attn=False, backend="eager").eval()
+    three_mean.load_state_dict(official.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(three_mean(x).sort(1).values, got.sort(1).values, atol=1e-3)
 
 
 def test_proportional_attention_uses_sizes():
