@@ -133,6 +133,32 @@ def test_caption_tokenizer_layout_and_labels(model):
     assert all(torch.equal(a, b) for a, b in zip(tok2(CAPS).values(), out.values()))
 
 
+def test_caption_tokenizer_official_layouts(model):
+    """truncation: sequence and bos_target reproduce the official OPT tokenizer call; bos_token the
+    official Vicuna BOS replacement."""
+    base = model.tokenizer.tokenizer
+    long = "two small dogs play in the grass next to a yellow star and a cat " * 3
+    official = CaptionTokenizer(base, "", 8, truncation="sequence", bos_target=True)
+    ids, no_loss = official.encode(long)
+    assert len(ids) == 8 and ids[0] == 2 and ids[-1] != official.end_id  # the end token fell off
+    assert no_loss == 0  # BOS is a target after an empty prompt
+    out = official(["a red circle", long])
+    assert out["labels"][0, 0] == 2 and out["labels"][1, 0] == 2
+    ours = CaptionTokenizer(base, "", 8)
+    ids, no_loss = ours.encode(long)
+    assert len(ids) == 9 and ids[-1] == ours.end_id and no_loss == 1  # BOS + 7 caption tokens + end
+    # with a prompt, bos_target changes nothing: BOS and prompt never carry loss
+    assert CaptionTokenizer(base, "a photo of", 8, bos_target=True).encode("x")[1] == \
+        len(CaptionTokenizer(base, "a photo of", 8).prompt_ids)
+    short = official.encode("a red circle")[0]
+    assert short[-1] == official.end_id and short == ours.encode("a red circle")[0]
+    swapped = CaptionTokenizer(base, "", 8, bos_token="<s>")
+    assert swapped.prompt_ids == [0] and swapped.encode("a red circle")[0][1:] == short[1:]
+    assert swapped.prompts(["Question: what?"])["input_ids"][0, 0] == 0
+    with pytest.raises(ValueError, match="bos_token"):
+        CaptionTokenizer(base, "", 8, bos_token="two words")
+
+
 def test_caption_tokenizer_from_config_and_eos_end(backbones):
     cfg = LLMConfig(name=str(backbones / "opt"), prompt="", max_text_tokens=4, caption_end="eos")
     tok = CaptionTokenizer.from_config(cfg)
@@ -401,8 +427,7 @@ def test_precisions_and_a_bf16_connector(backbones):
     batch = m.tokenizer(CAPS)
     out = m(pixels(), **batch)
     assert torch.isfinite(out["loss"]) and out["loss"].dtype == torch.float32
-    m.to(torch.bfloat16)  # what a DeepSpeed bf16 engine does to the whole module
-    m.restore_frozen_precision()
+    m.connector.to(torch.bfloat16)  # what a DeepSpeed bf16 engine does to the trainable part
     assert m.vision.dtype == torch.float16 and m.connector_dtype == torch.bfloat16
     out = m(pixels(), **batch)
     out["loss"].backward()
@@ -504,6 +529,11 @@ def test_image_connector_loads_into_the_video_model(model, video_model, tmp_path
     model.train()
     with pytest.raises(ValueError, match="do not match"):  # the other way round lacks weights
         model.load_connector(video_model.save_connector(tmp_path / "vid"))
+    # model.init_connector: build_model starts from it (the paper's video run starts this way)
+    cfg = video_model.cfg.model_copy(update={"init_connector": str(path)})
+    started = build_model(cfg)
+    for k, v in model.connector.state_dict().items():
+        assert torch.equal(started.connector.state_dict()[k], v), k
 
 
 def test_video_trains_temporal_modules_and_concat_pool(backbones, video_model):

@@ -11,9 +11,9 @@ then frame features averaged over T (or each frame's soft prompt concatenated, t
 
 Only `model.connector` trains (ln_vision, proj1, TomeFormer, proj2; + temporal modules for video;
 the Q-Former and its queries for the baseline). The ViT and LLM have requires_grad=False and stay in
-eval mode through model.train(). Dtypes: ViT and LLM in their configured precision, the connector
-in fp32 (or whatever an engine casts it to: inputs are cast to the connector's dtype, the soft prompt
-to the LLM's).
+eval mode through model.train(). Dtypes: ViT and LLM in their configured precision and exactly the
+loaded weights (a trainer must keep them out of any engine cast), the connector in fp32 (or whatever
+an engine casts it to: inputs are cast to the connector's dtype, the soft prompt to the LLM's).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 
-from .llm import DTYPES, IGNORE, CaptionTokenizer, attn_implementation, build_llm, flash_attn_available
+from .llm import IGNORE, CaptionTokenizer, attn_implementation, build_llm, flash_attn_available
 from .qformer import build_qformer
 from .temporal import build_temporal
 from .tomeformer import build_tomeformer
@@ -95,12 +95,6 @@ class SimVLG(nn.Module):
         self.vision.eval()  # frozen parts never train (no dropout, no drop-path)
         self.llm.eval()
         return self
-
-    def restore_frozen_precision(self) -> None:
-        """Put the frozen ViT and LLM back in their configured dtypes (a bf16 DeepSpeed engine casts
-        the whole module; the connector keeps whatever the engine gave it)."""
-        self.vision.to(DTYPES[self.cfg.vision.precision])
-        self.llm.to(DTYPES[self.cfg.llm.precision])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -309,6 +303,8 @@ def build_model(model_cfg: ModelConfig, *, device="cpu", meta: bool = False) -> 
     connector.float()
     tokenizer = None if meta else CaptionTokenizer.from_config(model_cfg.llm)
     model = SimVLG(model_cfg, vision, connector, llm, tokenizer)
+    if not meta and model_cfg.init_connector:
+        model.load_connector(model_cfg.init_connector)  # e.g. image-pretrained, for the video run
     if not meta:
         model.connector.to(device)
     return model
