@@ -536,6 +536,37 @@ def test_image_connector_loads_into_the_video_model(model, video_model, tmp_path
         assert torch.equal(started.connector.state_dict()[k], v), k
 
 
+@pytest.mark.parametrize("loader", ["hf", "timm"])
+def test_vit_activation_checkpointing_same_outputs_and_grads_less_memory(backbones, loader):
+    """Video: gradients flow through the frozen ViT into the temporal modules. Recomputing each block
+    in backward gives the same loss and gradients and saves far fewer activations."""
+    from pipeline.models.flops import saved_activation_bytes
+
+    vision = ({} if loader == "hf" else
+              {"name": "eva_giant_patch14_224", "loader": "timm", "arch_config": str(backbones / "eva.json"),
+               "checkpoint": str(backbones / "eva.safetensors"), "feature_layer": -1})
+    runs = {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        m = build_model(make_cfg(backbones, vision={**vision, "grad_checkpointing": ckpt},
+                                 video=VideoConfig(enabled=True, temporal_dim=16, temporal_heads=4))).train()
+        assert m.vision.grad_checkpointing is ckpt
+        for t in m.connector.temporal:  # a trained gate, so the temporal path matters
+            t.gate.data.fill_(0.5)
+        saved = [0]
+        with saved_activation_bytes(list(m.parameters()), saved):
+            out = m(pixels(2, t=3), **m.tokenizer(CAPS))
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in m.connector.named_parameters() if p.grad is not None}
+        runs[ckpt] = (out["loss"].detach(), grads, saved[0])
+    (l0, g0, s0), (l1, g1, s1) = runs[False], runs[True]
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    assert g0.keys() == g1.keys() and any(k.startswith("temporal.") for k in g0)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-6, atol=1e-7, msg=k)
+    assert s1 < s0  # the ViT blocks' intermediates are not kept
+
+
 def test_video_trains_temporal_modules_and_concat_pool(backbones, video_model):
     m = video_model.train()
     vid = pixels(2, t=2)
