@@ -79,13 +79,21 @@ def _free_port() -> int:
 def backbones(tmp_path_factory):
     """A tiny HF ViT, BERT and OPT (+ a byte-level BPE tokenizer in OPT's layout), saved to folders."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import (BertConfig, BertModel, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast,
-                              ViTConfig, ViTModel)
+    from transformers import (
+        BertConfig,
+        BertModel,
+        OPTConfig,
+        OPTForCausalLM,
+        PreTrainedTokenizerFast,
+        ViTConfig,
+        ViTModel,
+    )
 
     root = tmp_path_factory.mktemp("prec")
     torch.manual_seed(0)
-    ViTModel(ViTConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=64), add_pooling_layer=False).save_pretrained(root / "vit")
+    ViTModel(ViTConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=64),
+             add_pooling_layer=False).save_pretrained(root / "vit")
     BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=64, max_position_embeddings=80)).save_pretrained(root / "bert")
     tok = Tokenizer(models.BPE())
@@ -115,7 +123,8 @@ model:
   tomeformer: {{init: {bb / 'bert'}, num_layers: 2, r: 8}}
   llm: {{name: {bb / 'opt'}, precision: {llm}, prompt: "", max_text_tokens: 8}}
 train: {{steps: 2, global_batch: 2, micro_batch: 2, grad_accum: 1, lr: 1.0e-3, warmup_steps: 0,
-        precision: {precision}, grad_clip: 0.0, zero_stage: 2, ds_config: {repo / 'ds_configs/zero2_fp16.json'}}}
+        precision: {precision}, grad_clip: 0.0, zero_stage: 2,
+        ds_config: {repo / 'ds_configs/zero2_fp16.json'}}}
 tracking: {{enabled: false}}
 launch: {{nodes: 1, gpus_per_node: 1}}
 """)

@@ -529,6 +529,11 @@ def load_task(task: str, eval_cfg, *, check_media: bool = True) -> TaskData:
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
         raise EvalDataError(f"{task}: duplicate sample ids in the annotations")
+    if kind in ("vqa", "gqa"):  # scoring settings travel with the samples into the prediction records
+        for s in samples:
+            s.meta["vqa_eval"] = eval_cfg.vqa_eval
+            if task in eval_cfg.lemmatize_tasks:
+                s.meta["lemmatize"] = True
     partial = eval_cfg.max_samples is not None and eval_cfg.max_samples < len(samples)
     if partial:
         samples = samples[: eval_cfg.max_samples]

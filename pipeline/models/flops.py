@@ -269,8 +269,9 @@ def print_report(cfg: Config, r: dict) -> None:
               f"this config: {'on' if on else 'off'}), per micro-batch of {mb}:")
         print(f"    without: {ck['without'] * mb / GIB:,.2f} GiB activations saved for backward")
         print(f"    with:    {ck['with'] * mb / GIB:,.2f} GiB = the rest + {ck['blocks']} block inputs "
-              f"{ck['block_inputs'] * mb / GIB:,.2f} GiB + one block recomputed {ck['one_block'] * mb / GIB:,.2f}"
-              f" GiB; costs one more ViT forward ({_g(ck['recompute_flops'])} GFLOP per sample)")
+              f"{ck['block_inputs'] * mb / GIB:,.2f} GiB + one block recomputed "
+              f"{ck['one_block'] * mb / GIB:,.2f} GiB; costs one more ViT forward "
+              f"({_g(ck['recompute_flops'])} GFLOP per sample)")
     sim_total = s["count"].total * t.global_batch * t.steps
     if "blip2_stage1" not in r:
         print(f"\n  pretraining: {t.steps:,} steps x {t.global_batch} samples x "

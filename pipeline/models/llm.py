@@ -113,7 +113,8 @@ class CaptionTokenizer:
         if bos_token is not None:
             ids = tokenizer(bos_token, add_special_tokens=False).input_ids
             if len(ids) != 1:
-                raise ValueError(f"llm.bos_token {bos_token!r} is {len(ids)} tokens for this tokenizer, not one")
+                raise ValueError(f"llm.bos_token {bos_token!r} is {len(ids)} tokens for this tokenizer, "
+                                 "not one")
             self.bos_id = ids[0]
         self.end_id = end_token_id(tokenizer, caption_end)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
