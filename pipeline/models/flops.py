@@ -239,7 +239,7 @@ def _g(x) -> str:
     return f"{x / GIGA:,.1f}"
 
 
-def _print_model(title: str, m: dict, micro_batch: int) -> None:
+def _print_model(title: str, m: dict, micro_batch: int, precision: str = "bf16") -> None:
     c: Count = m["count"]
     p = m["params"]
     print(f"\n{title}")
@@ -251,17 +251,19 @@ def _print_model(title: str, m: dict, micro_batch: int) -> None:
         print(f"    {name:<20} {_g(f):>10} {_g(b):>10} {_g(f + b):>10}")
     print(f"    {'all':<20} {_g(c.fwd):>10} {_g(c.bwd):>10} {_g(c.total):>10}")
     tr = p["trainable"]
+    copy = ("" if precision == "fp32" else
+            f"+ a {precision} copy {2 * tr / GIB:,.2f} GiB under DeepSpeed {precision}; ")
     print(f"  memory: activations saved for backward {c.saved_bytes / 2**20:,.1f} MiB/sample, "
           f"{c.saved_bytes * micro_batch / GIB:,.1f} GiB per micro-batch of {micro_batch}; frozen weights "
           f"{m['frozen_bytes'] / GIB:,.2f} GiB; trainable fp32 weights+grads+AdamW {16 * tr / GIB:,.2f} GiB "
-          f"(+ a bf16 copy {2 * tr / GIB:,.2f} GiB under DeepSpeed bf16; ZeRO-2 shards grads and states)")
+          f"({copy}ZeRO-2 shards grads and states)")
 
 
 def print_report(cfg: Config, r: dict) -> None:
     t = cfg.train
     print(f"simvlg bench flops: {r['config']} (meta device; FLOPs from torch.utils.flop_counter)")
     s = r["simvlg"]
-    _print_model(f"SimVLG ({cfg.model.connector})", s, t.micro_batch)
+    _print_model(f"SimVLG ({cfg.model.connector})", s, t.micro_batch, t.precision)
     ck = r.get("vit_checkpointing")
     if ck:
         mb, on = t.micro_batch, cfg.model.vision.grad_checkpointing
@@ -284,7 +286,7 @@ def print_report(cfg: Config, r: dict) -> None:
         print(f"    {name:<20} {_g(f):>10} {_g(b):>10} {_g(f + b):>10}")
     print(f"    {'all':<20} {_g(s1.fwd):>10} {_g(s1.bwd):>10} {_g(s1.total):>10}")
     print(f"  activations saved for backward (Q-Former): {s1.saved_bytes / 2**20:,.1f} MiB/sample")
-    _print_model("BLIP-2 stage 2 (= model.connector: qformer)", r["blip2_stage2"], t.micro_batch)
+    _print_model("BLIP-2 stage 2 (= model.connector: qformer)", r["blip2_stage2"], t.micro_batch, t.precision)
     b1 = s1.total * BLIP2_BATCH[0] * BLIP2_STEPS[0]
     b2 = s2.total * BLIP2_BATCH[1] * BLIP2_STEPS[1]
     print("\nTotal pretraining compute (per-sample fwd+bwd x batch x steps)")
