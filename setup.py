@@ -30,6 +30,10 @@ setup(
         "pyyaml>=6",
         "mlflow>=2.16",
         "pycocoevalcap>=1.2",
+        # OK-VQA answers are lemmatised (as the official code): spaCy, with en_core_web_sm when
+        # installed (not on PyPI), else the English lookup tables of spacy-lookups-data
+        "spacy>=3.7",
+        "spacy-lookups-data",
         "pydantic>=2.6",
         "tqdm",
         "safetensors",

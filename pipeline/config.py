@@ -3,7 +3,8 @@
     cfg = load_config("pipeline/configs/demo.yaml", overrides=["train.lr=2e-4"])
 
 A config file may start with `inherit: other.yaml` (resolved next to it, then in the packaged
-configs); its keys are deep-merged over the parent. Overrides (`--set a.b.0.c=value`) are applied
+configs), or a list of files merged left to right (`inherit: [paper.yaml, variant.yaml]`); its own
+keys are deep-merged over the parents. Overrides (`--set a.b.0.c=value`) are applied
 to the merged YAML before validation, their values parsed as YAML scalars. Every error is one
 line: `<file>: <dotted.key>: <what was expected>` (ConfigError).
 """
@@ -57,6 +58,7 @@ class SourceConfig(Section):
 
 class DataConfig(Section):
     sources: list[SourceConfig] = Field(default_factory=list)
+    # sample: each sample draws its source (simvlg); batch: each rank's batch is one source (official)
     mixing: Literal["sample", "batch", "adaptive"] = "sample"
     adaptive_floor: Annotated[float, Field(ge=0, lt=1)] = 0.1  # min share per source
     adaptive_window: PositiveInt = 200  # steps of loss history per source
@@ -66,9 +68,10 @@ class DataConfig(Section):
     num_workers: NonNegInt = 4
     image_size: PositiveInt = 224
     min_scale: Annotated[float, Field(gt=0, le=1)] = 0.5
-    hflip: bool = False  # captions say left/right
+    hflip: bool = False  # captions say left/right; the official run flips (images and video)
     max_words: PositiveInt = 50
     num_frames: PositiveInt = 8
+    # training frame choice (evaluation is always uniform): headtail as the official video run
     frame_sampling: Literal["uniform", "headtail", "random"] = "random"
 
     @model_validator(mode="after")
@@ -88,6 +91,9 @@ class VisionConfig(Section):
     image_size: PositiveInt = 224
     feature_layer: int = -2  # penultimate block, as BLIP-2
     precision: Precision = "fp16"
+    # recompute each ViT block in backward instead of keeping its activations; only matters when
+    # gradients flow through the ViT (video: trainable temporal modules); same numbers, less memory
+    grad_checkpointing: bool = False
 
 
 class MergeSchedule(Section):
@@ -95,15 +101,37 @@ class MergeSchedule(Section):
     end: NonNegInt  # linearly interpolated over layers
 
 
+# What `model.tomeformer.official: true` fixes: the official EVLGen code (modeling_bert.py) merges
+# with a plain mean of the group (scatter_reduce "mean"), ignores sizes in attention, and returns
+# ToMe's order [kept A tokens, then all B tokens].
+OFFICIAL_TOMEFORMER = {"merge_mode": "mean", "prop_attn": False, "token_order": "tome"}
+
+
 class TomeFormerConfig(Section):
     init: str = "bert-base-uncased"  # HF id or folder of a BERT checkpoint
     arch_config: str | None = None  # BERT config.json for offline/meta construction
     num_layers: PositiveInt = 12
     r: NonNegInt | list[NonNegInt] | MergeSchedule = 19
-    merge_mode: Literal["wavg", "mean"] = "wavg"
-    prop_attn: bool = True
-    official: bool = False  # official EVLGen behaviour: plain mean, no proportional attention
+    # official: true sets the three below to the official code's values (OFFICIAL_TOMEFORMER) when
+    # the config loads; an explicit different value beside it is an error. The model reads only them.
+    official: bool = False
+    merge_mode: Literal["wavg", "mean"] = "wavg"  # wavg: size-weighted average; mean: plain mean
+    prop_attn: bool = True  # proportional attention: + log(size) on the keys
+    token_order: Literal["original", "tome"] = "original"  # tome: [kept A, then all B] per layer
     kernel_backend: Literal["auto", "eager", "triton"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_official(cls, data):
+        if not isinstance(data, dict) or data.get("official") is not True:
+            return data
+        data = dict(data)
+        for key, value in OFFICIAL_TOMEFORMER.items():
+            if key in data and data[key] != value:
+                raise ValueError(f"official: true fixes {key} to {value!r} but it is set to {data[key]!r}; "
+                                 f"remove {key} or set official: false")
+            data[key] = value
+        return data
 
     @model_validator(mode="after")
     def _r_list_matches_layers(self):
@@ -124,8 +152,16 @@ class LLMConfig(Section):
     name: str = "facebook/opt-2.7b"  # HF id or folder
     arch_config: str | None = None
     precision: Precision = "bf16"
-    prompt: str = "a photo of"
+    prompt: str = "a photo of"  # training prompt (no loss on it); the official run: ""
     max_text_tokens: PositiveInt = 32
+    # caption: the caption is cut to max_text_tokens - 1 tokens and the end token always follows;
+    # sequence: BOS + prompt + caption + end is cut to max_text_tokens (the official code's tokenizer
+    # call, so a long caption loses its end token)
+    truncation: Literal["caption", "sequence"] = "caption"
+    # with an empty prompt the BOS after the soft prompt is a target too (the official OPT code masks
+    # prompt tokens only `if self.prompt`); false: BOS and prompt never carry loss
+    bos_target: bool = False
+    bos_token: str | None = None  # replaces the tokenizer's BOS (official Vicuna code: "</s>")
     # token appended to every caption (and generation stop): "\n" if it is one token (OPT, as the
     # official code), else the tokenizer's EOS (LLaMA/Vicuna); or force one
     caption_end: Literal["auto", "newline", "eos"] = "auto"
@@ -140,6 +176,9 @@ class VideoConfig(Section):
 
 class ModelConfig(Section):
     connector: Literal["tomeformer", "qformer"] = "tomeformer"
+    # a connector folder (SimVLG.save_connector) to start from, e.g. the image-pretrained connector
+    # the video run fine-tunes; its temporal modules start at gate 0
+    init_connector: str | None = None
     vision: VisionConfig = Field(default_factory=VisionConfig)
     tomeformer: TomeFormerConfig = Field(default_factory=TomeFormerConfig)
     qformer: QFormerConfig = Field(default_factory=QFormerConfig)
@@ -159,7 +198,9 @@ class TrainConfig(Section):
     warmup_start_lr: NonNegFloat = 1e-6
     weight_decay: NonNegFloat = 0.05
     betas: Annotated[list[float], Field(min_length=2, max_length=2)] = [0.9, 0.999]
-    grad_clip: NonNegFloat = 1.0
+    grad_clip: NonNegFloat = 1.0  # 0: no clipping (the official run)
+    # the DeepSpeed engine: bf16, or fp16 with dynamic loss scaling (the official run: fp16 + GradScaler);
+    # the frozen ViT/LLM keep their own precision and their loaded weights either way
     precision: Precision = "bf16"
     zero_stage: Literal[0, 1, 2] = 2
     ds_config: str = "ds_configs/zero2_bf16.json"
@@ -177,14 +218,24 @@ class TrainConfig(Section):
 
 # --------------------------------------------------------------------------------------- eval
 class EvalConfig(Section):
-    tasks: list[str] = Field(default_factory=lambda: ["coco_karpathy_test"])
+    tasks: list[str] = Field(default_factory=lambda: ["coco_karpathy_val"])  # Table 1: Karpathy val
     data_root: str = "data"
     batch_size: PositiveInt = 32
     num_beams: PositiveInt = 5
+    # captions (COCO, NoCaps, Flickr30K): official 30 / 8 new tokens
     max_new_tokens: PositiveInt = 30
     min_new_tokens: NonNegInt = 8
-    caption_prompt: str = "a photo of"
+    # video captions (MSR-VTT, MSVD): official 20 / 5
+    video_max_new_tokens: PositiveInt = 20
+    video_min_new_tokens: NonNegInt = 5
+    repetition_penalty: PositiveFloat = 1.0  # every task (official Vicuna code: 1.5, OPT: 1.0)
+    caption_prompt: str = "a photo of"  # official: ""
     vqa_prompt: str = "Question: {q} Short answer:"
+    # VQA accuracy: the LAVIS copy of the 2017 VQA script (published BLIP-2-era numbers) or its 2021
+    # revision (both sides normalised, nothing when the ten answers agree), for comparison
+    vqa_eval: Literal["2017", "2021"] = "2017"
+    # tasks whose predicted answers are lemmatised before scoring (official: OK-VQA only)
+    lemmatize_tasks: list[str] = Field(default_factory=lambda: ["okvqa_test"])
     gallery_size: NonNegInt = 16
     visualize_layers: list[NonNegInt] = Field(default_factory=lambda: [3, 7, 11])
     # VQA / GQA answer generation (BLIP-2 zero-shot VQA: beam num_beams, max 10, min 1)
@@ -202,6 +253,8 @@ class EvalConfig(Section):
     def _lengths(self):
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError("min_new_tokens is above max_new_tokens")
+        if self.video_min_new_tokens > self.video_max_new_tokens:
+            raise ValueError("video_min_new_tokens is above video_max_new_tokens")
         if self.vqa_min_new_tokens > self.vqa_max_new_tokens:
             raise ValueError("vqa_min_new_tokens is above vqa_max_new_tokens")
         if "{q}" not in self.vqa_prompt:
@@ -227,7 +280,7 @@ class LaunchConfig(Section):
 
 # ------------------------------------------------------------------------------------ the root
 class Config(Section):
-    inherit: str | None = None  # consumed at load time; kept for `config show`
+    inherit: str | list[str] | None = None  # consumed at load time; kept for `config show`
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -250,7 +303,7 @@ class Config(Section):
 
 # Fields that name files which must exist when set; relative paths resolve against the config file's
 # folder, then the packaged configs, then the working directory (repo-relative ds_configs/...).
-FILE_FIELDS = ["model.vision.arch_config", "model.tomeformer.arch_config",
+FILE_FIELDS = ["model.init_connector", "model.vision.arch_config", "model.tomeformer.arch_config",
                "model.qformer.arch_config", "model.llm.arch_config", "train.ds_config"]
 
 
@@ -313,13 +366,19 @@ def _load_raw(path: Path, seen: tuple = ()) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: inherit: cycle through {' -> '.join(str(s) for s in seen)}")
     raw = _read_yaml(path)
-    parent = raw.get("inherit")
-    if parent is None:
+    parents = raw.get("inherit")
+    if parents is None:
         return raw
-    if not isinstance(parent, str):
-        raise ConfigError(f"{path}: inherit: expected a config file name, got {parent!r}")
-    parent_path = resolve_config_path(parent, path.parent)
-    return _deep_merge(_load_raw(parent_path, seen + (path.resolve(),)), raw)
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not parents or not all(isinstance(p, str) for p in parents):
+        raise ConfigError(f"{path}: inherit: expected a config file name or a list of them, got "
+                          f"{raw.get('inherit')!r}")
+    merged: dict = {}
+    for parent in parents:  # left to right: a later parent's keys win
+        merged = _deep_merge(merged, _load_raw(resolve_config_path(parent, path.parent),
+                                               seen + (path.resolve(),)))
+    return _deep_merge(merged, raw)
 
 
 def apply_override(raw: dict, override: str, source: str = "--set") -> None:

@@ -66,8 +66,9 @@ def check_model_files(cfg: Config, source: str) -> None:
         if v.checkpoint is None:
             raise ConfigError(
                 f"{source}: model.vision.checkpoint: not set, so the frozen ViT would keep random "
-                f"weights; set it to the weights file of {v.name} (for EVA-ViT-g: BLIP-2's "
-                "eva_vit_g.pth, or a timm/safetensors state dict)")
+                f"weights; set it to the weights file of {v.name}, e.g. --set "
+                "model.vision.checkpoint=/models/eva_vit_g.pth (BLIP-2's EVA-ViT-g, or a "
+                "timm/safetensors state dict)")
         if not Path(v.checkpoint).expanduser().is_file():
             raise ConfigError(f"{source}: model.vision.checkpoint: file not found: {v.checkpoint} "
                               f"(relative paths are taken from {Path.cwd()})")
@@ -80,6 +81,10 @@ def check_model_files(cfg: Config, source: str) -> None:
     else:
         check_weights(m.tomeformer.init, "model.tomeformer.init", source, what="BERT checkpoint")
     check_weights(m.llm.name, "model.llm.name", source, what="language model (an HF folder or id)")
+    if m.video.enabled and m.init_connector is None:  # the paper fine-tunes an image-trained connector
+        raise ConfigError(f"{source}: model.init_connector: not set; video training starts from an "
+                          "image-pretrained connector (a `simvlg train` run dir's saved connector "
+                          "folder), e.g. --set model.init_connector=runs/simvlg_opt2.7b/connector")
 
 
 def check_sources(cfg: Config, source: str, *, files: bool = True) -> list[dict]:

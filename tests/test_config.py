@@ -46,6 +46,15 @@ def test_inherit_merges_over_parent():
     assert load_config("simvlg_opt2.7b_150k").train.steps == 150_000
 
 
+def test_inherit_a_list_of_parents_merges_left_to_right(tmp_path):
+    write(tmp_path, "train: {lr: 3.0e-4, steps: 10}\nrun: {name: a}\n", "a.yaml")
+    write(tmp_path, "train: {steps: 20}\n", "b.yaml")
+    cfg = load_config(write(tmp_path, "inherit: [a.yaml, b.yaml]\nrun: {seed: 7}\n"))
+    assert (cfg.train.lr, cfg.train.steps, cfg.run.name, cfg.run.seed) == (3e-4, 20, "a", 7)
+    with pytest.raises(ConfigError, match="inherit: expected a config file name or a list"):
+        load_config(write(tmp_path, "inherit: [a.yaml, 3]\n", "bad.yaml"))
+
+
 def test_overrides_reach_nested_keys_and_list_items():
     cfg = load_config("simvlg_opt2.7b", ["train.lr=2e-4", "data.sources.0.weight=3",
                                           "model.tomeformer.r=[1,2,3,4,5,6,7,8,9,10,11,12]"])
@@ -114,7 +123,9 @@ def test_cli_config_show_and_validate(tmp_path):
     shown = run_cli("config", "show", "demo", "--set", "train.steps=7")
     assert shown.returncode == 0, shown.stderr
     assert "steps: 7" in shown.stdout
-    assert run_cli("config", "validate", "simvlg_vicuna7b").returncode == 0
+    assert run_cli("config", "validate", "simvlg_vicuna7b", "--no-file-checks").returncode == 0
+    missing = run_cli("config", "validate", "simvlg_vicuna7b")  # no EVA-ViT-g weights here
+    assert missing.returncode == 1 and "model.vision.checkpoint: not set" in missing.stderr
     bad = run_cli("config", "validate", str(write(tmp_path, "eval: {vqa_prompt: 'no q'}\n")))
     assert bad.returncode == 1
     assert "eval.vqa_prompt" not in bad.stdout and "must contain {q}" in bad.stderr

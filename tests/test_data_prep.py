@@ -137,7 +137,7 @@ def test_coco_karpathy_groups_captions(tmp_path, capsys):
     assert rows[0]["url"].startswith("file://") and rows[0]["url"].endswith("COCO_val2014_000000000000.jpg")
     val = [{"image": "val2014/x.jpg", "caption": ["a", "b", "c"]}]
     (tmp_path / "coco_karpathy_val.json").write_text(json.dumps(val))
-    rc, _ = run_prep(["coco_karpathy", "--input", str(tmp_path / "coco_karpathy_val.json"),
+    rc, _ = run_prep(["coco_karpathy", "--input", str(tmp_path / "coco_karpathy_val.json"), "--split", "val",
                       "--out", str(tmp_path / "v"), "--convert-only"], capsys)
     rows = pq.read_table(tmp_path / "v" / "input" / "part-00000.parquet").to_pylist()
     assert rows == [{"url": "http://images.cocodataset.org/val2014/x.jpg", "caption": "a",

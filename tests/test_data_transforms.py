@@ -56,12 +56,38 @@ def test_train_transform_uses_its_rng_only():
     assert torch.equal(state, torch.get_rng_state())
 
 
-def test_eval_transform_center_crop():
+def test_eval_transform_squashes_like_lavis():
+    """Resize((S, S)) bicubic, as LAVIS blip_image_eval / torchvision on a PIL image: the whole image,
+    aspect ratio not kept, nothing cropped."""
     arr = np.zeros((100, 200, 3), np.uint8)
-    arr[:, 50:150] = 255  # a white centre square of the wide image
-    x = EvalTransform(50)(Image.fromarray(arr))
+    arr[:, 50:150] = 255  # a white centre square of the wide image: half the width
+    img = Image.fromarray(arr)
+    x = EvalTransform(50)(img)
     assert x.shape == (3, 50, 50)
-    assert x.float().mean() > 250  # resize shorter side to 50 -> 100x50, crop the centre
+    white = (x[0] > 128).float().mean(1)  # per row: the white band is half of every row
+    assert torch.allclose(white, torch.full((50,), 0.5), atol=0.05)
+    want = np.asarray(img.resize((50, 50), Image.Resampling.BICUBIC))
+    assert np.array_equal(x.permute(1, 2, 0).numpy(), want)
+    from torchvision.transforms import InterpolationMode, Resize
+
+    tv = np.asarray(Resize((50, 50), interpolation=InterpolationMode.BICUBIC)(img))
+    assert np.array_equal(x.permute(1, 2, 0).numpy(), tv)
+
+
+def test_video_crop_is_drawn_in_the_squashed_frame():
+    """LAVIS squashes frames to S x S at decode time, then crops: the crop box, mapped back to the
+    source frame, keeps the square's proportions (a full-area crop covers the whole wide frame)."""
+    t = TrainTransform(32, min_scale=1.0, hflip=False, ratio=(1.0, 1.0))
+    (top, left, h, w), flip = t.squashed_params(200, 100, random.Random(0))
+    assert (top, left, h, w) == (0, 0, 100, 200) and flip is False
+    arr = np.zeros((100, 200, 3), np.uint8)
+    arr[:, 100:] = 255
+    out = t.apply(Image.fromarray(arr), ((top, left, h, w), flip))
+    assert out.shape == (32, 32, 3) and abs(out[..., 0].mean() / 255 - 0.5) < 0.05
+    small = TrainTransform(32, min_scale=0.25, ratio=(1.0, 1.0))
+    for s in range(20):
+        (top, left, h, w), _ = small.squashed_params(200, 100, random.Random(s))
+        assert abs(w / h - 2.0) < 0.1 and 0 <= left and left + w <= 200 + 1e-6 and top + h <= 100 + 1e-6
 
 
 def test_normalize_batch_clip_stats():

@@ -23,11 +23,16 @@ def clip(n=24, w=64, h=48, fmt="mp4") -> bytes:
 
 
 def test_sample_indices():
-    assert sample_indices(80, 8, "uniform") == [5, 15, 25, 35, 45, 55, 65, 75]
+    # LAVIS: np.arange(0, vlen, vlen / n).astype(int) (the first frame of each segment)
+    assert sample_indices(80, 8, "uniform") == [0, 10, 20, 30, 40, 50, 60, 70]
+    assert sample_indices(100, 3, "uniform") == [0, 33, 66]
     r = sample_indices(80, 8, "random", random.Random(0))
     assert all(10 * i <= x < 10 * (i + 1) for i, x in enumerate(r))
     ht = sample_indices(80, 8, "headtail", random.Random(1))
     assert all(x < 40 for x in ht[:4]) and all(x >= 40 for x in ht[4:]) and ht == sorted(ht)
+    assert len(set(ht)) == 8  # without replacement, as rnd.sample
+    draws = {tuple(sample_indices(80, 4, "headtail", random.Random(s))) for s in range(20)}
+    assert len(draws) > 15  # random in training
     assert sample_indices(3, 8, "random", random.Random(0)) == sample_indices(3, 8, "uniform")
     assert len(sample_indices(3, 8)) == 8
     with pytest.raises(ValueError):

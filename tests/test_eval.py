@@ -84,8 +84,55 @@ def test_score_vqa_overall_and_per_answer_type():
     assert [r["accuracy"] for r in recs] == pytest.approx([1, 0.6, 0])
 
 
+def test_vqa_2017_as_lavis_and_the_2021_revision():
+    """LAVIS' copy (2017): prediction always normalised; human answers only get the punctuation step,
+    only when they differ, and are never stripped. 2021: answers cleaned, both sides normalised only
+    when the annotators disagree, compared lower-cased."""
+    assert vqa_accuracy("yes", ["yes "] * 10) == 0.0  # 2017 keeps the annotator's trailing space
+    assert vqa_accuracy("yes", ["yes "] * 10, revision="2021") == 1.0
+    assert vqa_accuracy("a dog", ["dog"] * 10) == 1.0  # 2017: the article goes from the prediction
+    assert vqa_accuracy("a dog", ["dog"] * 10, revision="2021") == 0.0  # 2021: unanimous, compared raw
+    assert vqa_accuracy("Dog", ["dog"] * 10, revision="2021") == 1.0  # ... lower-cased
+    assert vqa_accuracy("2", ["two"] * 5 + ["three"] * 5) == 0.0  # 2017: no digit step on answers
+    assert vqa_accuracy("2", ["two"] * 5 + ["three"] * 5, revision="2021") == 1.0
+    with pytest.raises(ValueError, match="revision"):
+        vqa_accuracy("yes", ["yes"], revision="2019")
+    recs = [{"id": 1, "prediction": "a dog", "references": ["dog"] * 10, "vqa_eval": "2021"}]
+    notes: list = []
+    assert score_vqa(recs, notes)["accuracy"] == 0.0 and "2021 revision" in notes[0]
+
+
+def test_okvqa_answers_are_lemmatised_and_say_by_what(tmp_path):
+    from pipeline.eval.vqa import lemmatizer, record
+
+    apply, which = lemmatizer()
+    assert which.startswith("lemmatiser: ")
+    assert apply("dogs") == "dog" and apply("running") == "run" and apply("two dogs") == "two dog"
+    assert apply("leaves") in ("leaf", "leave")
+    (tmp_path / "okvqa").mkdir()
+    (tmp_path / "coco" / "images").mkdir(parents=True)
+    qs = [{"question_id": 1, "image_id": 100, "question": "What are these?"}]
+    anns = [{"question_id": 1, "image_id": 100, "answer_type": "other",
+             "answers": [{"answer": "dog", "answer_id": k} for k in range(10)]}]
+    (tmp_path / "okvqa" / "OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps({"questions": qs}))
+    (tmp_path / "okvqa" / "mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": anns}))
+    (tmp_path / "vqav2").mkdir()
+    vqa = tmp_path / "vqav2"
+    (vqa / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps({"questions": qs}))
+    (vqa / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": anns}))
+    cfg = load_config("simvlg_opt2.7b", [f"eval.data_root={tmp_path}"]).eval
+    ok = load_task("okvqa_test", cfg, check_media=False).samples[0]
+    r = record(ok, "dogs")
+    assert (r["prediction"], r["raw_prediction"]) == ("dog", "dogs")
+    notes: list = []
+    assert score_vqa([r], notes)["accuracy"] == 100.0 and which in notes  # "dogs" scores as "dog"
+    plain = record(load_task("vqav2_val", cfg, check_media=False).samples[0], "dogs")
+    assert plain["prediction"] == "dogs" and "raw_prediction" not in plain  # only OK-VQA (official)
+
+
 def test_gqa_exact_match_and_question_cleaning():
     assert gqa_accuracy("The table.", "table") == 1.0
+    assert gqa_accuracy("table", "The table") == 0.0  # LAVIS: the answer is not normalised
     assert gqa_accuracy("tables", "table") == 0.0
     assert pre_question("What color is the DOG?!") == "what color is the dog?"
 
@@ -407,7 +454,9 @@ def test_vqa_and_video_tasks_from_their_default_files(tmp_path):
     rep = evaluate_task(model, cfg, "vqav2_val", tmp_path / "vqa")
     assert rep["metrics"] == {"accuracy": 100.0, "accuracy/other": 100.0}
     assert model.prompts[0] == "Question: what colour is the square? Short answer:"
-    assert model.kwargs == {"num_beams": 3, "max_new_tokens": 10, "length_penalty": 0.0}
+    assert model.kwargs == {"num_beams": 3, "max_new_tokens": 10, "length_penalty": 0.0,
+                            "repetition_penalty": 1.0}
+    assert "VQA accuracy: the LAVIS copy of the 2017 VQA evaluation script" in rep["notes"]
     preds = json.loads((tmp_path / "vqa" / "predictions.json").read_text())
     assert preds[0]["prediction"] == "Red." and preds[0]["accuracy"] == 1.0 and preds[0]["question"]
     (tmp_path / "msrvtt" / "videos").mkdir(parents=True)
@@ -423,6 +472,7 @@ def test_vqa_and_video_tasks_from_their_default_files(tmp_path):
     (tmp_path / "msrvtt" / "test_videodatainfo.json").write_text(json.dumps(info))
     rep = evaluate_task(model, cfg, "msrvtt_test", tmp_path / "video")
     assert model.frames == 4 and rep["num_samples"] == 3 and rep["metrics"]["BLEU-4"] > 99
+    assert rep["generation"]["max_new_tokens"] == 20 and rep["generation"]["min_new_tokens"] == 5
     assert (tmp_path / "video" / "gallery.html").read_text().count("<div class='item'>") == 2
 
 

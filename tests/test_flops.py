@@ -35,7 +35,8 @@ def paper(tmp_path_factory):
 
 def test_paper_config_counts(paper):
     s = paper["simvlg"]
-    assert s["soft_prompt"] == 29 and s["vision_tokens"] == 257 and s["text_tokens"] == 1 + 3 + 32
+    # the official text row: BOS + caption + "\n" capped at max_txt_len 32 (empty prompt)
+    assert s["soft_prompt"] == 29 and s["vision_tokens"] == 257 and s["text_tokens"] == 32
     p = s["params"]
     assert p["trainable"] == 88_504_320 and p["frozen"] == p["vision"] + p["llm"]
     parts = s["count"]["parts"]
@@ -63,6 +64,25 @@ def test_blip2_comparison(paper, capsys):
     itc, itm = s1["parts"]["ITC"], s1["parts"]["ITM (3 pairs)"]
     assert itm[0] > 2.5 * itc[0]  # three multimodal passes vs one query + one text pass
     assert s1["fwd"] < s2["count"]["fwd"]  # stage 1 has no LLM
+
+
+@pytest.mark.slow
+def test_video_activation_memory_with_and_without_vit_checkpointing(capsys):
+    """The official video run: 4 frames, fp32 ViT, gradients through all 39 blocks."""
+    assert flops.main(["simvlg_video_msrvtt"]) == 0
+    out = capsys.readouterr().out
+    assert "ViT activation checkpointing" in out and "this config: on" in out
+    cfg = flops.load_config("simvlg_video_msrvtt")
+    ck = flops.checkpointing_memory(cfg.model, flops.pixel_shape(cfg), flops.text_length(cfg.model, None))
+    assert ck["blocks"] == 39 and ck["block_inputs"] == 39 * 4 * 257 * 1408 * 4  # fp32 inputs kept
+    assert ck["with"] < ck["without"] / 4  # the blocks' intermediates dominate
+    assert 0 < ck["one_block"] < ck["without"] / 39 * 1.01
+    lines = [ln for ln in out.splitlines() if ln.strip().startswith(("without:", "with:"))]
+    assert len(lines) == 2 and "per micro-batch of 4" in out
+    # the recompute costs up to one ViT forward (torch's checkpoint stops once the saved inputs of
+    # the block's backward are rebuilt, so the last matmul of each block is not rerun)
+    vit_fwd = flops.report(cfg)["simvlg"]["count"].parts["vision"][0]
+    assert 0.5 * vit_fwd < ck["recompute_flops"] <= vit_fwd
 
 
 def test_bad_inputs_exit_1(capsys):

@@ -133,6 +133,32 @@ def test_caption_tokenizer_layout_and_labels(model):
     assert all(torch.equal(a, b) for a, b in zip(tok2(CAPS).values(), out.values()))
 
 
+def test_caption_tokenizer_official_layouts(model):
+    """truncation: sequence and bos_target reproduce the official OPT tokenizer call; bos_token the
+    official Vicuna BOS replacement."""
+    base = model.tokenizer.tokenizer
+    long = "two small dogs play in the grass next to a yellow star and a cat " * 3
+    official = CaptionTokenizer(base, "", 8, truncation="sequence", bos_target=True)
+    ids, no_loss = official.encode(long)
+    assert len(ids) == 8 and ids[0] == 2 and ids[-1] != official.end_id  # the end token fell off
+    assert no_loss == 0  # BOS is a target after an empty prompt
+    out = official(["a red circle", long])
+    assert out["labels"][0, 0] == 2 and out["labels"][1, 0] == 2
+    ours = CaptionTokenizer(base, "", 8)
+    ids, no_loss = ours.encode(long)
+    assert len(ids) == 9 and ids[-1] == ours.end_id and no_loss == 1  # BOS + 7 caption tokens + end
+    # with a prompt, bos_target changes nothing: BOS and prompt never carry loss
+    assert CaptionTokenizer(base, "a photo of", 8, bos_target=True).encode("x")[1] == \
+        len(CaptionTokenizer(base, "a photo of", 8).prompt_ids)
+    short = official.encode("a red circle")[0]
+    assert short[-1] == official.end_id and short == ours.encode("a red circle")[0]
+    swapped = CaptionTokenizer(base, "", 8, bos_token="<s>")
+    assert swapped.prompt_ids == [0] and swapped.encode("a red circle")[0][1:] == short[1:]
+    assert swapped.prompts(["Question: what?"])["input_ids"][0, 0] == 0
+    with pytest.raises(ValueError, match="bos_token"):
+        CaptionTokenizer(base, "", 8, bos_token="two words")
+
+
 def test_caption_tokenizer_from_config_and_eos_end(backbones):
     cfg = LLMConfig(name=str(backbones / "opt"), prompt="", max_text_tokens=4, caption_end="eos")
     tok = CaptionTokenizer.from_config(cfg)
@@ -266,13 +292,16 @@ def _reference_official_layer(layer, x, r):
     return layer.output(layer.intermediate(a), a)
 
 
-def test_official_switch_matches_plain_mean_tome(backbones):
+def test_official_fields_match_plain_mean_tome(backbones):
     from transformers import BertConfig
 
     torch.manual_seed(1)
     c = BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
                    max_position_embeddings=128)
-    official = TomeFormer(c, [12, 12, 12], official=True, backend="eager").eval()
+    tf_cfg = TomeFormerConfig(official=True)  # resolved by the config, read by the model as fields
+    assert (tf_cfg.merge_mode, tf_cfg.prop_attn, tf_cfg.token_order) == ("mean", False, "tome")
+    official = TomeFormer(c, [12, 12, 12], merge_mode=tf_cfg.merge_mode, prop_attn=tf_cfg.prop_attn,
+                          token_order=tf_cfg.token_order, backend="eager").eval()
     default = TomeFormer(c, [12, 12, 12], backend="eager").eval()
     default.load_state_dict(official.state_dict())
     x = torch.randn(2, 65, 32)
@@ -288,7 +317,8 @@ def test_official_switch_matches_plain_mean_tome(backbones):
     assert not torch.allclose(other.sort(1).values, got.sort(1).values, atol=1e-3)
     # official = plain-mean merge without proportional attention: same numbers after layer 1 up to
     # token order (layer 1 sees all sizes = 1, so only the order differs)
-    one_off = TomeFormer(c, [12], official=True, backend="eager").eval()
+    one_off = TomeFormer(c, [12], merge_mode="mean", prop_attn=False, token_order="tome",
+                         backend="eager").eval()
     one_mean = TomeFormer(c, [12], merge_mode="mean", prop_attn=False, backend="eager").eval()
     sd = {k: v for k, v in official.state_dict().items() if not k.startswith("encoder.layer.") or
           k.startswith("encoder.layer.0.")}
@@ -297,6 +327,11 @@ def test_official_switch_matches_plain_mean_tome(backbones):
     with torch.no_grad():
         a, b = one_off(x), one_mean(x)
     torch.testing.assert_close(a.sort(1).values, b.sort(1).values, rtol=1e-5, atol=1e-5)
+    # over three layers the order decides the next layer's A/B split: a different function
+    three_mean = TomeFormer(c, [12, 12, 12], merge_mode="mean", prop_attn=False, backend="eager").eval()
+    three_mean.load_state_dict(official.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(three_mean(x).sort(1).values, got.sort(1).values, atol=1e-3)
 
 
 def test_proportional_attention_uses_sizes():
@@ -392,8 +427,7 @@ def test_precisions_and_a_bf16_connector(backbones):
     batch = m.tokenizer(CAPS)
     out = m(pixels(), **batch)
     assert torch.isfinite(out["loss"]) and out["loss"].dtype == torch.float32
-    m.to(torch.bfloat16)  # what a DeepSpeed bf16 engine does to the whole module
-    m.restore_frozen_precision()
+    m.connector.to(torch.bfloat16)  # what a DeepSpeed bf16 engine does to the trainable part
     assert m.vision.dtype == torch.float16 and m.connector_dtype == torch.bfloat16
     out = m(pixels(), **batch)
     out["loss"].backward()
@@ -495,6 +529,42 @@ def test_image_connector_loads_into_the_video_model(model, video_model, tmp_path
     model.train()
     with pytest.raises(ValueError, match="do not match"):  # the other way round lacks weights
         model.load_connector(video_model.save_connector(tmp_path / "vid"))
+    # model.init_connector: build_model starts from it (the paper's video run starts this way)
+    cfg = video_model.cfg.model_copy(update={"init_connector": str(path)})
+    started = build_model(cfg)
+    for k, v in model.connector.state_dict().items():
+        assert torch.equal(started.connector.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("loader", ["hf", "timm"])
+def test_vit_activation_checkpointing_same_outputs_and_grads_less_memory(backbones, loader):
+    """Video: gradients flow through the frozen ViT into the temporal modules. Recomputing each block
+    in backward gives the same loss and gradients and saves far fewer activations."""
+    from pipeline.models.flops import saved_activation_bytes
+
+    vision = ({} if loader == "hf" else
+              {"name": "eva_giant_patch14_224", "loader": "timm", "arch_config": str(backbones / "eva.json"),
+               "checkpoint": str(backbones / "eva.safetensors"), "feature_layer": -1})
+    runs = {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        m = build_model(make_cfg(backbones, vision={**vision, "grad_checkpointing": ckpt},
+                                 video=VideoConfig(enabled=True, temporal_dim=16, temporal_heads=4))).train()
+        assert m.vision.grad_checkpointing is ckpt
+        for t in m.connector.temporal:  # a trained gate, so the temporal path matters
+            t.gate.data.fill_(0.5)
+        saved = [0]
+        with saved_activation_bytes(list(m.parameters()), saved):
+            out = m(pixels(2, t=3), **m.tokenizer(CAPS))
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in m.connector.named_parameters() if p.grad is not None}
+        runs[ckpt] = (out["loss"].detach(), grads, saved[0])
+    (l0, g0, s0), (l1, g1, s1) = runs[False], runs[True]
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    assert g0.keys() == g1.keys() and any(k.startswith("temporal.") for k in g0)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-6, atol=1e-7, msg=k)
+    assert s1 < s0  # the ViT blocks' intermediates are not kept
 
 
 def test_video_trains_temporal_modules_and_concat_pool(backbones, video_model):
@@ -557,7 +627,7 @@ def test_paper_configs_on_meta(name, trainable, tokens):
     assert 2.6e9 < counts["llm"] < 2.7e9  # OPT-2.7b
     assert counts["frozen"] == counts["vision"] + counts["llm"]
     assert all(p.is_meta for p in m.parameters())
-    assert m.llm_dtype == torch.bfloat16 and m.vision.dtype == torch.float16
+    assert m.llm_dtype == torch.float16 and m.vision.dtype == torch.float16  # the official run
     if name == "simvlg_opt2.7b":
         px = torch.empty(1, 3, 224, 224, device="meta")
         feats = m.connector.proj1(m.connector.ln_vision(m.vision(px).float()))

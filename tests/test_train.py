@@ -81,6 +81,9 @@ def test_two_rank_run_learns_checkpoints_and_tracks(reference):
     model_file = next((ckpt / "ds").glob("mp_rank_00_model_states.pt"))
     module = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
     assert module and all(k.startswith("connector.") for k in module), list(module)[:5]
+    # the trained connector as a folder (for `simvlg eval` and model.init_connector)
+    meta = json.loads((reference / "connector" / "config.json").read_text())
+    assert meta["format"] == "simvlg-connector" and meta["step"] == STEPS
 
     from mlflow.tracking import MlflowClient
 

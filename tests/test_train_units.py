@@ -45,7 +45,8 @@ def test_deepspeed_config_takes_batch_and_precision_from_yaml():
     ds = deepspeed_config(cfg)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"],
             ds["gradient_accumulation_steps"]) == (32, 16, 1)
-    assert ds["fp16"] == {"enabled": True} and ds["bf16"] == {"enabled": False}
+    assert ds["fp16"]["enabled"] is True and ds["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+    assert ds["bf16"] == {"enabled": False}
     assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 2
     assert not any(k.startswith("_") for k in ds)
 

@@ -1,10 +1,14 @@
 """BLIP-2 image transforms and caption cleaning.
 
-Train: RandomResizedCrop(image_size, scale=(min_scale, 1), bicubic), horizontal flip only if asked
-(captions say "left"/"right"), CLIP mean/std. Eval: resize the shorter side to image_size (bicubic),
-center crop. Transforms draw from an explicit `random.Random`, never from torch's global RNG, so a
-worker's augmentation is reproducible from its seed and running in the trainer's process does not
-disturb the trainer's RNG.
+Train (LAVIS blip2_image_train): RandomResizedCrop(image_size, scale=(min_scale, 1), bicubic),
+horizontal flip if data.hflip (the official run flips; captions that say "left"/"right" then lie half
+the time), CLIP mean/std. Eval (LAVIS blip_image_eval): Resize((image_size, image_size)) bicubic, the
+whole image squashed to a square, no crop. Video frames (LAVIS alpro_video_*): each frame is squashed
+to image_size x image_size first (decord's resize at load time), then the train crop is drawn in that
+square, one crop and flip per clip; here the crop box is mapped back to the source frame so each
+frame is resampled once. Transforms draw from an explicit `random.Random`, never from torch's global
+RNG, so a worker's augmentation is reproducible from its seed and running in the trainer's process
+does not disturb the trainer's RNG.
 
 Calling a transform gives a uint8 CHW tensor; the loader uses `.apply()` (uint8 HWC numpy), stacks a
 batch with `stack_hwc` and normalises it with `normalize_batch` in one vectorised step: no per-sample
@@ -105,6 +109,13 @@ class TrainTransform:
         flip = self.hflip and rng.random() < 0.5
         return crop, flip
 
+    def squashed_params(self, width: int, height: int, rng: random.Random):
+        """Params as if the image were first squashed to size x size (video frames, LAVIS): the
+        crop is drawn in the square and its box mapped back to the width x height source."""
+        (top, left, h, w), flip = self.params(self.size, self.size, rng)
+        sx, sy = width / self.size, height / self.size
+        return (top * sy, left * sx, h * sy, w * sx), flip
+
     def apply(self, img: Image.Image, params) -> np.ndarray:
         """uint8 HWC array (the loader stacks these and converts once per batch)."""
         (top, left, h, w), flip = params
@@ -121,7 +132,8 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Resize the shorter side to image_size (bicubic), center crop image_size x image_size."""
+    """Resize((image_size, image_size)), bicubic: the whole image squashed, no crop (LAVIS
+    blip_image_eval, the official evaluation)."""
 
     def __init__(self, image_size: int = 224):
         self.size = image_size
@@ -129,15 +141,10 @@ class EvalTransform:
     def params(self, width: int, height: int, rng=None):
         return None
 
+    squashed_params = params
+
     def apply(self, img: Image.Image, params=None) -> np.ndarray:
-        w, h = img.size
-        s = self.size / min(w, h)
-        nw, nh = max(self.size, round(w * s)), max(self.size, round(h * s))
-        left, top = (nw - self.size) // 2, (nh - self.size) // 2
-        # one resample: crop box mapped back to source coordinates
-        box = (left / s, top / s, (left + self.size) / s, (top + self.size) / s)
-        img = img.resize((self.size, self.size), _BICUBIC, box=box)
-        return to_hwc(img)
+        return to_hwc(img.resize((self.size, self.size), _BICUBIC))
 
     def __call__(self, img: Image.Image, rng=None) -> torch.Tensor:
         return torch.from_numpy(self.apply(img).copy()).permute(2, 0, 1)

@@ -21,7 +21,7 @@ def sample_indices(n: int, t: int, mode: str = "uniform", rng: random.Random | N
         raise ValueError("video has no frames")
     rng = rng or random.Random(0)
     if n < t or mode == "uniform":
-        return [min(n - 1, int((i + 0.5) * n / t)) for i in range(t)]
+        return [min(n - 1, i * n // t) for i in range(t)]
     if mode == "random":
         edges = np.linspace(0, n, t + 1)
         out = []
@@ -74,9 +74,9 @@ def decode_frames(data: bytes, num_frames: int, mode: str = "uniform", rng: rand
 
 
 def video_frames(data: bytes, transform, num_frames: int, mode: str, rng: random.Random) -> np.ndarray:
-    """uint8 [T, H, W, 3]; one crop (and flip) shared by all frames of the clip."""
+    """uint8 [T, H, W, 3]; frames squashed to the transform's square, one crop (and flip) per clip."""
     frames = decode_frames(data, num_frames, mode, rng)
-    params = transform.params(frames[0].width, frames[0].height, rng)
+    params = transform.squashed_params(frames[0].width, frames[0].height, rng)
     return np.stack([transform.apply(f, params) for f in frames])
 
 

@@ -1,8 +1,9 @@
 """Zero-shot captioning (COCO Karpathy, NoCaps, Flickr30K): prompt, generation settings, scoring.
 
-Generation (paper / BLIP-2): beam eval.num_beams (5), max eval.max_new_tokens (30), min
-eval.min_new_tokens (8) new tokens after the prompt eval.caption_prompt ("a photo of"); the
-prediction is the generated continuation (the prompt is not part of it), first line, stripped.
+Generation (official caption_coco eval config): beam eval.num_beams (5), max eval.max_new_tokens
+(30), min eval.min_new_tokens (8) new tokens after the prompt eval.caption_prompt (official: "", the
+BOS alone), eval.repetition_penalty; the prediction is the generated continuation (the prompt is not
+part of it), first line, stripped.
 Scores: pycocoevalcap after PTB tokenisation, x100 as in the paper tables; NoCaps also per domain
 (CIDEr, SPICE) when the annotations give each image's domain.
 """
@@ -19,7 +20,7 @@ def prompts(samples: list[Sample], eval_cfg) -> list[str]:
 
 def generation_kwargs(eval_cfg) -> dict:
     return {"num_beams": eval_cfg.num_beams, "max_new_tokens": eval_cfg.max_new_tokens,
-            "min_new_tokens": eval_cfg.min_new_tokens}
+            "min_new_tokens": eval_cfg.min_new_tokens, "repetition_penalty": eval_cfg.repetition_penalty}
 
 
 def clean(text: str) -> str:

@@ -61,6 +61,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from pipeline.data.splits import msvd_split
+
 KINDS = ("caption", "vqa", "gqa", "video_caption")
 ROLES = ("annotations", "questions", "images", "videos", "shards", "image_template", "mapping", "kind")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".avi", ".mkv", ".mov")
@@ -270,11 +272,6 @@ def read_gqa(questions: Path, image_template: str, task: str = "gqa") -> list[Sa
     return out
 
 
-def _msvd_split(vid: str) -> str:
-    n = int(vid[3:]) if vid.startswith("vid") and vid[3:].isdigit() else -1
-    return "train" if 1 <= n <= 1200 else "val" if n <= 1300 else "test" if n <= 1970 else "?"
-
-
 def read_video_captions(path: Path, task: str = "video", mapping: Path | None = None,
                         split: str = "test") -> list[Sample]:
     """MSR-VTT videodatainfo (videos + sentences, filtered by split), a LAVIS list of
@@ -298,7 +295,7 @@ def read_video_captions(path: Path, task: str = "video", mapping: Path | None = 
             vid = clip2vid.get(clip)
             if vid is None:
                 raise EvalDataError(f"{where}: clip {clip} is not in {mapping} (mismatched ids)")
-            if _msvd_split(vid) != split:
+            if msvd_split(vid) != split:
                 continue
             grouped.setdefault(vid, Sample(vid, clip, [])).references.append(cap.strip())
         return list(grouped.values())
@@ -532,6 +529,11 @@ def load_task(task: str, eval_cfg, *, check_media: bool = True) -> TaskData:
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
         raise EvalDataError(f"{task}: duplicate sample ids in the annotations")
+    if kind in ("vqa", "gqa"):  # scoring settings travel with the samples into the prediction records
+        for s in samples:
+            s.meta["vqa_eval"] = eval_cfg.vqa_eval
+            if task in eval_cfg.lemmatize_tasks:
+                s.meta["lemmatize"] = True
     partial = eval_cfg.max_samples is not None and eval_cfg.max_samples < len(samples)
     if partial:
         samples = samples[: eval_cfg.max_samples]

@@ -8,11 +8,14 @@ temp dir (pycocoevalcap writes into site-packages, often read-only) and line cou
 METEOR's JVM (~10 s to start) is kept for the process and reused. Values are pycocoevalcap's
 fractions (BLEU-4 of identical captions = 1.0); the eval tasks report them x100 as the paper tables.
 
-VQA (`vqa_accuracy`): the official VQA evaluation (vqaEval.py as used by LAVIS/BLIP-2): the
-prediction is normalised (punctuation, number words -> digits, articles dropped, contractions
-restored); ground-truth answers get the punctuation step only, and only when the annotators disagree;
-then accuracy = mean over the 10 leave-one-annotator-out subsets of min(#matches / 3, 1).
-GQA (`gqa_accuracy`): exact match after the same normalisation of both sides.
+VQA (`vqa_accuracy`): the official VQA evaluation as LAVIS copies it (lavis/common/vqa_tools/
+vqa_eval.py, the 2017 script that BLIP-2-era papers report): the prediction is cleaned (newlines and
+tabs to spaces, stripped) and normalised (punctuation, number words -> digits, articles dropped,
+contractions restored); the human answers get the punctuation step only, only when the annotators
+disagree, and are never stripped; then accuracy = mean over the 10 leave-one-annotator-out subsets of
+min(#matches / 3, 1). revision="2021" is the later official script, for comparison: human answers
+cleaned, and both sides fully normalised (compared lower-cased) only when the annotators disagree.
+GQA (`gqa_accuracy`): LAVIS's GQA task: exact match of the normalised prediction with the raw answer.
 """
 
 from __future__ import annotations
@@ -108,14 +111,26 @@ def normalize_answer(text: str) -> str:
     return process_digit_article(process_punctuation(_clean(text)))
 
 
-def vqa_accuracy(prediction: str, gt_answers: list[str]) -> float:
+VQA_REVISIONS = ("2017", "2021")
+
+
+def vqa_accuracy(prediction: str, gt_answers: list[str], revision: str = "2017") -> float:
     """Official VQA accuracy of one answer against the (10) human answers, in [0, 1]."""
     if not gt_answers:
         raise MetricError("vqa_accuracy: no ground-truth answers")
-    pred = normalize_answer(prediction)
-    gts = [_clean(a) for a in gt_answers]
-    if len(set(gts)) > 1:
-        gts = [process_punctuation(a) for a in gts]
+    if revision == "2017":  # LAVIS' copy
+        pred = normalize_answer(prediction)
+        gts = [str(a) for a in gt_answers]
+        if len(set(gts)) > 1:
+            gts = [process_punctuation(a) for a in gts]
+    elif revision == "2021":
+        pred, gts = _clean(prediction), [_clean(a) for a in gt_answers]
+        if len(set(gts)) > 1:
+            gts = [process_digit_article(process_punctuation(a)) for a in gts]
+            pred = process_digit_article(process_punctuation(pred))
+        pred, gts = pred.lower(), [a.lower() for a in gts]
+    else:
+        raise ValueError(f"revision must be one of {VQA_REVISIONS}, got {revision!r}")
     accs = []
     for i in range(len(gts)):
         others = gts[:i] + gts[i + 1:]
@@ -124,8 +139,9 @@ def vqa_accuracy(prediction: str, gt_answers: list[str]) -> float:
 
 
 def gqa_accuracy(prediction: str, answer: str) -> float:
-    """Exact match (1.0 / 0.0) after the VQA normalisation of both sides."""
-    return float(normalize_answer(prediction) == normalize_answer(answer))
+    """LAVIS GQA: 1.0 if the prediction after the VQA punctuation and digit/article steps equals the
+    annotated answer as written, else 0.0."""
+    return float(process_digit_article(process_punctuation(str(prediction))) == str(answer))
 
 
 # ------------------------------------------------------------------------------- caption metrics

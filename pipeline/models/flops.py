@@ -8,6 +8,11 @@ memory, no download) and one sample's training step is run under torch.utils.flo
 - trainable and frozen parameters, soft-prompt length;
 - activation memory: bytes autograd saves for backward in the forward pass (a saved-tensors hook;
   parameters excluded), per sample and per micro-batch; plus weight / optimizer-state memory.
+- video configs (gradients flow through the ViT into its temporal modules): activation memory per
+  micro-batch with and without ViT activation checkpointing (model.vision.grad_checkpointing).
+  Checkpointed blocks save through torch.utils.checkpoint's own hooks, which the counter does not
+  see, so "with" is the measured rest + every block's kept input + one block recomputed at a time
+  (the peak during backward), and the recompute's FLOPs (one more ViT forward) are counted.
 
 The text is BOS + prompt + max_text_tokens caption tokens (captions at the length cap: an upper
 bound; --text-tokens sets it). Nothing here needs a GPU. The meta LLM uses eager attention
@@ -111,6 +116,8 @@ def count_step(fn, params) -> tuple[Count, dict, dict]:
 def text_length(model_cfg: ModelConfig, text_tokens: int | None) -> int:
     if text_tokens is not None:
         return text_tokens
+    if model_cfg.llm.truncation == "sequence":  # the whole row is capped
+        return model_cfg.llm.max_text_tokens
     return 1 + len(model_cfg.llm.prompt.split()) + model_cfg.llm.max_text_tokens  # BOS + prompt ~ words
 
 
@@ -135,9 +142,27 @@ def measure_model(model_cfg: ModelConfig, px_shape: tuple, L: int) -> dict:
     c.parts["llm"] = (c.parts["llm"][0], c.bwd - c.parts["connector"][1] - c.parts["vision"][1])
     n_frames = px_shape[1] if len(px_shape) == 5 else 1
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    v = model.vision
+    block_input = n_frames * v.num_tokens * v.width * torch.empty((), dtype=v.dtype).element_size()
     return {"count": c, "params": model.parameter_counts(), "soft_prompt": model.soft_prompt_length(n_frames),
-            "vision_tokens": model.vision.num_tokens, "vision_width": model.vision.width, "text_tokens": L,
-            "frozen_bytes": frozen}
+            "vision_tokens": v.num_tokens, "vision_width": v.width, "text_tokens": L,
+            "frozen_bytes": frozen, "vision_blocks": v.num_blocks, "block_input_bytes": block_input}
+
+
+def checkpointing_memory(model_cfg: ModelConfig, px_shape: tuple, L: int) -> dict:
+    """Video: activation bytes per sample with and without ViT activation checkpointing."""
+    runs = {}
+    for on in (False, True):
+        vision = model_cfg.vision.model_copy(update={"grad_checkpointing": on})
+        runs[on] = measure_model(model_cfg.model_copy(update={"vision": vision}), px_shape, L)
+    off, on = runs[False], runs[True]
+    n, kept = off["vision_blocks"], off["block_input_bytes"]
+    inside = off["count"].saved_bytes - on["count"].saved_bytes  # what the blocks saved, all of them
+    one_block = inside / n
+    return {"without": off["count"].saved_bytes,
+            "with": on["count"].saved_bytes + n * kept + one_block,
+            "block_inputs": n * kept, "one_block": one_block, "blocks": n,
+            "recompute_flops": on["count"].total - off["count"].total}
 
 
 def blip2_stage1(model_cfg: ModelConfig, vit_fwd: int, n_visual: int, width: int, L: int) -> dict:
@@ -192,6 +217,10 @@ def blip2_stage1(model_cfg: ModelConfig, vit_fwd: int, n_visual: int, width: int
 def report(cfg: Config, vs: str | None = None, text_tokens: int | None = None) -> dict:
     L = text_length(cfg.model, text_tokens)
     out = {"config": cfg.run.name, "simvlg": measure_model(cfg.model, pixel_shape(cfg), L)}
+    if cfg.model.video.enabled and cfg.model.connector == "tomeformer":
+        ck = out["vit_checkpointing"] = checkpointing_memory(cfg.model, pixel_shape(cfg), L)
+        if cfg.model.vision.grad_checkpointing:  # the hook missed what the checkpointed blocks keep
+            out["simvlg"]["count"].saved_bytes = round(ck["with"])
     if vs == "blip2":
         if cfg.model.video.enabled:
             raise ValueError("--vs blip2 compares image pretraining; this config is a video config")
@@ -210,7 +239,7 @@ def _g(x) -> str:
     return f"{x / GIGA:,.1f}"
 
 
-def _print_model(title: str, m: dict, micro_batch: int) -> None:
+def _print_model(title: str, m: dict, micro_batch: int, precision: str = "bf16") -> None:
     c: Count = m["count"]
     p = m["params"]
     print(f"\n{title}")
@@ -222,17 +251,29 @@ def _print_model(title: str, m: dict, micro_batch: int) -> None:
         print(f"    {name:<20} {_g(f):>10} {_g(b):>10} {_g(f + b):>10}")
     print(f"    {'all':<20} {_g(c.fwd):>10} {_g(c.bwd):>10} {_g(c.total):>10}")
     tr = p["trainable"]
+    copy = ("" if precision == "fp32" else
+            f"+ a {precision} copy {2 * tr / GIB:,.2f} GiB under DeepSpeed {precision}; ")
     print(f"  memory: activations saved for backward {c.saved_bytes / 2**20:,.1f} MiB/sample, "
           f"{c.saved_bytes * micro_batch / GIB:,.1f} GiB per micro-batch of {micro_batch}; frozen weights "
           f"{m['frozen_bytes'] / GIB:,.2f} GiB; trainable fp32 weights+grads+AdamW {16 * tr / GIB:,.2f} GiB "
-          f"(+ a bf16 copy {2 * tr / GIB:,.2f} GiB under DeepSpeed bf16; ZeRO-2 shards grads and states)")
+          f"({copy}ZeRO-2 shards grads and states)")
 
 
 def print_report(cfg: Config, r: dict) -> None:
     t = cfg.train
     print(f"simvlg bench flops: {r['config']} (meta device; FLOPs from torch.utils.flop_counter)")
     s = r["simvlg"]
-    _print_model(f"SimVLG ({cfg.model.connector})", s, t.micro_batch)
+    _print_model(f"SimVLG ({cfg.model.connector})", s, t.micro_batch, t.precision)
+    ck = r.get("vit_checkpointing")
+    if ck:
+        mb, on = t.micro_batch, cfg.model.vision.grad_checkpointing
+        print(f"  ViT activation checkpointing (gradients reach the temporal modules inside the ViT; "
+              f"this config: {'on' if on else 'off'}), per micro-batch of {mb}:")
+        print(f"    without: {ck['without'] * mb / GIB:,.2f} GiB activations saved for backward")
+        print(f"    with:    {ck['with'] * mb / GIB:,.2f} GiB = the rest + {ck['blocks']} block inputs "
+              f"{ck['block_inputs'] * mb / GIB:,.2f} GiB + one block recomputed "
+              f"{ck['one_block'] * mb / GIB:,.2f} GiB; costs one more ViT forward "
+              f"({_g(ck['recompute_flops'])} GFLOP per sample)")
     sim_total = s["count"].total * t.global_batch * t.steps
     if "blip2_stage1" not in r:
         print(f"\n  pretraining: {t.steps:,} steps x {t.global_batch} samples x "
@@ -245,7 +286,7 @@ def print_report(cfg: Config, r: dict) -> None:
         print(f"    {name:<20} {_g(f):>10} {_g(b):>10} {_g(f + b):>10}")
     print(f"    {'all':<20} {_g(s1.fwd):>10} {_g(s1.bwd):>10} {_g(s1.total):>10}")
     print(f"  activations saved for backward (Q-Former): {s1.saved_bytes / 2**20:,.1f} MiB/sample")
-    _print_model("BLIP-2 stage 2 (= model.connector: qformer)", r["blip2_stage2"], t.micro_batch)
+    _print_model("BLIP-2 stage 2 (= model.connector: qformer)", r["blip2_stage2"], t.micro_batch, t.precision)
     b1 = s1.total * BLIP2_BATCH[0] * BLIP2_STEPS[0]
     b2 = s2.total * BLIP2_BATCH[1] * BLIP2_STEPS[1]
     print("\nTotal pretraining compute (per-sample fwd+bwd x batch x steps)")

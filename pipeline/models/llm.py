@@ -11,6 +11,13 @@ Text layout (BLIP-2 / official EVLGen code), one row per caption, right padded:
 `end` is "\\n" when it is a single token (OPT; the official code appends "\\n" and stops on it),
 else the tokenizer's EOS (LLaMA / Vicuna); `caption_end` in the config forces one.
 The model prepends the soft prompt to these embeddings; its positions get no loss either.
+Two config switches reproduce the official code's tokenizer call exactly:
+- truncation "sequence": the whole row [BOS, prompt, caption, end] is cut to max_text_tokens (the
+  official `max_length=max_txt_len`, so a caption that long loses its end token); "caption" (default)
+  cuts the caption alone and always ends it;
+- bos_target: with an empty prompt the BOS is a target as well (the official OPT code masks the
+  prompt only `if self.prompt`, so the last soft token learns to predict BOS).
+`bos_token` replaces the tokenizer's BOS (the official Vicuna code makes it "</s>").
 """
 
 from __future__ import annotations
@@ -94,20 +101,40 @@ def end_token_id(tokenizer, mode: str = "auto") -> int:
 class CaptionTokenizer:
     """Captions -> dict(input_ids, attention_mask, labels), each [B, L] long. Picklable (collate_fn)."""
 
-    def __init__(self, tokenizer, prompt: str = "", max_text_tokens: int = 32, caption_end: str = "auto"):
+    def __init__(self, tokenizer, prompt: str = "", max_text_tokens: int = 32, caption_end: str = "auto",
+                 truncation: str = "caption", bos_target: bool = False, bos_token: str | None = None):
+        if truncation not in ("caption", "sequence"):
+            raise ValueError(f"truncation must be 'caption' or 'sequence', got {truncation!r}")
         self.tokenizer = tokenizer
         self.prompt = prompt
         self.max_text_tokens = max_text_tokens
+        self.truncation, self.bos_target = truncation, bos_target
+        self.bos_id = None
+        if bos_token is not None:
+            ids = tokenizer(bos_token, add_special_tokens=False).input_ids
+            if len(ids) != 1:
+                raise ValueError(f"llm.bos_token {bos_token!r} is {len(ids)} tokens for this tokenizer, "
+                                 "not one")
+            self.bos_id = ids[0]
         self.end_id = end_token_id(tokenizer, caption_end)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.prompt_ids = tokenizer(prompt).input_ids  # BOS (if the tokenizer adds one) + prompt
+        self.prompt_ids = self._ids(prompt)  # BOS (if the tokenizer adds one) + prompt
 
     @classmethod
     def from_config(cls, cfg: LLMConfig) -> CaptionTokenizer:
         from transformers import AutoTokenizer
 
         return cls(AutoTokenizer.from_pretrained(cfg.name), cfg.prompt, cfg.max_text_tokens,
-                   cfg.caption_end)
+                   cfg.caption_end, cfg.truncation, cfg.bos_target, cfg.bos_token)
+
+    def _ids(self, text: str) -> list[int]:
+        """Token ids with the tokenizer's special tokens, BOS replaced by bos_token when set."""
+        ids = list(self.tokenizer(text).input_ids)
+        if self.bos_id is None:
+            return ids
+        if ids and ids[0] == self.tokenizer.bos_token_id:
+            return [self.bos_id] + ids[1:]
+        return [self.bos_id] + ids
 
     @property
     def stop_ids(self) -> list[int]:
@@ -119,7 +146,7 @@ class CaptionTokenizer:
         """Token ids of the caption as they follow the prompt (tokenised jointly when that keeps the
         prompt's tokens intact, as the official code does; else separately)."""
         sep = " " if prompt and not prompt.endswith(" ") else ""
-        full = self.tokenizer(prompt + sep + caption).input_ids
+        full = self._ids(prompt + sep + caption)
         if full[: len(prompt_ids)] == prompt_ids:
             return full[len(prompt_ids):]
         return self.tokenizer(sep + caption, add_special_tokens=False).input_ids
@@ -127,8 +154,12 @@ class CaptionTokenizer:
     def encode(self, caption: str) -> tuple[list[int], int]:
         """One caption -> (token ids, number of leading ids without loss)."""
         cap = self._with_prompt(self.prompt_ids, self.prompt, caption.strip())
-        cap = cap[: self.max_text_tokens - 1] + [self.end_id]
-        return self.prompt_ids + cap, len(self.prompt_ids)
+        if self.truncation == "caption":
+            ids = self.prompt_ids + cap[: self.max_text_tokens - 1] + [self.end_id]
+        else:
+            ids = (self.prompt_ids + cap + [self.end_id])[: self.max_text_tokens]
+        no_loss = 0 if (self.bos_target and not self.prompt) else len(self.prompt_ids)
+        return ids, min(no_loss, len(ids))
 
     def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
         rows = [self.encode(c) for c in captions]
@@ -145,7 +176,7 @@ class CaptionTokenizer:
 
     def prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Generation prompts (BOS + prompt), left padded so every row ends where generation starts."""
-        rows = [self.tokenizer(p).input_ids for p in prompts]
+        rows = [self._ids(p) for p in prompts]
         B, L = len(rows), max(len(r) for r in rows)
         input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)  # [B, L]
         attention_mask = torch.zeros(B, L, dtype=torch.long)

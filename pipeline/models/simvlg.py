@@ -11,9 +11,9 @@ then frame features averaged over T (or each frame's soft prompt concatenated, t
 
 Only `model.connector` trains (ln_vision, proj1, TomeFormer, proj2; + temporal modules for video;
 the Q-Former and its queries for the baseline). The ViT and LLM have requires_grad=False and stay in
-eval mode through model.train(). Dtypes: ViT and LLM in their configured precision, the connector
-in fp32 (or whatever an engine casts it to: inputs are cast to the connector's dtype, the soft prompt
-to the LLM's).
+eval mode through model.train(). Dtypes: ViT and LLM in their configured precision and exactly the
+loaded weights (a trainer must keep them out of any engine cast), the connector in fp32 (or whatever
+an engine casts it to: inputs are cast to the connector's dtype, the soft prompt to the LLM's).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 
-from .llm import DTYPES, IGNORE, CaptionTokenizer, attn_implementation, build_llm, flash_attn_available
+from .llm import IGNORE, CaptionTokenizer, attn_implementation, build_llm, flash_attn_available
 from .qformer import build_qformer
 from .temporal import build_temporal
 from .tomeformer import build_tomeformer
@@ -95,12 +95,6 @@ class SimVLG(nn.Module):
         self.vision.eval()  # frozen parts never train (no dropout, no drop-path)
         self.llm.eval()
         return self
-
-    def restore_frozen_precision(self) -> None:
-        """Put the frozen ViT and LLM back in their configured dtypes (a bf16 DeepSpeed engine casts
-        the whole module; the connector keeps whatever the engine gave it)."""
-        self.vision.to(DTYPES[self.cfg.vision.precision])
-        self.llm.to(DTYPES[self.cfg.llm.precision])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -244,18 +238,26 @@ class SimVLG(nn.Module):
     def connector_state_dict(self) -> dict[str, torch.Tensor]:
         return self.connector.state_dict()
 
-    def save_connector(self, path: str | Path) -> Path:
-        """An HF-style folder: model.safetensors (the connector's weights) + config.json."""
+    def save_connector(self, path: str | Path, step: int | None = None) -> Path:
+        """An HF-style folder: model.safetensors (the connector's weights) + config.json, written to a
+        temporary folder and renamed into place (a reader never sees half a connector)."""
+        import os
+        import shutil
+
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         sd = {k: v.detach().cpu().contiguous() for k, v in self.connector_state_dict().items()}
-        save_file(sd, str(path / CONNECTOR_WEIGHTS), metadata={"format": "pt"})
+        save_file(sd, str(tmp / CONNECTOR_WEIGHTS), metadata={"format": "pt"})
         meta = {"format": "simvlg-connector", "version": 1, "connector": self.cfg.connector,
-                "model": self.cfg.model_dump(mode="json"),
+                "step": step, "model": self.cfg.model_dump(mode="json"),
                 "parameters": sum(v.numel() for v in sd.values())}
-        (path / CONNECTOR_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / CONNECTOR_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
         return path
 
     def load_connector(self, path: str | Path) -> list[str]:
@@ -309,6 +311,8 @@ def build_model(model_cfg: ModelConfig, *, device="cpu", meta: bool = False) -> 
     connector.float()
     tokenizer = None if meta else CaptionTokenizer.from_config(model_cfg.llm)
     model = SimVLG(model_cfg, vision, connector, llm, tokenizer)
+    if not meta and model_cfg.init_connector:
+        model.load_connector(model_cfg.init_connector)  # e.g. image-pretrained, for the video run
     if not meta:
         model.connector.to(device)
     return model

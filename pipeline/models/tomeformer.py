@@ -16,9 +16,12 @@ attention.self.query, ...), so any BERT-family checkpoint loads directly. Word e
 pooler are not built (the inputs are visual tokens: the official code comments word embeddings out);
 position and token-type embeddings + LayerNorm are applied to the inputs, as in the official code.
 
-`official=True` reproduces the official EVLGen code: plain mean of each merged group (sizes ignored),
-no proportional attention, and ToMe's original output order [kept A tokens, then all B tokens]
-(the default keeps tokens in original order; a merged group sits at its B token's place).
+Three explicit choices (the config resolves `official: true` into them, see pipeline/config.py):
+    merge_mode   "wavg" size-weighted average of a group | "mean" plain mean (official)
+    prop_attn    + log(size) on every key (proportional attention) | off (official)
+    token_order  "original": kept tokens in original order, a merged group at its B token's place |
+                 "tome": ToMe's output order [kept A tokens, then all B tokens] (official); the order
+                 decides the next layer's even/odd A/B split, so it changes which tokens can merge
 """
 
 from __future__ import annotations
@@ -114,17 +117,24 @@ class Intermediate(nn.Module):
         return self.act(self.dense(x))
 
 
+def tome_order(pos: torch.Tensor) -> torch.Tensor:
+    """pos [B, N'] original positions of a merge's outputs -> the permutation [B, N'] that puts them in
+    ToMe's order: even positions (kept A tokens, CLS first) ascending, then odd ones (B tokens)."""
+    return ((pos % 2) * (pos.shape[1] * 2 + 2) + pos).argsort(dim=1)
+
+
 class TomeLayer(nn.Module):
-    def __init__(self, c, r: int, merge_mode: str, prop_attn: bool, official: bool, backend: str):
+    def __init__(self, c, r: int, merge_mode: str, prop_attn: bool, token_order: str, backend: str):
         super().__init__()
+        if token_order not in ("original", "tome"):
+            raise ValueError(f"token_order must be 'original' or 'tome', got {token_order!r}")
         self.attention = Attention(c)
         self.intermediate = Intermediate(c)
         self.output = DenseLayerNorm(c.intermediate_size, c.hidden_size, c)
         self.num_heads = c.num_attention_heads
         self.attn_dropout = c.attention_probs_dropout_prob
-        self.r, self.official, self.backend = r, official, backend
-        self.mode = "mean" if official else merge_mode  # official: plain mean, no prop. attention
-        self.prop_attn = prop_attn and not official
+        self.r, self.backend = r, backend
+        self.mode, self.prop_attn, self.token_order = merge_mode, prop_attn, token_order
 
     def forward(self, x, size, source=None):
         B, N, C = x.shape  # x [B, N, C], size [B, N, 1] float32 or None
@@ -142,9 +152,8 @@ class TomeLayer(nn.Module):
         x, size = merge_apply(match, x, size, self.mode, self.backend)  # [B, N', C], [B, N', 1]
         if source is not None:
             source = merge_source(match, source)  # [B, N', N0]
-        if self.official and match.r > 0:  # ToMe's order: kept A tokens, then all B tokens
-            pos = match.out_pos  # [B, N'] original position of each output token
-            order = ((pos % 2) * N + pos).argsort(dim=1)  # [B, N']
+        if self.token_order == "tome" and match.r > 0:  # kept A tokens, then all B tokens
+            order = tome_order(match.out_pos)  # [B, N']
             x = x.gather(1, order[..., None].expand_as(x))
             size = size.gather(1, order[..., None])
             if source is not None:
@@ -164,14 +173,14 @@ class TomeFormer(nn.Module):
     """BERT with token merging: [B, N, C] -> [B, N - sum(r), C] (see the module docstring)."""
 
     def __init__(self, bert_config, rs: list[int], merge_mode: str = "wavg", prop_attn: bool = True,
-                 official: bool = False, backend: str = "auto"):
+                 token_order: str = "original", backend: str = "auto"):
         super().__init__()
         c = bert_config
         if c.hidden_size % c.num_attention_heads:
             raise ValueError("hidden_size must be a multiple of num_attention_heads")
         self.config, self.rs = c, list(rs)
         self.embeddings = Embeddings(c)
-        self.encoder = Encoder(TomeLayer(c, r, merge_mode, prop_attn, official, backend) for r in rs)
+        self.encoder = Encoder(TomeLayer(c, r, merge_mode, prop_attn, token_order, backend) for r in rs)
 
     @property
     def hidden_size(self) -> int:
@@ -212,7 +221,7 @@ def load_bert_weights(tf: TomeFormer, bert_state: dict[str, torch.Tensor]) -> No
 def build_tomeformer(cfg: TomeFormerConfig, *, meta: bool = False) -> TomeFormer:
     """From cfg.init (HF id or folder of a BERT-family model); on meta from cfg.arch_config."""
     rs = layer_r(cfg.r, cfg.num_layers)
-    kw = dict(merge_mode=cfg.merge_mode, prop_attn=cfg.prop_attn, official=cfg.official,
+    kw = dict(merge_mode=cfg.merge_mode, prop_attn=cfg.prop_attn, token_order=cfg.token_order,
               backend=cfg.kernel_backend)
     if meta:
         if cfg.arch_config is None:

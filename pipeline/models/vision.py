@@ -12,6 +12,12 @@ so they cost no memory and are not counted as frozen parameters.
 Block-level running (needed to place temporal merging between a block's attention and its MLP) is
 implemented for timm's Eva / VisionTransformer blocks and transformers' ViT layers. Other HF vision
 towers run through `output_hidden_states` (images only).
+
+Activation checkpointing (`grad_checkpointing`): when gradients flow through the frozen ViT (video:
+the temporal modules inside it train), each block keeps only its input and is recomputed in
+backward (torch.utils.checkpoint, non-reentrant): same outputs and gradients, ViT activation memory
+from all blocks' intermediates down to one [B*T, N, D] tensor per block plus one block's worth. The
+frozen ViT runs in eval mode and draws no random numbers, so no RNG state is kept for the recompute.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import VisionConfig
 
@@ -126,9 +133,10 @@ class HFViTAdapter:
 class VisionTower(nn.Module):
     """A frozen ViT returning [B, N, D] tokens of block `feature_layer` (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, feature_layer: int, adapter=None):
+    def __init__(self, model: nn.Module, feature_layer: int, adapter=None, grad_checkpointing: bool = False):
         super().__init__()
         self.model, self.adapter = model, adapter
+        self.grad_checkpointing = grad_checkpointing
         if adapter is not None:
             self.num_blocks = n_blocks_run(len(adapter.blocks(model)), feature_layer)
             adapter.truncate(model, self.num_blocks)
@@ -168,12 +176,22 @@ class VisionTower(nn.Module):
             else:
                 a = self.adapter
                 x, extra = a.embed(self.model, x)  # [B*T, N, D]
+                recompute = self.grad_checkpointing and temporal is not None and torch.is_grad_enabled()
                 for i, blk in enumerate(a.blocks(self.model)):
-                    x = a.attn_half(blk, x, extra)
-                    if temporal is not None:
-                        x = temporal[i](x, T)
-                    x = a.mlp_half(blk, x)
+                    tm = temporal[i] if temporal is not None else None
+                    if recompute:  # keep only the block input; rerun the block in backward
+                        x = checkpoint(self._block, blk, tm, x, extra, T, use_reentrant=False,
+                                       preserve_rng_state=False)
+                    else:
+                        x = self._block(blk, tm, x, extra, T)
         return x.view(B, T, *x.shape[1:]) if video else x  # [B, (T,) N, D]
+
+    def _block(self, blk, temporal_merge, x, extra, num_frames: int):
+        """One ViT block: x + attention, temporal merging across frames (video), x + MLP."""
+        x = self.adapter.attn_half(blk, x, extra)
+        if temporal_merge is not None:
+            x = temporal_merge(x, num_frames)
+        return self.adapter.mlp_half(blk, x)
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -239,7 +257,7 @@ def build_vision(cfg: VisionConfig, *, device="cpu", meta: bool = False) -> Visi
     else:
         model = _build_hf(cfg, meta)
         adapter = HFViTAdapter(model) if HFViTAdapter.supports(model) else None
-    tower = VisionTower(model, cfg.feature_layer, adapter)
+    tower = VisionTower(model, cfg.feature_layer, adapter, cfg.grad_checkpointing)
     if not meta:
         tower.to(device=device, dtype=DTYPES[cfg.precision])
     elif cfg.loader == "timm":

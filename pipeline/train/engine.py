@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,6 +32,11 @@ from pipeline.train.tracking import Tracker
 log = logging.getLogger("simvlg.train")
 DS_OVERRIDDEN = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                  "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+# fp16 dynamic loss scaling as torch.cuda.amp.GradScaler's defaults (the official run's AMP): start at
+# 2^16, halve on every overflow (hysteresis 1), double after 2000 clean steps. A ds_config's own "fp16"
+# block may change these; "enabled" always follows train.precision.
+FP16_SCALING = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 2000, "hysteresis": 1,
+                "min_loss_scale": 1}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,16 +44,41 @@ class NonFiniteLossError(RuntimeError):
 
 
 def deepspeed_config(cfg: Config) -> dict:
-    """The JSON config with every batch/precision/clipping field taken from the YAML."""
-    ds = json.loads(Path(cfg.train.ds_config).read_text())
-    ds = {k: v for k, v in ds.items() if not k.startswith("_") and k not in DS_OVERRIDDEN}
+    """The JSON config with every batch/precision/clipping field taken from the YAML (grad_clip 0:
+    no clipping); fp16 gets dynamic loss scaling (FP16_SCALING unless the JSON sets its own)."""
+    raw = json.loads(Path(cfg.train.ds_config).read_text())
+    ds = {k: v for k, v in raw.items() if not k.startswith("_") and k not in DS_OVERRIDDEN}
     t = cfg.train
+    fp16 = {"enabled": t.precision == "fp16"}
+    if t.precision == "fp16":
+        own = {k: v for k, v in (raw.get("fp16") or {}).items() if k != "enabled"}
+        fp16.update({**FP16_SCALING, **own})
     ds.update(train_batch_size=t.global_batch, train_micro_batch_size_per_gpu=t.micro_batch,
               gradient_accumulation_steps=t.grad_accum, gradient_clipping=t.grad_clip,
-              bf16={"enabled": t.precision == "bf16"}, fp16={"enabled": t.precision == "fp16"})
+              bf16={"enabled": t.precision == "bf16"}, fp16=fp16)
     ds.setdefault("zero_optimization", {})["stage"] = t.zero_stage
     ds["steps_per_print"] = 10**9  # we log ourselves
     return ds
+
+
+@contextmanager
+def frozen_children_detached(model: torch.nn.Module):
+    """Take every direct child whose parameters are all frozen (SimVLG: the ViT and the LLM) out of
+    `model` for the duration, then put it back. deepspeed.initialize casts every parameter of the
+    module it is given to the engine dtype (and broadcasts it); frozen weights must stay exactly as
+    loaded, in their own dtype, so the engine never sees them. The model's forward uses them as usual
+    afterwards; ZeRO only ever touches the parameters handed to its optimizer."""
+    detached = {}
+    for name, child in list(model.named_children()):
+        params = list(child.parameters())
+        if params and not any(p.requires_grad for p in params):
+            detached[name] = child
+            setattr(model, name, None)
+    try:
+        yield list(detached)
+    finally:
+        for name, child in detached.items():
+            setattr(model, name, child)
 
 
 def check_world(cfg: Config, world_size: int) -> None:
@@ -109,11 +140,11 @@ class Trainer:
         t = cfg.train
         optimizer = torch.optim.AdamW(param_groups(self.model.named_parameters(), t.weight_decay),
                                       lr=lr_at(0, t), betas=tuple(t.betas))
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, config=deepspeed_config(cfg),
-            model_parameters=[p for p in self.model.parameters() if p.requires_grad])
-        if hasattr(self.model, "restore_frozen_precision"):
-            self.model.restore_frozen_precision()  # the bf16 engine cast the frozen parts too
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        with frozen_children_detached(self.model):  # frozen ViT/LLM: never cast, never broadcast
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=self.model, optimizer=optimizer, config=deepspeed_config(cfg),
+                model_parameters=trainable)
         self.device = self.engine.device
         self.ckpt_root = run_dir / "checkpoints"
         self.step = 0
@@ -308,6 +339,8 @@ def run(cfg: Config, run_dir: Path, guard=None) -> dict:
     t0 = time.time()
     result = trainer.fit()
     if trainer.rank == 0:
+        if result["step"] >= cfg.train.steps:  # the trained connector, for `simvlg eval` and as
+            trainer.model.save_connector(run_dir / "connector", step=result["step"])  # init_connector
         losses = [loss for _, loss in result["history"]]
         summary = {"steps": result["step"], "stopped_by_signal": result["stopped"],
                    "first_loss": losses[0] if losses else None,
