@@ -50,6 +50,8 @@ PASS_THROUGH = {
     ("bench", "flops"): ("pipeline.models.flops",
                          "FLOPs, parameters and memory per sample on the meta device (--vs blip2)"),
     ("bench", "data"): ("pipeline.data.bench", "data loader throughput: decode+augment, workers, waits"),
+    ("bench", "step"): ("pipeline.train.bench_step", "real training steps of a config: where a step's "
+                        "time goes, samples/s, memory, MFU"),
     ("prep",): ("pipeline.data.prep", "download a dataset recipe into WebDataset shards (img2dataset)"),
     ("demo",): ("pipeline.demo.run", "the whole pipeline in miniature on CPU: corpus, shards, "
                                      "backbones, 2-rank DeepSpeed training, eval, report"),
@@ -113,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
-    bench = sub.add_parser("bench", help="benchmarks: kernels, flops, data",
+    bench = sub.add_parser("bench", help="benchmarks: kernels, flops, data, step",
                            description="Benchmarks that print figures (ratios measured side by side).")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
     for key, (module, help_text) in PASS_THROUGH.items():

@@ -62,7 +62,7 @@ WORKER = textwrap.dedent('''
     moved = [k for k, v in model.connector.state_dict().items() if not torch.equal(v.float(), conn[k])]
     scale = getattr(trainer.optimizer, "loss_scale", None) if cfg.train.precision == "fp16" else None
     print("RESULT " + json.dumps({
-        "after_init": after_init, "after_step": frozen_diff(), "loss": m["loss"], "moved": len(moved),
+        "after_init": after_init, "after_step": frozen_diff(), "loss": float(m["loss"]), "moved": len(moved),
         "connector_dtype": str(model.connector_dtype), "vision_dtype": str(model.vision.dtype),
         "llm_dtype": str(model.llm_dtype), "n_frozen": len(loaded), "loss_scale": scale,
         "ds_fp16": deepspeed_config(cfg)["fp16"]}))

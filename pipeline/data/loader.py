@@ -495,7 +495,12 @@ _LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
 
 @atexit.register
 def _stop_all_workers() -> None:  # registered after multiprocessing's exit hook, so it runs first
+    from torch.utils.data._utils import signal_handling
+
     for it in list(_LIVE_ITERATORS):
+        if getattr(it, "_worker_pids_set", False):  # or PyTorch's SIGCHLD handler reports the kill
+            signal_handling._remove_worker_pids(id(it))
+            it._worker_pids_set = False
         for w in list(getattr(it, "_workers", [])):
             if w.is_alive():
                 w.kill()

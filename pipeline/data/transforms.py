@@ -85,11 +85,11 @@ def stack_hwc(arrays: list[np.ndarray]) -> torch.Tensor:
 
 
 def normalize_batch(x: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    """uint8 [..., 3, H, W] -> float32 normalised, channel dim at -3."""
+    """uint8 [..., 3, H, W] -> float32 normalised, channel dim at -3, on x's device."""
     shape = [1] * x.dim()
     shape[-3] = 3
-    m = torch.tensor(mean, dtype=torch.float32).view(shape) * 255.0
-    inv = 1.0 / (torch.tensor(std, dtype=torch.float32).view(shape) * 255.0)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(shape) * 255.0
+    inv = 1.0 / (torch.tensor(std, dtype=torch.float32, device=x.device).view(shape) * 255.0)
     return x.to(torch.float32).sub_(m).mul_(inv)  # in place: one float buffer per batch
 
 

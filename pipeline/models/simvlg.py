@@ -188,7 +188,8 @@ class SimVLG(nn.Module):
         """Next-token cross-entropy on caption tokens only (labels: -100 on prompt and padding).
         pixel_values [B, 3, H, W] or [B, T, 3, H, W]; input_ids, attention_mask, labels [B, L]
         (attention_mask None: no padding). -> loss (mean over caption tokens of the batch),
-        per_sample_loss [B] (mean over each sample's caption tokens), num_tokens (int)."""
+        per_sample_loss [B] (mean over each sample's caption tokens), num_tokens (a 0-d tensor: reading
+        it is the caller's choice, so a training step never has to wait for the device)."""
         self._select_attention(input_ids.device)
         soft = self.soft_prompt(pixel_values)  # [B, P, D]
         embeds, mask = self._inputs(soft, input_ids, attention_mask)
@@ -204,8 +205,7 @@ class SimVLG(nn.Module):
         n = (labels != IGNORE).sum(1)  # [B]
         per_sample = tok.sum(1) / n.clamp(min=1)
         loss = tok.sum() / n.sum().clamp(min=1)
-        num_tokens = -1 if n.is_meta else int(n.sum())
-        return {"loss": loss, "per_sample_loss": per_sample, "num_tokens": num_tokens}
+        return {"loss": loss, "per_sample_loss": per_sample, "num_tokens": n.sum()}
 
     @torch.no_grad()
     def generate(self, pixel_values, prompt: str | list[str] | None = None, num_beams: int = 5,

@@ -2,6 +2,7 @@
 
     vit = build_vision(cfg.vision, device="cpu")       # frozen, eval, cfg.vision.precision
     feats = vit(pixels)                                # [B, 3, H, W] -> [B, N, D]   (N = 257 for ViT-g/14)
+                                                       # pixels: uint8 (normalised here) or normalised
     feats = vit(frames, temporal=modules)              # [B, T, 3, H, W] -> [B, T, N, D]
 
 Features are the output of block `feature_layer` in hidden_states numbering (-2: the penultimate
@@ -29,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import VisionConfig
+from pipeline.data.transforms import normalize_batch
 
 from .llm import DTYPES, freeze, hf_config_from_json, load_arch_json
 
@@ -165,7 +167,10 @@ class VisionTower(nn.Module):
     def forward(self, pixel_values: torch.Tensor, temporal: nn.ModuleList | None = None) -> torch.Tensor:
         video = pixel_values.dim() == 5
         B, T = pixel_values.shape[0], (pixel_values.shape[1] if video else 1)
-        x = pixel_values.reshape(B * T, *pixel_values.shape[-3:]).to(self.dtype)  # [B*T, 3, H, W]
+        x = pixel_values.reshape(B * T, *pixel_values.shape[-3:])  # [B*T, 3, H, W]
+        if x.dtype == torch.uint8:  # as the loader delivers them: normalise here, on the device
+            x = normalize_batch(x)
+        x = x.to(self.dtype)
         if temporal is not None and self.adapter is None:
             raise ValueError("temporal merging needs block-level running (timm Eva/ViT or HF ViTModel)")
         with torch.set_grad_enabled(torch.is_grad_enabled() and temporal is not None):

@@ -16,15 +16,16 @@ import math
 import os
 import sys
 import time
-from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import Config
 from pipeline.train import checkpoint
+from pipeline.train.mfu import mfu_metrics, peak_flops
 from pipeline.train.schedule import lr_at, param_groups
 from pipeline.train.signals import StopFlag, requeue_slurm_job
 from pipeline.train.tracking import Tracker
@@ -37,6 +38,9 @@ DS_OVERRIDDEN = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient
 # block may change these; "enabled" always follows train.precision.
 FP16_SCALING = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 2000, "hysteresis": 1,
                 "min_loss_scale": 1}
+
+
+MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "labels")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -107,12 +111,6 @@ def _to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def _all_reduce(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, *, model=None, loader=None, guard=None):
         import deepspeed
@@ -147,8 +145,15 @@ class Trainer:
                 model_parameters=trainable)
         self.device = self.engine.device
         self.ckpt_root = run_dir / "checkpoints"
+        self.checkpoints = True  # `simvlg bench step` turns them off
+        self.source_names = [s.name for s in cfg.data.sources]
+        self.adaptive = getattr(self.loader, "mixer", None) is not None
+        self.flops_per_sample: float | None = None  # counted on the first micro-batch
+        self.peak_flops = peak_flops(self.device, t.precision)
         self.step = 0
         self.nan_skips = 0
+        self._nan_in_row = 0
+        self.data_wait = 0.0
         self._resumed_rng = None
         self.stop = StopFlag()
         run_id = self._resume()
@@ -179,97 +184,105 @@ class Trainer:
 
     # -- one optimizer step -----------------------------------------------------------------------
     def _next_batch(self) -> dict:
+        t0 = time.perf_counter()
         try:
-            return next(self._it)
+            batch = next(self._it)
         except StopIteration:  # epoch mode: the next pass starts with a fresh iterator
             self._it = iter(self.loader)
-            return next(self._it)
+            batch = next(self._it)
+        self.data_wait += time.perf_counter() - t0
+        return batch
 
-    def _micro_batches(self):
-        """Yields `grad_accum` finite-loss micro-batches; a non-finite loss on any rank skips that
-        micro-batch on every rank (decided together, so ZeRO's collectives stay in step)."""
-        t, done, in_a_row = self.cfg.train, 0, 0
-        while done < t.grad_accum:
-            t0 = time.perf_counter()
-            batch = self._next_batch()
-            self.data_wait += time.perf_counter() - t0
-            out = self.engine(**{k: v for k, v in _to_device(batch, self.device).items()
-                                 if k in ("pixel_values", "input_ids", "attention_mask", "labels")})
-            finite = _all_reduce([float(torch.isfinite(out["loss"]).item())], self.device)[0]
-            if finite < self.world:
-                self.nan_skips += 1
-                in_a_row += 1
-                if in_a_row >= t.max_nan_in_row:
-                    raise NonFiniteLossError(
-                        f"{in_a_row} micro-batches in a row had a non-finite loss (step {self.step}); "
-                        f"stopping. Lower train.lr or check the data; the last checkpoint is intact.")
-                continue
-            in_a_row = 0
-            done += 1
-            yield batch, out
+    def _forward_backward(self, batch: dict) -> dict:
+        inputs = {k: v for k, v in _to_device(batch, self.device).items() if k in MODEL_INPUTS}
+        out = self.engine(**inputs)
+        self.engine.backward(out["loss"])
+        self.engine.step()  # the optimizer update on the last micro-batch of the step
+        return out
 
-    def train_step(self) -> dict:
+    def train_step(self) -> dict | None:
+        """One optimizer step over `grad_accum` micro-batches. Nothing here waits for the device:
+        losses and token counts add up in a device tensor, all-reduced only when needed (log steps,
+        adaptive mixing). Returns None when DeepSpeed skipped the update because some rank's
+        gradients were not finite (its ZeRO optimizer decides that across ranks); the step is then
+        done again with the next micro-batches."""
         t = self.cfg.train
         lr = lr_at(self.step, t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        losses, samples, tokens = [], 0, 0
-        per_source = defaultdict(lambda: [0.0, 0.0])  # name -> [loss sum, count]
-        for batch, out in self._micro_batches():
-            self.engine.backward(out["loss"])
-            self.engine.step()
-            losses.append(out["loss"].item())
-            samples += batch["pixel_values"].shape[0]
-            tokens += int(out.get("num_tokens", 0))
-            if "per_sample_loss" in out:
-                for name, value in zip(batch["source"], out["per_sample_loss"].tolist()):
-                    per_source[name][0] += value
-                    per_source[name][1] += 1
-        names = [s.name for s in self.cfg.data.sources]
-        flat = [sum(losses), len(losses), samples, tokens]
-        flat += [v for n in names for v in per_source[n]]
-        total = _all_reduce(flat, self.device)
-        source_loss = {n: total[4 + 2 * i] / total[5 + 2 * i]
-                       for i, n in enumerate(names) if total[5 + 2 * i] > 0}
-        if hasattr(self.loader, "report_loss") and source_loss:
-            self.loader.report_loss(source_loss)
-        grad_norm = self.engine.get_global_grad_norm()
+        S = len(self.source_names)
+        acc = torch.zeros(3 + 2 * S, dtype=torch.float64, device=self.device)
+        samples = 0
+        for _ in range(t.grad_accum):
+            batch = self._next_batch()
+            if self.flops_per_sample is None:  # count the model FLOPs once, on a real micro-batch
+                with FlopCounterMode(display=False) as counter:
+                    out = self._forward_backward(batch)
+                self.flops_per_sample = counter.get_total_flops() / batch["pixel_values"].shape[0]
+            else:
+                out = self._forward_backward(batch)
+            n = batch["pixel_values"].shape[0]
+            source = batch.get("source_idx")
+            source = (torch.zeros(n, dtype=torch.long) if source is None else source).to(self.device)
+            acc[0] += out["loss"].detach()  # [0] loss sum, [1] micro-batches, [2] caption tokens,
+            acc[1] += 1  # [3:3+S] per-source loss sums, [3+S:] per-source sample counts
+            acc[2] += out["num_tokens"]
+            acc[3:3 + S].index_add_(0, source, out["per_sample_loss"].detach().double())
+            acc[3 + S:].index_add_(0, source, torch.ones_like(source, dtype=torch.float64))
+            samples += n
+        if getattr(self.optimizer, "overflow", False):
+            self.nan_skips += 1
+            self._nan_in_row += 1
+            if self._nan_in_row >= t.max_nan_in_row:
+                raise NonFiniteLossError(
+                    f"{self._nan_in_row} steps in a row had non-finite gradients (step {self.step}); "
+                    "stopping. Lower train.lr or check the data; the last checkpoint is intact.")
+            return None
+        self._nan_in_row = 0
         self.step += 1
-        return {"loss": total[0] / total[1], "lr": lr, "samples": total[2], "tokens": total[3],
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                **{f"loss/{n}": v for n, v in source_loss.items()}}
+        return {"lr": lr, "acc": acc, "samples": samples, "loss": acc[0] / acc[1]}  # loss: on device
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self) -> dict:
         t = self.cfg.train
+        S = len(self.source_names)
         self.engine.train()
         self._it = iter(self.loader)
         if self._resumed_rng is not None:
             checkpoint.set_rng_state(self._resumed_rng)
         window_start, self.data_wait = time.perf_counter(), 0.0
-        window_samples = window_tokens = 0
+        window = {"samples": 0, "tokens": torch.zeros((), dtype=torch.float64, device=self.device)}
         first_step, history = self.step, []
         status, stopped_by = "FINISHED", None
         try:
             while self.step < t.steps:
                 m = self.train_step()
-                window_samples += m["samples"]
-                window_tokens += m["tokens"]
-                history.append((self.step, m["loss"]))
-                stop_now = _all_reduce([float(bool(self.stop))], self.device)[0] > 0
-                if self.step % t.log_every == 0 or self.step == t.steps or stop_now:
-                    elapsed = time.perf_counter() - window_start
-                    wait = _all_reduce([self.data_wait], self.device)[0] / self.world
-                    metrics = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-                               "samples_per_s": window_samples / elapsed,
-                               "tokens_per_s": window_tokens / elapsed,
-                               "data_wait_frac": min(1.0, wait / elapsed), "nan_skips": self.nan_skips,
-                               **{k: v for k, v in m.items() if k.startswith("loss/")},
-                               **self._skip_metrics()}
-                    self._log(metrics, elapsed_steps=self.step - first_step)
+                if m is None:
+                    continue
+                acc = m["acc"]
+                window["samples"] += m["samples"]
+                window["tokens"] += acc[2]
+                log_now = self.step % t.log_every == 0 or self.step == t.steps or self.step == first_step + 1
+                # one small all-reduce per step: the stop flag, the per-source losses adaptive mixing
+                # needs every step, and on log steps everything logged
+                got = self._sum_over_ranks(stop=float(bool(self.stop)),
+                                           **({"sources": acc[3:]} if self.adaptive else {}),
+                                           **(self._window(acc, window) if log_now else {}))
+                stop_now = got["stop"][0] > 0
+                if self.adaptive:
+                    sums, counts = got["sources"][:S], got["sources"][S:]
+                    self.loader.report_loss({n: a / c for n, a, c in zip(self.source_names, sums, counts)
+                                             if c > 0})
+                if stop_now and not log_now:  # the stop step is always logged
+                    log_now = True
+                    got = self._sum_over_ranks(**self._window(acc, window))
+                if log_now:
+                    metrics = self._metrics(got, m["lr"], time.perf_counter() - window_start)
+                    history.append((self.step, metrics["loss"]))
+                    self._log(metrics)
                     window_start, self.data_wait = time.perf_counter(), 0.0
-                    window_samples = window_tokens = 0
-                if self.step % t.ckpt_every == 0 or self.step == t.steps or stop_now:
+                    window = {"samples": 0, "tokens": torch.zeros_like(window["tokens"])}
+                if self.checkpoints and (self.step % t.ckpt_every == 0 or self.step == t.steps or stop_now):
                     self.save()
                 if stop_now:
                     stopped_by = self.stop.signum or "peer"
@@ -280,18 +293,54 @@ class Trainer:
         finally:
             if self.tracker:
                 self.tracker.close(status if stopped_by is None else "KILLED")
+        self._it.close()  # the loader's workers stop now, not at interpreter exit
         if stopped_by is not None and self.rank == 0:
             log.warning("stopped by signal at step %d after checkpointing", self.step)
             requeue_slurm_job()
         return {"step": self.step, "history": history, "stopped": stopped_by is not None}
 
-    def _skip_metrics(self) -> dict:
-        counts = self.loader.skip_counts() if hasattr(self.loader, "skip_counts") else {}
-        names = sorted(counts)
-        totals = _all_reduce([float(counts[n]) for n in names], self.device) if names else []
-        return {f"skipped/{n}": v for n, v in zip(names, totals)}
+    def _window(self, acc: torch.Tensor, window: dict) -> dict:
+        """What a log line needs, still on the device: this step's sums, the window's samples, tokens
+        and data wait, the skip counts (same keys on every rank)."""
+        skips = self.loader.skip_counts()
+        self._skip_names = sorted(skips)
+        return {"step": acc, "window": [window["samples"], window["tokens"], self.data_wait],
+                "skips": [float(skips[n]) for n in self._skip_names]}
 
-    def _log(self, metrics: dict, elapsed_steps: int) -> None:
+    def _sum_over_ranks(self, **named) -> dict[str, list[float]]:
+        """Named tensors / numbers / lists of them, summed over ranks in ONE all-reduce: the only
+        place a step waits for the device."""
+        def flat(v) -> torch.Tensor:
+            if torch.is_tensor(v):
+                return v.reshape(-1).to(self.device, torch.float64)
+            if isinstance(v, list):
+                return torch.cat([flat(x) for x in v]) if v else torch.zeros(0, dtype=torch.float64,
+                                                                              device=self.device)
+            return torch.tensor([float(v)], dtype=torch.float64, device=self.device)
+
+        parts = {k: flat(v) for k, v in named.items()}
+        total = torch.cat(list(parts.values()))
+        dist.all_reduce(total)
+        out, i = {}, 0
+        for k, v in parts.items():
+            out[k] = total[i:i + v.numel()].tolist()
+            i += v.numel()
+        return out
+
+    def _metrics(self, got: dict, lr: float, elapsed: float) -> dict:
+        S = len(self.source_names)
+        step, (samples, tokens, wait) = got["step"], got["window"]
+        grad_norm = self.engine.get_global_grad_norm()
+        return {"loss": step[0] / step[1], "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
+                "data_wait_frac": min(1.0, wait / self.world / elapsed), "nan_skips": self.nan_skips,
+                **{f"loss/{n}": step[3 + i] / step[3 + S + i]
+                   for i, n in enumerate(self.source_names) if step[3 + S + i] > 0},
+                **{f"skipped/{n}": v for n, v in zip(self._skip_names, got["skips"])},
+                **mfu_metrics(self.flops_per_sample, samples / elapsed, self.world, self.peak_flops)}
+
+    def _log(self, metrics: dict) -> None:
         if self.rank != 0:
             return
         t = self.cfg.train

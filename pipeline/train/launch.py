@@ -54,9 +54,17 @@ def launcher_command(nproc: int, port: int, target: list[str]) -> list[str]:
 
 
 def launch_local(args, cfg) -> int:
+    target = ["--module", "pipeline.train", args.config, "--run-dir", str(args.run_dir)]
+    for ov in args.overrides:
+        target += ["--set", ov]
+    return start_ranks(args.nproc or cfg.launch.gpus_per_node, target, "simvlg train", args.run_dir)
+
+
+def start_ranks(nproc: int, target: list[str], what: str, run_dir: Path) -> int:
+    """Run `target` as `nproc` ranks on this node under the deepspeed launcher; forward SIGTERM and
+    SIGUSR1 to the ranks; return the launcher's exit status."""
     import torch
 
-    nproc = args.nproc or cfg.launch.gpus_per_node
     env = dict(os.environ)
     # DeepSpeed JIT-builds a small op on first use; build it once per environment, not per home.
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
@@ -64,11 +72,8 @@ def launch_local(args, cfg) -> int:
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", "1")
-    target = ["--module", "pipeline.train", args.config, "--run-dir", str(args.run_dir)]
-    for ov in args.overrides:
-        target += ["--set", ov]
     cmd = launcher_command(nproc, _free_port(), target)
-    print(f"simvlg train: {nproc} ranks on this node: " + " ".join(target[1:]), file=sys.stderr)
+    print(f"{what}: {nproc} ranks on this node: " + " ".join(target[1:]), file=sys.stderr)
     proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent(signal.SIGTERM))
 
     def forward(signum, _frame):
@@ -82,8 +87,8 @@ def launch_local(args, cfg) -> int:
         signal.signal(s, forward)
     code = proc.wait()
     if code != 0:
-        print(f"simvlg train: failed (exit status {code}); the ranks' tracebacks are in "
-              f"{Path(args.run_dir) / 'logs'}", file=sys.stderr)
+        print(f"{what}: failed (exit status {code}); the ranks' tracebacks are in "
+              f"{Path(run_dir) / 'logs'}", file=sys.stderr)
     return code
 
 
@@ -118,12 +123,13 @@ def main(args) -> int:
     if not under_launcher():
         return launch_local(args, cfg)
     from pipeline.failfast import RankGuard
-    from pipeline.train.engine import run
 
     rank = int(os.environ["RANK"])
     die_with_parent(signal.SIGTERM)()  # our launcher gone: checkpoint at the next step and stop
     run_dir = args.run_dir
     with RankGuard("simvlg train", run_dir / "logs", rank) as guard:
+        from pipeline.train.engine import run
+
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(dump_yaml(cfg))
