@@ -152,7 +152,7 @@ def test_bench_step_prints_the_breakdown_and_mfu(tmp_path):
                           "--steps", "2", "--warmup", "1", "--vs", "legacy", "--json"],
                          capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    current, legacy = json.loads(out.stdout[out.stdout.index("["):])
+    current, legacy = json.loads(out.stdout[out.stdout.rindex("[\n {"):])  # after the launcher logs
     for r in (current, legacy):
         assert r["ranks"] == 2 and r["steps"] == 2
         assert set(r["ms_per_step"]) == {"data", "vit_forward", "connector_forward", "llm_forward",
