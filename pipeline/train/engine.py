@@ -10,6 +10,7 @@ step k continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -40,7 +41,11 @@ FP16_SCALING = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window":
                 "min_loss_scale": 1}
 
 
-MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "labels")
+def model_inputs(model: torch.nn.Module) -> set[str]:
+    """The batch keys the model's forward takes (pixel_values, input_ids, ...: whatever it names)."""
+    params = inspect.signature(model.forward).parameters
+    return {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
 
 
 class NonFiniteLossError(RuntimeError):
@@ -107,6 +112,40 @@ def _exclude_frozen_from_state_dict(model: torch.nn.Module) -> None:
     model.register_state_dict_post_hook(drop)
 
 
+class StepSums:
+    """One step's training signal, summed on the device over micro-batches: the loss, caption tokens,
+    per-arm (data source, or source/task) loss sums and sample counts for mixing and logging, and any
+    named parts of the loss the model reports in out["losses"] (e.g. lm, align)."""
+
+    def __init__(self, arms: int, device):
+        z = lambda n: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
+        self.loss, self.micro, self.tokens = z(()), z(()), z(())
+        self.arm_loss, self.arm_count = z(arms), z(arms)
+        self.parts: dict[str, torch.Tensor] = {}
+        self.samples = 0
+
+    def add(self, out: dict, batch: dict) -> None:
+        n = batch["pixel_values"].shape[0]
+        arm = batch.get("arm_idx", batch.get("source_idx"))
+        arm = (torch.zeros(n, dtype=torch.long) if arm is None else arm).to(self.loss.device)
+        self.loss += out["loss"].detach()
+        self.micro += 1
+        self.tokens += out["num_tokens"]
+        self.arm_loss.index_add_(0, arm, out["per_sample_loss"].detach().double())
+        self.arm_count.index_add_(0, arm, torch.ones_like(arm, dtype=torch.float64))
+        for name, value in sorted(out.get("losses", {}).items()):
+            self.parts[name] = self.parts.get(name, 0) + value.detach().double()
+        self.samples += n
+
+    def arms(self) -> torch.Tensor:
+        return torch.cat([self.arm_loss, self.arm_count])
+
+    def logged(self) -> list:
+        """[loss, micro, tokens, arm sums, arm counts, parts...] (parts in name order)."""
+        return [self.loss, self.micro, self.tokens, self.arm_loss, self.arm_count,
+                *[self.parts[k] for k in sorted(self.parts)]]
+
+
 def _to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
@@ -146,7 +185,10 @@ class Trainer:
         self.device = self.engine.device
         self.ckpt_root = run_dir / "checkpoints"
         self.checkpoints = True  # `simvlg bench step` turns them off
-        self.source_names = [s.name for s in cfg.data.sources]
+        # what the loader's batches are labelled by for loss feedback: its arms (data sources, or
+        # source/task pairs), each batch carrying arm_idx (or source_idx) per sample
+        self.arm_names = list(getattr(self.loader, "arm_names", [s.name for s in cfg.data.sources]))
+        self.model_inputs = model_inputs(self.model)
         self.adaptive = getattr(self.loader, "mixer", None) is not None
         self.flops_per_sample: float | None = None  # counted on the first micro-batch
         self.peak_flops = peak_flops(self.device, t.precision)
@@ -194,7 +236,7 @@ class Trainer:
         return batch
 
     def _forward_backward(self, batch: dict) -> dict:
-        inputs = {k: v for k, v in _to_device(batch, self.device).items() if k in MODEL_INPUTS}
+        inputs = {k: v for k, v in _to_device(batch, self.device).items() if k in self.model_inputs}
         out = self.engine(**inputs)
         self.engine.backward(out["loss"])
         self.engine.step()  # the optimizer update on the last micro-batch of the step
@@ -202,17 +244,15 @@ class Trainer:
 
     def train_step(self) -> dict | None:
         """One optimizer step over `grad_accum` micro-batches. Nothing here waits for the device:
-        losses and token counts add up in a device tensor, all-reduced only when needed (log steps,
-        adaptive mixing). Returns None when DeepSpeed skipped the update because some rank's
-        gradients were not finite (its ZeRO optimizer decides that across ranks); the step is then
-        done again with the next micro-batches."""
+        losses and token counts add up in device tensors (StepSums), all-reduced only when needed
+        (log steps, adaptive mixing). Returns None when DeepSpeed skipped the update because some
+        rank's gradients were not finite (its ZeRO optimizer decides that across ranks); the step
+        is then done again with the next micro-batches."""
         t = self.cfg.train
         lr = lr_at(self.step, t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        S = len(self.source_names)
-        acc = torch.zeros(3 + 2 * S, dtype=torch.float64, device=self.device)
-        samples = 0
+        sums = StepSums(len(self.arm_names), self.device)
         for _ in range(t.grad_accum):
             batch = self._next_batch()
             if self.flops_per_sample is None:  # count the model FLOPs once, on a real micro-batch
@@ -221,15 +261,7 @@ class Trainer:
                 self.flops_per_sample = counter.get_total_flops() / batch["pixel_values"].shape[0]
             else:
                 out = self._forward_backward(batch)
-            n = batch["pixel_values"].shape[0]
-            source = batch.get("source_idx")
-            source = (torch.zeros(n, dtype=torch.long) if source is None else source).to(self.device)
-            acc[0] += out["loss"].detach()  # [0] loss sum, [1] micro-batches, [2] caption tokens,
-            acc[1] += 1  # [3:3+S] per-source loss sums, [3+S:] per-source sample counts
-            acc[2] += out["num_tokens"]
-            acc[3:3 + S].index_add_(0, source, out["per_sample_loss"].detach().double())
-            acc[3 + S:].index_add_(0, source, torch.ones_like(source, dtype=torch.float64))
-            samples += n
+            sums.add(out, batch)
         if getattr(self.optimizer, "overflow", False):
             self.nan_skips += 1
             self._nan_in_row += 1
@@ -240,12 +272,12 @@ class Trainer:
             return None
         self._nan_in_row = 0
         self.step += 1
-        return {"lr": lr, "acc": acc, "samples": samples, "loss": acc[0] / acc[1]}  # loss: on device
+        return {"lr": lr, "sums": sums, "samples": sums.samples, "loss": sums.loss / sums.micro}
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self) -> dict:
         t = self.cfg.train
-        S = len(self.source_names)
+        A = len(self.arm_names)
         self.engine.train()
         self._it = iter(self.loader)
         if self._resumed_rng is not None:
@@ -259,23 +291,23 @@ class Trainer:
                 m = self.train_step()
                 if m is None:
                     continue
-                acc = m["acc"]
+                sums = m["sums"]
                 window["samples"] += m["samples"]
-                window["tokens"] += acc[2]
+                window["tokens"] += sums.tokens
                 log_now = self.step % t.log_every == 0 or self.step == t.steps or self.step == first_step + 1
                 # one small all-reduce per step: the stop flag, the per-source losses adaptive mixing
                 # needs every step, and on log steps everything logged
                 got = self._sum_over_ranks(stop=float(bool(self.stop)),
-                                           **({"sources": acc[3:]} if self.adaptive else {}),
-                                           **(self._window(acc, window) if log_now else {}))
+                                           **({"arms": sums.arms()} if self.adaptive else {}),
+                                           **(self._window(sums, window) if log_now else {}))
                 stop_now = got["stop"][0] > 0
                 if self.adaptive:
-                    sums, counts = got["sources"][:S], got["sources"][S:]
-                    self.loader.report_loss({n: a / c for n, a, c in zip(self.source_names, sums, counts)
+                    total, count = got["arms"][:A], got["arms"][A:]
+                    self.loader.report_loss({n: a / c for n, a, c in zip(self.arm_names, total, count)
                                              if c > 0})
                 if stop_now and not log_now:  # the stop step is always logged
                     log_now = True
-                    got = self._sum_over_ranks(**self._window(acc, window))
+                    got = self._sum_over_ranks(**self._window(sums, window))
                 if log_now:
                     metrics = self._metrics(got, m["lr"], time.perf_counter() - window_start)
                     history.append((self.step, metrics["loss"]))
@@ -299,12 +331,13 @@ class Trainer:
             requeue_slurm_job()
         return {"step": self.step, "history": history, "stopped": stopped_by is not None}
 
-    def _window(self, acc: torch.Tensor, window: dict) -> dict:
+    def _window(self, sums: StepSums, window: dict) -> dict:
         """What a log line needs, still on the device: this step's sums, the window's samples, tokens
         and data wait, the skip counts (same keys on every rank)."""
         skips = self.loader.skip_counts()
         self._skip_names = sorted(skips)
-        return {"step": acc, "window": [window["samples"], window["tokens"], self.data_wait],
+        self._part_names = sorted(sums.parts)
+        return {"step": sums.logged(), "window": [window["samples"], window["tokens"], self.data_wait],
                 "skips": [float(skips[n]) for n in self._skip_names]}
 
     def _sum_over_ranks(self, **named) -> dict[str, list[float]]:
@@ -328,15 +361,17 @@ class Trainer:
         return out
 
     def _metrics(self, got: dict, lr: float, elapsed: float) -> dict:
-        S = len(self.source_names)
+        A = len(self.arm_names)
         step, (samples, tokens, wait) = got["step"], got["window"]
+        loss, micro, arm_loss, arm_count = step[0], step[1], step[3:3 + A], step[3 + A:3 + 2 * A]
+        parts = step[3 + 2 * A:]
         grad_norm = self.engine.get_global_grad_norm()
-        return {"loss": step[0] / step[1], "lr": lr,
+        return {"loss": loss / micro, "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
                 "data_wait_frac": min(1.0, wait / self.world / elapsed), "nan_skips": self.nan_skips,
-                **{f"loss/{n}": step[3 + i] / step[3 + S + i]
-                   for i, n in enumerate(self.source_names) if step[3 + S + i] > 0},
+                **{f"{n}_loss": v / micro for n, v in zip(self._part_names, parts)},  # lm_loss, align_loss
+                **{f"loss/{n}": a / c for n, a, c in zip(self.arm_names, arm_loss, arm_count) if c > 0},
                 **{f"skipped/{n}": v for n, v in zip(self._skip_names, got["skips"])},
                 **mfu_metrics(self.flops_per_sample, samples / elapsed, self.world, self.peak_flops)}
 

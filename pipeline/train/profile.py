@@ -148,10 +148,10 @@ class StepProfiler:
             out = train_step()
             if out is not None:
                 if self.legacy:  # the old per-step metrics all-reduce
-                    vec = torch.zeros(4 + 2 * len(tr.source_names), dtype=torch.float64, device=tr.device)
+                    vec = torch.zeros(4 + 2 * len(tr.arm_names), dtype=torch.float64, device=tr.device)
                     dist.all_reduce(vec)
                     vec.tolist()
-                self.last = {"samples": out["samples"], "tokens": float(out["acc"][2])}
+                self.last = {"samples": out["samples"], "tokens": float(out["sums"].tokens)}
             return out
 
         tr.train_step = counted_step
