@@ -125,7 +125,7 @@ class StepSums:
         self.samples = 0
 
     def add(self, out: dict, batch: dict) -> None:
-        n = batch["pixel_values"].shape[0]
+        n = batch["input_ids"].shape[0]  # samples (text-only batches have no pixels)
         arm = batch.get("arm_idx", batch.get("source_idx"))
         arm = (torch.zeros(n, dtype=torch.long) if arm is None else arm).to(self.loss.device)
         self.loss += out["loss"].detach()
@@ -258,7 +258,7 @@ class Trainer:
             if self.flops_per_sample is None:  # count the model FLOPs once, on a real micro-batch
                 with FlopCounterMode(display=False) as counter:
                     out = self._forward_backward(batch)
-                self.flops_per_sample = counter.get_total_flops() / batch["pixel_values"].shape[0]
+                self.flops_per_sample = counter.get_total_flops() / batch["input_ids"].shape[0]
             else:
                 out = self._forward_backward(batch)
             sums.add(out, batch)
