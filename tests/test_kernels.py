@@ -149,7 +149,7 @@ def test_triton_matches_eager(B, N, C, Cm, r, protect, mode, sized, seed, dtype)
     assert torch.equal(me.src_idx, mt.src_idx) and torch.equal(me.dst_idx, mt.dst_idx)
     assert torch.equal(me.out_pos, mt.out_pos)
     if me.r:  # the fused plan from scores == the fused plan from the eager match's partners
-        _, plan = kernels._triton()._plan_for(me)
+        _, plan = kernels._triton().tome_plan.plan_for(me)
         for k, v in plan.items():
             assert torch.equal(v, mt.plan[k]), k
         check_plan(mt.plan, me)
@@ -341,7 +341,9 @@ def test_triton_tiles_and_long_merge_lists():
     torch.testing.assert_close(vt, ve, atol=1e-5, rtol=1e-5)
     assert torch.equal(it, ie)
     match = tome.select_top_r(ve, ie, 30, 70)
-    _, plan = tt._plan_for(match)
+    from kernels import tome_plan
+
+    _, plan = tome_plan.plan_for(match)
     assert int(plan["cnt"].max()) > 16  # one group spans two 16-row member tiles
     check_plan(plan, match)
     for mode in tome.MODES:
@@ -536,11 +538,13 @@ def test_all_identical_tokens(backend, N, r):
 def test_plan_with_tl_sort_equals_bitonic_network():
     # compiled kernels sort with tl.sort, the interpreter with a tl.gather network (tl.sort is
     # slow there); keys are unique, so both must give the same plan. Run tl.sort once here.
-    tt = kernels._triton()
+    kernels._triton()
     metric = make(1, 37, 4, 6, seed=3)[1]
     metric[0, 9:20] = metric[0, 3]  # ties
     ve, ie = tome.match_scores(metric)
-    ms = [tt._plan(37, 11, scores=(ve, ie), native_sort=n) for n in (False, True)]
+    from kernels import tome_plan
+
+    ms = [tome_plan.build_plan(37, 11, scores=(ve, ie), native_sort=n) for n in (False, True)]
     for k in ("src_idx", "dst_idx", "out_pos"):
         assert torch.equal(getattr(ms[0], k), getattr(ms[1], k)), k
     for k in ms[0].plan:
@@ -764,8 +768,10 @@ def test_tomeformer_forward_compiles_each_kernel_once():
 
 @needs_triton
 def test_plan_beyond_the_lane_limit_uses_torch(monkeypatch):
-    tt = kernels._triton()
-    monkeypatch.setattr(tt, "MAX_PLAN_LANES", 128)  # as if N were beyond 8193
+    kernels._triton()
+    from kernels import tome_plan
+
+    monkeypatch.setattr(tome_plan, "MAX_PLAN_LANES", 128)  # as if N were beyond 8193
     x, metric, size = make(1, 301, 8, 6, seed=5)
     mt = kernels.bipartite_match(metric, 60, backend="triton")
     me = kernels.bipartite_match(metric, 60, backend="eager")
