@@ -16,7 +16,7 @@ attention.self.query, ...), so any BERT-family checkpoint loads directly. Word e
 pooler are not built (the inputs are visual tokens: the official code comments word embeddings out);
 position and token-type embeddings + LayerNorm are applied to the inputs, as in the official code.
 
-Three explicit choices (the config resolves `official: true` into them, see pipeline/config.py):
+Three explicit choices (the config resolves `official: true` into them, see pipeline/schema.py):
     merge_mode   "wavg" size-weighted average of a group | "mean" plain mean (official)
     prop_attn    + log(size) on every key (proportional attention) | off (official)
     token_order  "original": kept tokens in original order, a merged group at its B token's place |
