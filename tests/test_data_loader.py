@@ -354,7 +354,7 @@ def test_exact_resume_resampled(two_sources, workers):
 
 
 def test_resume_skips_whole_segments_without_reading(tmp_path, monkeypatch):
-    import pipeline.data.loader as L
+    import pipeline.data.streams as L
 
     spec = make_source(tmp_path / "s", "s", 10, 5)  # segments of 4 shards = 20 samples
     c = cfg([{"name": "s", "shards": spec}], shuffle_buffer=8)
