@@ -89,7 +89,7 @@ def check_model_files(cfg: Config, source: str) -> None:
 
 def check_sources(cfg: Config, source: str, *, files: bool = True) -> list[dict]:
     """[{name, shards, samples}] per source; raises on an empty list or shards that do not exist."""
-    from pipeline.data.shards import resolve_spec
+    from pipeline.data.formats.shards import resolve_spec
 
     if not cfg.data.sources:
         raise ConfigError(f"{source}: data.sources: empty; name at least one shard source")

@@ -20,8 +20,14 @@ from PIL import Image
 
 from pipeline.config import DataConfig, SourceConfig
 from pipeline.data import SKIP_KINDS, build_loader
+from pipeline.data.formats.shards import (
+    brace_pattern,
+    iter_tar_samples,
+    resolve_lazy,
+    resolve_spec,
+    write_shard,
+)
 from pipeline.data.mixing import adaptive_shares
-from pipeline.data.shards import brace_pattern, iter_tar_samples, resolve_lazy, resolve_spec, write_shard
 
 
 class FakeTokenizer:

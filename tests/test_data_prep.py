@@ -19,8 +19,8 @@ from PIL import Image
 
 from pipeline.config import DataConfig, SourceConfig
 from pipeline.data import build_loader, prep
-from pipeline.data.recipes import PrepInputError, iter_json_list
-from pipeline.data.shards import write_shard
+from pipeline.data.formats.shards import write_shard
+from pipeline.data.prep.recipes import PrepInputError, iter_json_list
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,9 @@ def no_download(monkeypatch):
     """Any attempt to download fails the test: bad inputs must be caught before."""
     def boom(*a, **k):
         raise AssertionError("img2dataset was started for a bad input")
-    monkeypatch.setattr(prep, "run_img2dataset", boom)
+    from pipeline.data.prep import run
+
+    monkeypatch.setattr(run, "run_img2dataset", boom)
 
 
 def run_prep(argv, capsys):
@@ -294,7 +296,7 @@ def test_img2dataset_end_to_end_with_broken_urls(tmp_path, capsys):
         batches = list(build_loader(cfg, tokenize=None, batch_size=8, train=False))
         caps = sorted(c for b in batches for c in b["captions"])
         assert caps == sorted([f"photo number {i}, a test" for i in range(26)] + ["the same photo again"])
-        from pipeline.data.shards import iter_tar_samples
+        from pipeline.data.formats.shards import iter_tar_samples
         sizes = []
         for s in iter_tar_samples(str(out / "shards" / "00000.tar")):
             with Image.open(io.BytesIO(s["jpg"])) as im:
@@ -325,7 +327,7 @@ def test_img2dataset_end_to_end_with_broken_urls(tmp_path, capsys):
         rc, err = run_prep(argv, capsys)
         assert rc == 0 and "shard 2 will be redone" in err, err
         assert tars[0].stat().st_mtime_ns == mtimes[0]
-        from pipeline.data.shards import count_tar_samples
+        from pipeline.data.formats.shards import count_tar_samples
         m3 = json.loads((out / "manifest.json").read_text())
         assert m3["complete"] and m3["num_samples"] == 27 and count_tar_samples(str(tars[2])) > 0
 

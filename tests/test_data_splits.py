@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.lists import Args, PrepInputError
-from pipeline.data.recipes import RECIPES
-from pipeline.data.splits import msrvtt_split, msvd_split, split_in_name
+from pipeline.data.formats.splits import msrvtt_split, msvd_split, split_in_name
+from pipeline.data.prep.lists import Args, PrepInputError
+from pipeline.data.prep.recipes import RECIPES
 from pipeline.eval.datasets import read_caption_annotations, read_video_captions
 
 

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from pipeline.config import ConfigError, load_config
-from pipeline.data.shards import write_shard
+from pipeline.data.formats.shards import write_shard
 from pipeline.preflight import check_for_training
 
 SIMVLG = str(Path(sys.executable).parent / "simvlg")
@@ -332,7 +332,7 @@ def test_a_crash_in_generate_on_one_rank_ends_every_rank(tmp_path):
 
 # ------------------------------------------------------------------------- prep's causes, in words
 def test_every_failure_cause_has_a_meaning_in_the_prep_readme():
-    from pipeline.data.prep import _CAUSES, cause_category
+    from pipeline.data.prep.counts import _CAUSES, cause_category
 
     readme = (Path(__file__).resolve().parents[1] / "data_prep" / "README.md").read_text()
     rows = {line.split("|")[1].strip().strip("`") for line in readme.splitlines() if line.startswith("| `")}

@@ -40,7 +40,7 @@ def _photos() -> list[np.ndarray]:
 def make_synthetic_shards(folder: str | Path, n: int, per_shard: int = 500, size: int = 384,
                           seed: int = 0) -> str:
     """n JPEG samples shaped like `simvlg prep` output (shorter side `size`, q95) -> brace pattern."""
-    from .shards import write_shard
+    from .formats.shards import write_shard
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -71,8 +71,8 @@ def make_synthetic_shards(folder: str | Path, n: int, per_shard: int = 500, size
 
 def bench_decode(pattern: str, *, image_size: int, min_scale: float, seconds: float) -> dict:
     """One process: decode + RandomResizedCrop + to-uint8 on samples already in memory."""
+    from .formats.shards import iter_tar_samples
     from .loader import resolve_sources
-    from .shards import iter_tar_samples
     from .transforms import TrainTransform
 
     class _Cfg:  # just what resolve_sources reads

@@ -64,8 +64,8 @@ from collections import defaultdict
 import torch
 from torch.utils.data import DataLoader
 
+from .formats.shards import resolve_spec
 from .mixing import AdaptiveMixer
-from .shards import resolve_spec
 from .streams import Source
 from .worker import MixedStream
 

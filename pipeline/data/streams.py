@@ -12,7 +12,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from .shards import iter_tar_samples
+from .formats.shards import iter_tar_samples
 
 SEGMENT_SHARDS = 4  # shards per stream segment: the most a resume has to fast-forward through
 

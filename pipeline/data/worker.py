@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .formats.shards import IMAGE_EXTS, VIDEO_EXTS, resolve_lazy
 from .mixing import choose, normalize
-from .shards import IMAGE_EXTS, VIDEO_EXTS, resolve_lazy
 from .streams import Source, SourceStream, _Dead, stable_seed
 from .transforms import build_transform, normalize_batch, pre_caption, stack_hwc
 from .video import video_frames

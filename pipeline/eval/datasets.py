@@ -61,7 +61,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.data.splits import msvd_split
+from pipeline.data.formats.splits import msvd_split
 
 KINDS = ("caption", "vqa", "gqa", "video_caption")
 ROLES = ("annotations", "questions", "images", "videos", "shards", "image_template", "mapping", "kind")
@@ -364,7 +364,7 @@ class ShardMedia:
     NAME_FIELDS = ("url", "image", "file_name", "video", "video_id", "key", "image_id", "id")
 
     def __init__(self, spec: str, kind: str):
-        from pipeline.data.shards import IMAGE_EXTS, VIDEO_EXTS, iter_tar_samples, resolve_spec
+        from pipeline.data.formats.shards import IMAGE_EXTS, VIDEO_EXTS, iter_tar_samples, resolve_spec
 
         self.spec, self.kind = spec, kind
         try:

@@ -1,52 +1,111 @@
-"""Standard splits, in one place: the prep recipes of datasets with evaluation splits read only the
-split asked for (`simvlg prep RECIPE --split train`), so no evaluation image or clip reaches a
-training shard; the evaluation readers (pipeline/eval/datasets.py) import the same rules.
+"""Recipes: what each dataset's published list looks like, read as rows of url + caption.
 
-| dataset   | standard split                                          | read from                       |
-|-----------|---------------------------------------------------------|---------------------------------|
-| COCO      | Karpathy: train (+ restval) / val 5000 / test 5000      | dataset_coco.json "split", or   |
-|           |                                                         | LAVIS coco_karpathy_{split}.json|
-| Flickr30K | Karpathy: train 29000 / val 1014 / test 1000 images     | dataset_flickr30k.json "split", |
-|           |                                                         | or BLIP flickr30k_{split}.json  |
-| MSR-VTT   | video0-6512 train, 6513-7009 val, 7010-9999 test        | the video id (+ "split")        |
-| MSVD      | vid1-1200 train, 1201-1300 val, 1301-1970 test          | youtube_mapping: clip -> vidN   |
-| NoCaps    | val and test only (Open Images), no training split      | no recipe                       |
+Every reader yields plain dicts `{"url": str, "caption": str, ...}` (image recipes) or
+`{"video": path, "caption": str, "captions": [...], "video_id": str}` (video recipes), streaming, so
+lists of 10^8 rows never sit in memory. `validate_rows` checks them before anything is downloaded.
 
-A per-split file (LAVIS/BLIP `*_{train,val,test}.json`) is checked against --split by its name;
-lists that hold several splits are filtered by the rules above, and a list without any sample of the
-asked split is an error.
+| recipe            | --input (as published)                                                   |
+|-------------------|---------------------------------------------------------------------------|
+| coco_karpathy     | Karpathy's dataset_coco.json (split field), or LAVIS/BLIP                 |
+|                   | coco_karpathy_{train,val,test}.json; images from --image-root (local COCO |
+|                   | 2014 folders) or --base-url; only --split (train = train + restval)       |
+| flickr30k         | Karpathy's dataset_flickr30k.json, or BLIP flickr30k_{split}.json;        |
+|                   | images from --image-root (flickr30k-images); only --split                 |
+| cc3m              | Train_GCC-training.tsv / Validation_GCC-1.1.0-Validation.tsv: caption<TAB>url |
+| cc12m             | cc12m.tsv: url<TAB>caption                                                |
+| sbu               | SBU_captioned_photo_dataset_urls.txt + ..._captions.txt (two --input), or |
+|                   | BLIP's sbu.json (list of url + caption)                                    |
+| laion115m_capfilt | BLIP's laion_synthetic_filtered_large.json (JSON list of url + caption)   |
+| ccs_capfilt       | BLIP's ccs_synthetic_filtered_large.json (JSON list of url + caption)     |
+| msrvtt            | train_val_videodatainfo.json / test_videodatainfo.json (videos+sentences),|
+|                   | or LAVIS msrvtt_{split}.json; videos from --video-root (videoNNNN.mp4);   |
+|                   | only --split (standard id ranges)                                          |
+| msvd              | AllVideoDescriptions.txt ("clip_id caption" lines) + youtube_mapping.txt, |
+|                   | or LAVIS msvd_{split}.json; videos from --video-root (YouTubeClips/*.avi);|
+|                   | only --split (vid1-1200 / 1201-1300 / 1301-1970)                           |
+| urls              | any parquet/csv/tsv/json/jsonl list with --url-col and --caption-col      |
+
+The list readers are in lists.py; the datasets with standard evaluation splits (COCO, Flickr30K,
+MSR-VTT, MSVD) keep every split but --split out of the shards (the rules: formats/splits.py).
 """
 
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from .lists import Args, PrepInputError, iter_json_list, need_inputs, open_text
+from ..formats.splits import SPLITS, karpathy_split, msrvtt_split, msvd_split, split_in_name
+from .lists import (
+    Args,
+    PrepInputError,
+    check_readable,
+    iter_json_list,
+    iter_table,
+    iter_tsv_pairs,
+    need_inputs,
+    open_text,
+    rename_columns,
+)
 
-SPLITS = ("train", "val", "test")
-MSRVTT_RANGES = {"train": (0, 6512), "val": (6513, 7009), "test": (7010, 9999)}
-MSVD_RANGES = {"train": (1, 1200), "val": (1201, 1300), "test": (1301, 1970)}
-
-
-def _in_ranges(n: int, ranges: dict) -> str | None:
-    return next((s for s, (lo, hi) in ranges.items() if lo <= n <= hi), None)
-
-
-def msrvtt_split(video_id: str) -> str | None:
-    """"video7010" (or "video7010.mp4") -> "test"; None if not an MSR-VTT id."""
-    m = re.fullmatch(r"video(\d+)", Path(str(video_id)).stem)
-    return _in_ranges(int(m.group(1)), MSRVTT_RANGES) if m else None
-
-
-def msvd_split(vid: str) -> str | None:
-    """"vid1301" -> "test"; None if not a vidN name (map clip names with read_msvd_mapping)."""
-    m = re.fullmatch(r"vid(\d+)", str(vid))
-    return _in_ranges(int(m.group(1)), MSVD_RANGES) if m else None
+__all__ = ["RECIPES", "Args", "PrepInputError", "Recipe", "iter_json_list", "iter_table"]
 
 
+def read_urls(args: Args) -> Iterator[dict]:
+    if not args.inputs:
+        raise PrepInputError("recipe urls needs --input FILE (parquet/csv/tsv/json/jsonl with url + caption)")
+    for p in args.inputs:
+        yield from rename_columns(iter_table(p), args.url_col, args.caption_col, p)
+
+
+def _read_tsv_or_table(args: Args, recipe: str, expected: str, tsv_columns: tuple) -> Iterator[dict]:
+    """The published TSV (no header, `tsv_columns` order), or the same list as a table."""
+    (p,) = need_inputs(args, 1, recipe, expected)
+    if p.suffix in (".parquet", ".json", ".jsonl", ".csv"):
+        yield from rename_columns(iter_table(p), args.url_col, args.caption_col, p)
+        return
+    yield from iter_tsv_pairs(p, tsv_columns)
+
+
+def read_cc3m(args: Args) -> Iterator[dict]:
+    return _read_tsv_or_table(args, "cc3m", "Train_GCC-training.tsv (caption<TAB>url)",
+                              ("caption", "url"))
+
+
+def read_cc12m(args: Args) -> Iterator[dict]:
+    return _read_tsv_or_table(args, "cc12m", "cc12m.tsv (url<TAB>caption)", ("url", "caption"))
+
+
+def read_sbu(args: Args) -> Iterator[dict]:
+    if len(args.inputs) == 1:
+        p = check_readable(args.inputs[0])
+        yield from rename_columns(iter_table(p), args.url_col, args.caption_col, p)
+        return
+    urls_p, caps_p = need_inputs(args, 2, "sbu", "SBU_captioned_photo_dataset_urls.txt and "
+                                  "SBU_captioned_photo_dataset_captions.txt (or one sbu.json)")
+    with open_text(urls_p) as fu, open_text(caps_p) as fc:
+        n = 0
+        while True:
+            u, c = fu.readline(), fc.readline()
+            if not u or not c:
+                break
+            n += 1
+            yield {"url": u.strip(), "caption": c.strip()}
+        if u or c:
+            longer = urls_p if u else caps_p
+            raise PrepInputError(f"{urls_p} and {caps_p} have different line counts ({longer} is longer "
+                                 f"than {n} lines)")
+
+
+def _read_capfilt(name: str, expected: str):
+    def read(args: Args) -> Iterator[dict]:
+        (p,) = need_inputs(args, 1, name, expected)
+        yield from rename_columns(iter_table(p), args.url_col, args.caption_col, p)
+    return read
+
+
+# ------------------------------------------------- datasets with standard splits (formats/splits.py)
 def read_msvd_mapping(path: str | Path) -> dict[str, str]:
     """youtube_mapping.txt ("-4wsuPCjDBc_5_15 vid1" lines) -> {clip name: "vidN"}."""
     out = {}
@@ -58,19 +117,6 @@ def read_msvd_mapping(path: str | Path) -> dict[str, str]:
     if not out:
         raise PrepInputError(f"{path}: no 'clip vidN' lines (expected MSVD youtube_mapping.txt)")
     return out
-
-
-def karpathy_split(value: str) -> str:
-    """Karpathy's split field: restval is training data."""
-    return "train" if value == "restval" else value
-
-
-def split_in_name(path: str | Path) -> str | None:
-    """The split a per-split file's name states (coco_karpathy_test.json -> test, cap_val.json -> val),
-    None when it names none or several (train_val_videodatainfo.json)."""
-    words = set(re.split(r"[^a-z]+", Path(path).stem.lower()))
-    found = [s for s in SPLITS if s in words]
-    return found[0] if len(found) == 1 else None
 
 
 def check_split_file(path: Path, split: str, recipe: str) -> None:
@@ -284,3 +330,37 @@ def read_msvd(args: Args) -> Iterator[dict]:
     if unknown:
         raise PrepInputError(f"{p}: {len(unknown)} clips are not in {paths[1]} (e.g. {unknown[0]})")
     yield from _group_videos(_keep_split(pairs, lambda v: msvd_split(mapping[v]), split, p, "clips"), root)
+
+
+@dataclass
+class Recipe:
+    name: str
+    kind: str  # image | video
+    read: Callable[[Args], Iterator[dict]]
+    inputs: str
+    samples_per_shard: int = 10_000
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in [
+    Recipe("coco_karpathy", "image", read_coco_karpathy,
+           "--input dataset_coco.json | coco_karpathy_train.json [--image-root COCO2014 | --base-url URL] "
+           "[--split train]", 5_000),
+    Recipe("flickr30k", "image", read_flickr30k,
+           "--input dataset_flickr30k.json --image-root flickr30k-images [--split train]", 5_000),
+    Recipe("cc3m", "image", read_cc3m, "--input Train_GCC-training.tsv (caption<TAB>url)"),
+    Recipe("cc12m", "image", read_cc12m, "--input cc12m.tsv (url<TAB>caption)"),
+    Recipe("sbu", "image", read_sbu,
+           "--input SBU_captioned_photo_dataset_urls.txt --input SBU_captioned_photo_dataset_captions.txt"),
+    Recipe("laion115m_capfilt", "image",
+           _read_capfilt("laion115m_capfilt", "laion_synthetic_filtered_large.json"),
+           "--input laion_synthetic_filtered_large.json (BLIP CapFilt: list of url + caption)"),
+    Recipe("ccs_capfilt", "image", _read_capfilt("ccs_capfilt", "ccs_synthetic_filtered_large.json"),
+           "--input ccs_synthetic_filtered_large.json (BLIP CapFilt: list of url + caption)"),
+    Recipe("msrvtt", "video", read_msrvtt,
+           "--input train_val_videodatainfo.json --video-root MSRVTT/videos/all [--split train]", 500),
+    Recipe("msvd", "video", read_msvd,
+           "--input AllVideoDescriptions.txt --input youtube_mapping.txt --video-root YouTubeClips "
+           "[--split train]", 500),
+    Recipe("urls", "image", read_urls, "--input LIST.{parquet,csv,tsv,json,jsonl} [--url-col url] "
+           "[--caption-col caption]"),
+]}
