@@ -417,7 +417,9 @@ def test_specs_and_manifest(tmp_path):
     assert brace_pattern("d", [0, 1, 2, 5, 7, 8]) == "d/{{00000..00002},00005,{00007..00008}}.tar"
     spec = make_source(tmp_path / "m" / "shards", "m", 3, 4)
     (tmp_path / "m" / "manifest.json").write_text(json.dumps(
-        {"shards_relative": "shards/{00000..00002}.tar", "num_shards": 3, "num_samples": 12}))
+        {"version": 2, "recipe": "urls", "kind": "image", "created": "2026-12-01T10:00:00", "complete": True,
+         "shards": "/elsewhere/shards/{00000..00002}.tar", "shards_relative": "shards/{00000..00002}.tar",
+         "num_shards": 3, "num_samples": 12}))
     urls, total = resolve_spec(str(tmp_path / "m" / "manifest.json"))
     assert len(urls) == 3 and total == 12 and Path(urls[0]).is_file()
     urls2, total2 = resolve_spec(str(tmp_path / "m") + "::" + spec)

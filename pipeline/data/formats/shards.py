@@ -16,7 +16,6 @@ temporary name and renames a finished tar into place, so a reader never sees hal
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -27,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
+
+from .manifest import read_manifest
 
 # media extensions, of tar members and of files (prep's video recipes, eval's media folders)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -62,17 +63,6 @@ def local_path(url: str) -> str | None:
 
 
 # -------------------------------------------------------------------------------- specs
-def read_manifest(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read shard manifest ({e})") from None
-    if "shards_relative" not in m and "shards" not in m:
-        raise ValueError(f"{path}: not a simvlg manifest (no 'shards' key)")
-    return m
-
-
 def resolve_spec(spec: str) -> tuple[list[str], int | None]:
     """A shard spec -> (list of shard urls, total samples if a manifest says so).
 
@@ -89,13 +79,8 @@ def resolve_spec(spec: str) -> tuple[list[str], int | None]:
         if part.endswith(".json") or (p.is_dir() and (p / "manifest.json").is_file()):
             mpath = p if part.endswith(".json") else p / "manifest.json"
             m = read_manifest(mpath)
-            rel = m.get("shards_relative")
-            pattern = str(mpath.parent / rel) if rel else m["shards"]
-            urls += list(braceexpand.braceexpand(pattern)) if m.get("num_shards", 1) else []
-            if total is not None and m.get("num_samples") is not None:
-                total += int(m["num_samples"])
-            else:
-                total = None
+            urls += list(braceexpand.braceexpand(m.pattern(next_to=mpath))) if m.num_shards else []
+            total = None if total is None else total + m.num_samples
         else:
             urls += list(braceexpand.braceexpand(part))
             total = None

@@ -17,7 +17,7 @@ from .counts import build_manifest
 from .download import DownloadOptions
 from .lists import Args, PrepInputError
 from .recipes import RECIPES
-from .run import PrepError, run_recipe
+from .run import PrepError, convert_input, run_recipe
 from .slurm import merge_parts, split_list
 
 
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (input/, shards/, manifest.json)")
     _add_fields(p, Args)
     _add_fields(p, DownloadOptions)
+    p.add_argument("--convert-only", action="store_true", help="validate + write parquet, no download")
     p.add_argument("--parts", type=int, help="(split) number of parts, one per SLURM array task")
     p.add_argument("--link", default="hardlink", choices=["hardlink", "symlink", "copy"],
                    help="(merge) how merged shard names point at the parts' shards")
@@ -71,14 +72,13 @@ def main(argv: list[str] | None = None) -> int:
             print("simvlg prep: --out DIR is required", file=sys.stderr)
             return 2
         if args.recipe == "merge":
-            m = merge_parts(Path(args.out), link=args.link)
-            return 0 if m["complete"] else 1
+            return 0 if merge_parts(Path(args.out), link=args.link).complete else 1
         if args.recipe == "manifest":
             src = Path(args.out) / "input" / "_SOURCE.json"
             recipe = json.loads(src.read_text()).get("recipe", "urls") if src.is_file() else "urls"
             m = build_manifest(Path(args.out), recipe=recipe, kind=RECIPES.get(recipe, RECIPES["urls"]).kind)
-            print(json.dumps({k: m[k] for k in ("shards", "num_shards", "num_samples", "complete")}))
-            return 0 if m["complete"] else 1
+            print(json.dumps({k: getattr(m, k) for k in ("shards", "num_shards", "num_samples", "complete")}))
+            return 0 if m.complete else 1
         if args.recipe == "split":
             if args.split_recipe not in RECIPES or not args.parts:
                 print("simvlg prep split RECIPE --input ... --parts N --out DIR", file=sys.stderr)
@@ -89,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"simvlg prep: unknown recipe {args.recipe!r}; known: {', '.join(RECIPES)}",
                   file=sys.stderr)
             return 2
-        m = run_recipe(args.recipe, Path(args.out), rargs, opts)
-        if opts.convert_only:
+        if args.convert_only:
+            convert_input(args.recipe, Path(args.out), rargs, opts)
             return 0
-        return 0 if m["complete"] else 1
+        return 0 if run_recipe(args.recipe, Path(args.out), rargs, opts).complete else 1
     except PrepInputError as e:
         print(f"simvlg prep: bad input: {e}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from array import array
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..formats.jsonfile import write_json_atomic
 from .lists import Args, PrepInputError, check_readable
 from .recipes import RECIPES
 
@@ -90,7 +91,7 @@ def convert(recipe_name: str, rargs: Args, input_dir: Path, *, samples_per_shard
         if not changes:
             if [i["mtime"] for i in done["inputs"]] != [i["mtime"] for i in fp["inputs"]]:
                 done["inputs"] = fp["inputs"]  # same content, touched since: remember the new mtimes
-                marker.write_text(json.dumps(done, indent=1))
+                write_json_atomic(marker, done)
             print(f"prep: reusing converted input {input_dir} ({done['rows']} rows)", file=log or sys.stderr)
             return done
         raise PrepInputError(f"{input_dir.parent} was prepared from other inputs or options: "
@@ -147,7 +148,7 @@ def convert(recipe_name: str, rargs: Args, input_dir: Path, *, samples_per_shard
     info = {**fp, "rows": total, "files": files, "file_rows": counts, "columns": schema.names,
             "validation": validation,
             "expected_shards": sum(math.ceil(c / samples_per_shard) for c in counts)}
-    (tmp / "_SOURCE.json").write_text(json.dumps(info, indent=1))
+    write_json_atomic(tmp / "_SOURCE.json", info)
     shutil.rmtree(input_dir, ignore_errors=True)
     os.replace(tmp, input_dir)
     print(f"prep: {total} rows validated -> {input_dir} ({len(files)} parquet file(s))",

@@ -5,16 +5,13 @@ from what the shards folder holds (the causes are documented in data_prep/README
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
 
-from ..formats.shards import brace_pattern, shard_id
+from ..formats.manifest import Counts, Manifest, ShardEntry, write_manifest
+from ..formats.shards import SHARD_WIDTH, brace_pattern, shard_id
 from .verify import cached_shard_list, verify_shards
-
-MANIFEST_VERSION = 1
-
 
 _CAUSES = [
     ("http_404", ("http error 404",)),
@@ -49,7 +46,9 @@ def cause_category(message: str) -> str:
 
 
 def build_manifest(out: Path, *, recipe: str, kind: str, settings: dict | None = None,
-                   timing: dict | None = None, processes: int = 1) -> dict:
+                   timing: dict | None = None, processes: int = 1) -> Manifest:
+    """OUT/manifest.json from what OUT/shards/ holds (tars scanned, or their cached scan reused) and
+    OUT/input/_SOURCE.json (the expected shard count, the validation counts); returns it."""
     out = Path(out)
     shards_dir = out / "shards"
     source = {}
@@ -64,9 +63,10 @@ def build_manifest(out: Path, *, recipe: str, kind: str, settings: dict | None =
                 stats[sid] = json.loads(f.read_text())
             except ValueError:
                 pass
-    verified = (verify_shards(shards_dir, cached_shard_list(out / "manifest.json"), processes)
+    verified = (verify_shards(shards_dir, cached_shard_list(out), processes)
                 if shards_dir.is_dir() else {})
     expected_ids = set(range(expected)) if expected is not None else set(stats) | set(verified)
+
     def whole(i):  # readable, and holds what img2dataset says it wrote
         v, written = verified.get(i, {}), stats[i].get("successes")
         return v.get("ok") and (written is None or v["samples"] == written)
@@ -75,7 +75,7 @@ def build_manifest(out: Path, *, recipe: str, kind: str, settings: dict | None =
                         and not whole(i))
     finished = sorted(i for i in expected_ids if i in stats and whole(i))
     incomplete = sorted(expected_ids - set(finished))
-    width = max([5] + [len(v["file"]) - 4 for v in verified.values()])
+    width = max([SHARD_WIDTH] + [len(v["file"]) - len(".tar") for v in verified.values()])
     with_samples = [i for i in finished if verified[i]["samples"] > 0]
     by_cause: Counter = Counter()
     totals = Counter()
@@ -91,39 +91,27 @@ def build_manifest(out: Path, *, recipe: str, kind: str, settings: dict | None =
         by_category[cause_category(msg)] += n
     num_samples = sum(verified[i]["samples"] for i in finished)
     duration = sum(float(stats[i].get("duration", 0.0)) for i in finished)
-    manifest = {
-        "version": MANIFEST_VERSION,
-        "recipe": recipe,
-        "kind": kind,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "complete": not incomplete and expected is not None,
-        "shards": brace_pattern(str(shards_dir.resolve()), with_samples, width),
-        "shards_relative": brace_pattern("shards", with_samples, width),
-        "num_shards": len(with_samples),
-        "num_samples": num_samples,
-        "counts": {
-            "input_rows": source.get("rows"),
-            "dropped_rows": (source.get("validation") or {}).get("dropped", {}),
-            "duplicate_urls": (source.get("validation") or {}).get("duplicate_urls", 0),
-            "dropped_duplicates": (source.get("validation") or {}).get("dropped_duplicates", 0),
-            "attempted": totals["count"],
-            "successes": totals["successes"],
-            "failed_to_download": totals["failed_to_download"],
-            "failed_to_resize": totals["failed_to_resize"],
-            "by_category": dict(by_category.most_common()),
-            "by_cause": dict(by_cause.most_common(50)),
-        },
-        "expected_shards": expected,
-        "incomplete_shards": incomplete,
-        "empty_shards": [i for i in finished if verified[i]["samples"] == 0],
-        "mismatched_shards": mismatched,
-        "shard_seconds": round(duration, 2),
-        "settings": settings or {},
-        "timing": timing or {},
-        "input": {k: source.get(k) for k in ("recipe", "inputs", "options", "rows", "columns")},
-        "shard_list": [verified[i] | {"stats_successes": stats[i].get("successes")} for i in finished],
-    }
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / "manifest.json")
+    validation = source.get("validation") or {}
+    manifest = Manifest(
+        recipe=recipe, kind=kind, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        complete=not incomplete and expected is not None,
+        shards=brace_pattern(str(shards_dir.resolve()), with_samples, width),
+        shards_relative=brace_pattern("shards", with_samples, width),
+        num_shards=len(with_samples), num_samples=num_samples,
+        counts=Counts(
+            input_rows=source.get("rows"), dropped_rows=validation.get("dropped", {}),
+            duplicate_urls=validation.get("duplicate_urls", 0),
+            dropped_duplicates=validation.get("dropped_duplicates", 0),
+            attempted=totals["count"], successes=totals["successes"],
+            failed_to_download=totals["failed_to_download"], failed_to_resize=totals["failed_to_resize"],
+            by_category=dict(by_category.most_common()), by_cause=dict(by_cause.most_common(50))),
+        expected_shards=expected, incomplete_shards=incomplete,
+        empty_shards=[i for i in finished if verified[i]["samples"] == 0],
+        mismatched_shards=mismatched, shard_seconds=round(duration, 2),
+        settings=settings or {}, timing=timing or {},
+        input={k: source.get(k) for k in ("recipe", "inputs", "options", "rows", "columns")},
+        shard_list=[ShardEntry(**{**verified[i], "stats_successes": stats[i].get("successes")})
+                    for i in finished],
+    )
+    write_manifest(out, manifest)
     return manifest

@@ -33,7 +33,6 @@ class DownloadOptions:
                                      "counted)")
     drop_duplicates: bool = _opt(False, "drop rows whose URL appeared earlier in the list (always counted)")
     limit: int | None = _opt(None, "use only the first N valid rows (trial runs)", type=int)
-    convert_only: bool = _opt(False, "validate + write parquet, no download")
     # img2dataset
     processes: int = _opt(0, "download processes (default: all cores)")
     threads: int = _opt(64, "download threads per process")

@@ -13,12 +13,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ..formats.manifest import Manifest
 from .convert import convert
 from .counts import build_manifest
 from .download import DEFAULT_OPTIONS, DownloadOptions, run_img2dataset
 from .lists import Args
 from .recipes import RECIPES
-from .verify import cached_manifest, cached_shard_list, finished_shards, reset_unfinished
+from .verify import cached_shard_list, finished_shards, previous_manifest, reset_unfinished
 from .video_shards import write_video_shards
 
 
@@ -26,26 +27,32 @@ class PrepError(RuntimeError):
     """A run that did not produce what it should (exit status 1: re-run the same command)."""
 
 
-def run_recipe(recipe_name: str, out: Path, rargs: Args, opts: DownloadOptions = DEFAULT_OPTIONS,
-               log=None) -> dict:
-    recipe = RECIPES[recipe_name]
+def convert_input(recipe_name: str, out: Path, rargs: Args, opts: DownloadOptions = DEFAULT_OPTIONS,
+                  log=None) -> dict:
+    """The validated list as parquet under OUT/input/ (reused if done before): its _SOURCE.json."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    sps = opts.samples_per_shard or RECIPES[recipe_name].samples_per_shard
+    return convert(recipe_name, rargs, out / "input", samples_per_shard=sps, drop_invalid=opts.drop_invalid,
+                   drop_duplicates=opts.drop_duplicates, limit=opts.limit, log=log)
+
+
+def run_recipe(recipe_name: str, out: Path, rargs: Args, opts: DownloadOptions = DEFAULT_OPTIONS,
+               log=None) -> Manifest:
+    recipe = RECIPES[recipe_name]
+    out = Path(out)
     sps = opts.samples_per_shard or recipe.samples_per_shard
     processes = opts.processes or (os.cpu_count() or 1)
-    info = convert(recipe_name, rargs, out / "input", samples_per_shard=sps, drop_invalid=opts.drop_invalid,
-                   drop_duplicates=opts.drop_duplicates, limit=opts.limit, log=log)
-    if opts.convert_only:
-        return info
+    info = convert_input(recipe_name, out, rargs, opts, log)
     shards_dir = out / "shards"
-    reset_unfinished(shards_dir, log, cache=cached_shard_list(out / "manifest.json"))
+    reset_unfinished(shards_dir, log, cache=cached_shard_list(out))
     before = finished_shards(shards_dir)
     todo = sorted(set(range(info["expected_shards"])) - set(before))
     t0 = time.time()
     if not todo:
         print(f"prep: all {info['expected_shards']} shards already finished", file=log or sys.stderr)
-        old = cached_manifest(out)
-        settings = old.get("settings", {})
+        old = previous_manifest(out)
+        settings = old.settings if old else {}
     elif recipe.kind == "video":
         write_video_shards(out / "input", shards_dir, info, samples_per_shard=sps, processes=processes,
                            log=log)
@@ -66,16 +73,16 @@ def run_recipe(recipe_name: str, out: Path, rargs: Args, opts: DownloadOptions =
     timing = {"wall_seconds": round(wall, 2), "shards_this_run": len(new_ids), "urls_this_run": attempted,
               "urls_per_second": round(attempted / wall, 1) if wall > 0 and attempted else None,
               "samples_per_second": round(ok / wall, 1) if wall > 0 and ok else None}
-    if not todo:
-        timing = cached_manifest(out).get("timing", timing)
+    if not todo and previous_manifest(out) is not None:
+        timing = previous_manifest(out).timing
     m = build_manifest(out, recipe=recipe_name, kind=recipe.kind, settings=settings, timing=timing,
                        processes=processes)
-    c = m["counts"]
-    fails = ", ".join(f"{k} {v}" for k, v in c["by_category"].items()) or "none"
-    print(f"prep {recipe_name}: {m['num_samples']} samples in {m['num_shards']} shards "
-          f"({c['successes']}/{c['attempted']} ok); failures: {fails}; {wall:.1f} s this run",
+    c = m.counts
+    fails = ", ".join(f"{k} {v}" for k, v in c.by_category.items()) or "none"
+    print(f"prep {recipe_name}: {m.num_samples} samples in {m.num_shards} shards "
+          f"({c.successes}/{c.attempted} ok); failures: {fails}; {wall:.1f} s this run",
           file=log or sys.stderr)
-    if m["incomplete_shards"]:
-        print(f"prep: {len(m['incomplete_shards'])} shard(s) not finished {m['incomplete_shards'][:10]}: "
+    if m.incomplete_shards:
+        print(f"prep: {len(m.incomplete_shards)} shard(s) not finished {m.incomplete_shards[:10]}: "
               "re-run the same command to retry them", file=log or sys.stderr)
     return m

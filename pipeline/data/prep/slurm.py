@@ -4,7 +4,6 @@ on its part into OUT/part_NNNNN/), then merge the parts' shards and manifests in
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -13,9 +12,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ..formats.shards import brace_pattern, shard_id
+from ..formats.manifest import Counts, Manifest, ShardEntry, read_manifest, write_manifest
+from ..formats.shards import SHARD_WIDTH, brace_pattern, shard_id, shard_name
 from .convert import convert
-from .counts import MANIFEST_VERSION
 from .download import DEFAULT_OPTIONS, DownloadOptions
 from .lists import Args, PrepInputError
 from .recipes import RECIPES
@@ -54,9 +53,9 @@ def split_list(recipe_name: str, out: Path, rargs: Args, parts: int,
     return paths
 
 
-def merge_parts(out: Path, *, link: str = "hardlink", log=None) -> dict:
+def merge_parts(out: Path, *, link: str = "hardlink", log=None) -> Manifest:
     """One manifest over out/part_*/ with globally unique shard names out/shards/NNNNNN.tar
-    (hard links, symlinks or copies of the parts' shards)."""
+    (hard links, symlinks or copies of the parts' shards); counts are summed over the parts."""
     out = Path(out)
     part_dirs = sorted(p for p in out.glob("part_*") if p.is_dir())
     if not part_dirs:
@@ -64,32 +63,32 @@ def merge_parts(out: Path, *, link: str = "hardlink", log=None) -> dict:
     expected_parts = sorted((out / "parts").glob("part_*.parquet")) if (out / "parts").is_dir() else []
     merged = out / "shards"
     merged.mkdir(exist_ok=True)
-    width = 6
-    gid = 0
-    shard_list, missing_parts, incomplete = [], [], {}
-    totals, by_cause, by_cat = Counter(), Counter(), Counter()
-    done_names = {p.name for p in part_dirs if (p / "manifest.json").is_file()}
-    for p in expected_parts:
-        if p.stem not in done_names:
-            missing_parts.append(p.stem)
-    for pd in part_dirs:
-        mf = pd / "manifest.json"
-        if not mf.is_file():
-            missing_parts.append(pd.name)
-            continue
-        pm = json.loads(mf.read_text())
-        if pm.get("incomplete_shards"):
-            incomplete[pd.name] = pm["incomplete_shards"]
-        for k in ("attempted", "successes", "failed_to_download", "failed_to_resize"):
-            totals[k] += int(pm["counts"].get(k) or 0)
-        totals["input_rows"] += int(pm["counts"].get("input_rows") or 0)
-        by_cause.update(pm["counts"].get("by_cause", {}))
-        by_cat.update(pm["counts"].get("by_category", {}))
-        for e in pm.get("shard_list", []):
-            if e.get("samples", 0) <= 0:
+    width = SHARD_WIDTH + 1
+    done = {p.name for p in part_dirs if (p / "manifest.json").is_file()}
+    missing_parts = sorted(({p.stem for p in expected_parts} | {p.name for p in part_dirs}) - done)
+    shard_list: list[ShardEntry] = []
+    incomplete: dict[str, list[int]] = {}
+    sums, dropped, by_cause, by_cat = Counter(), Counter(), Counter(), Counter()
+    for pd in (p for p in part_dirs if p.name in done):
+        try:
+            pm = read_manifest(pd / "manifest.json")
+        except ValueError as e:
+            raise PrepError(f"merge: {e}") from None
+        if pm.incomplete_shards:
+            incomplete[pd.name] = pm.incomplete_shards
+        c = pm.counts
+        for k in ("attempted", "successes", "failed_to_download", "failed_to_resize", "duplicate_urls",
+                  "dropped_duplicates"):
+            sums[k] += getattr(c, k)
+        sums["input_rows"] += c.input_rows or 0
+        dropped.update(c.dropped_rows)
+        by_cause.update(c.by_cause)
+        by_cat.update(c.by_category)
+        for e in pm.shard_list:
+            if e.samples <= 0:
                 continue
-            src = pd / "shards" / e["file"]
-            dst = merged / f"{gid:0{width}d}.tar"
+            src = pd / "shards" / e.file
+            dst = merged / f"{shard_name(len(shard_list), width)}.tar"
             if dst.exists() or dst.is_symlink():
                 dst.unlink()
             if link == "hardlink":
@@ -101,30 +100,25 @@ def merge_parts(out: Path, *, link: str = "hardlink", log=None) -> dict:
                 os.symlink(src.resolve(), dst)
             else:
                 shutil.copyfile(src, dst)
-            shard_list.append({"id": gid, "file": dst.name, "samples": e["samples"], "part": pd.name,
-                               "part_file": e["file"]})
-            gid += 1
+            shard_list.append(ShardEntry(id=len(shard_list), file=dst.name, samples=e.samples, part=pd.name,
+                                         part_file=e.file))
+    n = len(shard_list)
     for stale in merged.glob("*.tar"):
         sid = shard_id(stale.name)
-        if sid is not None and sid >= gid:
+        if sid is not None and sid >= n:
             stale.unlink()
-    ids = list(range(gid))
-    manifest = {
-        "version": MANIFEST_VERSION, "recipe": "merge", "kind": "image",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "complete": not missing_parts and not incomplete,
-        "shards": brace_pattern(str(merged.resolve()), ids, width),
-        "shards_relative": brace_pattern("shards", ids, width),
-        "num_shards": gid, "num_samples": sum(e["samples"] for e in shard_list),
-        "counts": {**dict(totals), "by_category": dict(by_cat.most_common()),
-                   "by_cause": dict(by_cause.most_common(50))},
-        "parts": [p.name for p in part_dirs], "missing_parts": missing_parts,
-        "incomplete_shards": incomplete, "shard_list": shard_list,
-    }
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / "manifest.json")
-    print(f"prep merge: {manifest['num_samples']} samples in {gid} shards from {len(part_dirs)} parts"
+    manifest = Manifest(
+        recipe="merge", kind="image", created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        complete=not missing_parts and not incomplete,
+        shards=brace_pattern(str(merged.resolve()), range(n), width),
+        shards_relative=brace_pattern("shards", range(n), width),
+        num_shards=n, num_samples=sum(e.samples for e in shard_list),
+        counts=Counts(**sums, dropped_rows=dict(dropped), by_category=dict(by_cat.most_common()),
+                      by_cause=dict(by_cause.most_common(50))),
+        parts=[p.name for p in part_dirs], missing_parts=missing_parts, incomplete_parts=incomplete,
+        shard_list=shard_list)
+    write_manifest(out, manifest)
+    print(f"prep merge: {manifest.num_samples} samples in {n} shards from {len(part_dirs)} parts"
           + (f"; missing parts {missing_parts}" if missing_parts else "")
           + (f"; unfinished shards in {sorted(incomplete)}" if incomplete else ""), file=log or sys.stderr)
     return manifest

@@ -10,6 +10,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+from ..formats.manifest import Manifest, read_manifest
 from ..formats.shards import count_tar_samples, shard_id
 
 
@@ -113,16 +114,15 @@ def finished_shards(shards_dir: Path) -> dict[int, dict]:
     return out
 
 
-def cached_manifest(out: Path) -> dict:
+def previous_manifest(out: Path) -> Manifest | None:
+    """The manifest an earlier run wrote into OUT, or None (none, unreadable, or not a manifest)."""
     try:
-        return json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return {}
+        return read_manifest(out / "manifest.json")
+    except ValueError:
+        return None
 
 
-def cached_shard_list(manifest: Path) -> dict:
-    try:
-        m = json.loads(manifest.read_text())
-        return {int(e["id"]): e for e in m.get("shard_list", [])}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+def cached_shard_list(out: Path) -> dict[int, dict]:
+    """{id: shard entry} of the earlier manifest: tar scans to reuse while size and mtime hold."""
+    m = previous_manifest(out)
+    return {e.id: e.model_dump(exclude_none=True) for e in m.shard_list} if m else {}
