@@ -231,7 +231,7 @@ class EvalConfig(Section):
     max_samples: PositiveInt | None = None  # first N samples only (a partial, flagged result)
     # per task: file overrides ({annotations, questions, images, videos, shards, image_template,
     # mapping}: paths relative to data_root or absolute), or a custom task with `kind` (caption,
-    # vqa, gqa, video_caption); see pipeline/eval/datasets.py
+    # vqa, gqa, video_caption); see pipeline/eval/tasks.py
     datasets: dict[str, dict[str, str]] = Field(default_factory=dict)
 
     @model_validator(mode="after")

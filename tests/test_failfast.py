@@ -286,7 +286,7 @@ def _eval_worker(rank, world, port, root, out):
     import torch.distributed as dist
     from test_eval import ColourCaptioner, _cfg
 
-    from pipeline.eval.datasets import EvalDataError
+    from pipeline.eval.tasks import EvalDataError
 
     class Crashing(ColourCaptioner):
         def generate(self, *a, **kw):

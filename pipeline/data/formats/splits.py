@@ -1,6 +1,7 @@
-"""Standard splits, in one place: the prep recipes of datasets with evaluation splits read only the
-split asked for (`simvlg prep RECIPE --split train`), so no evaluation image or clip reaches a
-training shard; the evaluation readers (pipeline/eval/datasets.py) import the same rules.
+"""Standard splits, in one place: the annotation readers (annotations.py) apply them for both sides,
+so the prep recipes of datasets with evaluation splits read only the split asked for (`simvlg prep
+RECIPE --split train`) and no evaluation image or clip reaches a training shard, while the
+evaluation tasks read their val or test split with the same rules.
 
 | dataset   | standard split                                          | read from                       |
 |-----------|---------------------------------------------------------|---------------------------------|

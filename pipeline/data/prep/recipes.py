@@ -31,12 +31,16 @@ MSR-VTT, MSVD) keep every split but --split out of the shards (the rules: format
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..formats.splits import SPLITS, karpathy_split, msrvtt_split, msvd_split, split_in_name
+from ..formats.annotations import AnnotationError, Sample, read_captions
+from ..formats.annotations import read_msrvtt as read_msrvtt_annotations
+from ..formats.annotations import read_msvd as read_msvd_annotations
+from ..formats.shards import VIDEO_EXTS
+from ..formats.splits import SPLITS, split_in_name
 from .lists import (
     Args,
     PrepInputError,
@@ -105,18 +109,14 @@ def _read_capfilt(name: str, expected: str):
     return read
 
 
-# ------------------------------------------------- datasets with standard splits (formats/splits.py)
-def read_msvd_mapping(path: str | Path) -> dict[str, str]:
-    """youtube_mapping.txt ("-4wsuPCjDBc_5_15 vid1" lines) -> {clip name: "vidN"}."""
-    out = {}
-    with open_text(path) as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) == 2:
-                out[parts[0]] = parts[1]
-    if not out:
-        raise PrepInputError(f"{path}: no 'clip vidN' lines (expected MSVD youtube_mapping.txt)")
-    return out
+# ------------------------------------------- datasets with standard splits (formats/annotations.py)
+@contextmanager
+def _as_input_error():
+    """An annotation file the shared readers refuse is bad input here (exit 2, nothing downloaded)."""
+    try:
+        yield
+    except AnnotationError as e:
+        raise PrepInputError(str(e)) from None
 
 
 def check_split_file(path: Path, split: str, recipe: str) -> None:
@@ -132,13 +132,6 @@ def _check_split_arg(args: Args) -> str:
     return args.split
 
 
-def _starts_with_brace(path: Path) -> bool:
-    with open_text(path) as f:
-        head = f.read(4096).lstrip()
-    return head.startswith("{")
-
-
-# -------------------------------------------------------------------------------- images
 def _image_location(args: Args, recipe: str, need_root: bool) -> Path | None:
     root = Path(args.image_root).resolve() if args.image_root else None
     if root is not None and not root.is_dir():
@@ -148,84 +141,43 @@ def _image_location(args: Args, recipe: str, need_root: bool) -> Path | None:
     return root
 
 
-def _image_rows(grouped: dict[str, list[str]], root: Path | None, base_url: str) -> Iterator[dict]:
+def _image_rows(samples: list[Sample], root: Path | None, base_url: str) -> Iterator[dict]:
     missing = 0
-    for n, (image, caps) in enumerate(grouped.items()):
+    for n, s in enumerate(samples):
         if root is not None:
-            f = root / image
+            f = root / s.media
             if n < 200 and not f.is_file():
                 missing += 1
             url = f.as_uri()
         else:
-            url = base_url.rstrip("/") + "/" + image.lstrip("/")
+            url = base_url.rstrip("/") + "/" + s.media.lstrip("/")
         if n == 199 and missing > 100:
             raise PrepInputError(f"--image-root {root}: {missing} of the first 200 images are missing "
-                                 f"(e.g. {root / image}); point it at the folder holding them")
-        yield {"url": url, "caption": caps[0] if caps else "", "captions": caps}
+                                 f"(e.g. {root / s.media}); point it at the folder holding them")
+        yield {"url": url, "caption": s.references[0] if s.references else "", "captions": s.references}
 
 
-def _karpathy_dataset(path: Path, split: str, folder: str = "") -> dict[str, list[str]]:
-    """Karpathy's dataset_{coco,flickr30k}.json: {"images": [{filepath?, filename, split,
-    sentences: [{raw}]}]} -> {image path: captions} of one split."""
-    with open_text(path) as f:
-        try:
-            data = json.load(f)
-        except ValueError as e:
-            raise PrepInputError(f"{path}: not valid JSON ({e})") from None
-    images = data.get("images") if isinstance(data, dict) else None
-    if not isinstance(images, list) or (images and "split" not in images[0]):
-        raise PrepInputError(f"{path}: expected Karpathy's dataset_*.json ({{'images': [{{filename, split, "
-                             "sentences}}]}}) or a LAVIS/BLIP per-split list")
-    grouped: dict[str, list[str]] = {}
-    for im in images:
-        if karpathy_split(im.get("split", "")) != split:
-            continue
-        name = "/".join(p for p in (im.get("filepath") or folder, im["filename"]) if p)
-        grouped[name] = [s.get("raw", "") for s in im.get("sentences", [])]
-    if not grouped:
-        raise PrepInputError(f"{path}: no images with split {split!r}")
-    return grouped
-
-
-def _lavis_image_list(path: Path, recipe: str) -> dict[str, list[str]]:
-    grouped: dict[str, list[str]] = {}
-    for i, row in enumerate(iter_json_list(path)):
-        if not isinstance(row, dict) or "image" not in row or "caption" not in row:
-            got = sorted(row) if isinstance(row, dict) else row
-            raise PrepInputError(f"{path}: entry {i} lacks 'image' or 'caption' (expected {recipe} entries "
-                                 f"as LAVIS/BLIP write them), got {got!r}")
-        caps = row["caption"] if isinstance(row["caption"], list) else [row["caption"]]
-        grouped.setdefault(row["image"], []).extend(c if isinstance(c, str) else "" for c in caps)
-    return grouped
+def _read_image_captions(args: Args, recipe: str, expected: str, need_root: bool, folder: str = ""):
+    (p,) = need_inputs(args, 1, recipe, expected)
+    split = _check_split_arg(args)
+    root = _image_location(args, recipe, need_root)
+    check_split_file(p, split, recipe)  # a per-split file must be the split asked for
+    with _as_input_error():
+        samples = read_captions(p, split, folder)  # a Karpathy file holds every split: only `split`
+    yield from _image_rows(samples, root, args.base_url)
 
 
 def read_coco_karpathy(args: Args) -> Iterator[dict]:
-    (p,) = need_inputs(args, 1, "coco_karpathy", "dataset_coco.json (Karpathy) or "
-                       "coco_karpathy_{train,val,test}.json (LAVIS/BLIP)")
-    split = _check_split_arg(args)
-    root = _image_location(args, "coco_karpathy", need_root=False)
-    if _starts_with_brace(p):
-        grouped = _karpathy_dataset(p, split)
-    else:
-        check_split_file(p, split, "coco_karpathy")
-        grouped = _lavis_image_list(p, "coco_karpathy")
-    yield from _image_rows(grouped, root, args.base_url)
+    return _read_image_captions(args, "coco_karpathy", "dataset_coco.json (Karpathy) or "
+                                "coco_karpathy_{train,val,test}.json (LAVIS/BLIP)", need_root=False)
 
 
-def read_flickr30k(args: Args) -> Iterator[dict]:
-    (p,) = need_inputs(args, 1, "flickr30k", "dataset_flickr30k.json (Karpathy) or "
-                       "flickr30k_{train,val,test}.json (BLIP)")
-    split = _check_split_arg(args)
-    root = _image_location(args, "flickr30k", need_root=True)  # no public image URLs
-    if _starts_with_brace(p):
-        grouped = _karpathy_dataset(p, split, folder="flickr30k-images")
-    else:
-        check_split_file(p, split, "flickr30k")
-        grouped = _lavis_image_list(p, "flickr30k")
-    yield from _image_rows(grouped, root, args.base_url)
+def read_flickr30k(args: Args) -> Iterator[dict]:  # no public image URLs: --image-root
+    return _read_image_captions(args, "flickr30k", "dataset_flickr30k.json (Karpathy) or "
+                                "flickr30k_{train,val,test}.json (BLIP)", need_root=True,
+                                folder="flickr30k-images")
 
 
-# --------------------------------------------------------------------------------- video
 def _video_root(args: Args, recipe: str) -> Path:
     if not args.video_root:
         raise PrepInputError(f"recipe {recipe} needs --video-root (the folder holding the video files)")
@@ -235,41 +187,19 @@ def _video_root(args: Args, recipe: str) -> Path:
     return root
 
 
-def _find_video(root: Path, vid: str, exts=(".mp4", ".webm", ".avi", ".mkv", ".mov")) -> Path:
-    p = root / vid
+def _find_video(root: Path, name: str) -> Path:
+    """root/name if it has a video extension, else the first root/name.EXT that exists (else .mp4)."""
+    exts = tuple("." + e for e in VIDEO_EXTS)
+    p = root / name
     if p.suffix.lower() in exts:
         return p
-    for e in exts:
-        if (root / (vid + e)).exists():
-            return root / (vid + e)
-    return root / (vid + exts[0])
+    return next((root / (name + e) for e in exts if (root / (name + e)).exists()), root / (name + exts[0]))
 
 
-def _group_videos(pairs, root: Path) -> Iterator[dict]:
-    grouped: dict[str, list[str]] = {}
-    for vid, cap in pairs:
-        grouped.setdefault(vid, []).append(cap)
-    for vid, caps in grouped.items():
-        yield {"video": str(_find_video(root, vid)), "video_id": Path(vid).stem, "caption": caps[0],
-               "captions": caps}
-
-
-def _lavis_video_pairs(path: Path, data: list) -> list[tuple[str, str]]:
-    pairs = []
-    for i, row in enumerate(data):
-        if not isinstance(row, dict) or "video" not in row or "caption" not in row:
-            raise PrepInputError(f"{path}: entry {i} lacks 'video' or 'caption'")
-        caps = row["caption"] if isinstance(row["caption"], list) else [row["caption"]]
-        pairs += [(str(row["video"]), c) for c in caps]
-    return pairs
-
-
-def _keep_split(pairs, split_of, split: str, path: Path, what: str) -> list[tuple[str, str]]:
-    kept = [(v, c) for v, c in pairs if split_of(v) == split]
-    if not kept:
-        found = sorted({str(split_of(v)) for v, _ in pairs})
-        raise PrepInputError(f"{path}: no {what} of split {split!r} (it holds {', '.join(found)})")
-    return kept
+def _video_rows(samples: list[Sample], root: Path) -> Iterator[dict]:
+    for s in samples:
+        yield {"video": str(_find_video(root, s.media)), "video_id": Path(s.media).stem,
+               "caption": s.references[0] if s.references else "", "captions": s.references}
 
 
 def read_msrvtt(args: Args) -> Iterator[dict]:
@@ -277,22 +207,9 @@ def read_msrvtt(args: Args) -> Iterator[dict]:
                        "LAVIS msrvtt_{split}.json / cap_{split}.json")
     split = _check_split_arg(args)
     root = _video_root(args, "msrvtt")
-    with open_text(p) as f:
-        try:
-            data = json.load(f)
-        except ValueError as e:
-            raise PrepInputError(f"{p}: not valid JSON ({e})") from None
-    if isinstance(data, dict) and "sentences" in data:
-        want = {"val": "validate"}.get(split, split)
-        keep = {v["video_id"] for v in data.get("videos", []) if v.get("split", want) == want}
-        if not keep:
-            raise PrepInputError(f"{p}: no videos with split {want!r}")
-        pairs = [(s["video_id"], s.get("caption", "")) for s in data["sentences"] if s["video_id"] in keep]
-    elif isinstance(data, list):
-        pairs = _lavis_video_pairs(p, data)
-    else:
-        raise PrepInputError(f"{p}: expected MSR-VTT videodatainfo (videos + sentences) or a LAVIS list")
-    yield from _group_videos(_keep_split(pairs, msrvtt_split, split, p, "videos"), root)
+    with _as_input_error():
+        samples = read_msrvtt_annotations(p, split)
+    yield from _video_rows(samples, root)
 
 
 def read_msvd(args: Args) -> Iterator[dict]:
@@ -304,32 +221,18 @@ def read_msvd(args: Args) -> Iterator[dict]:
     paths = need_inputs(args, len(args.inputs), "msvd", what)
     split = _check_split_arg(args)
     root = _video_root(args, "msvd")
-    p = paths[0]
-    mapping = read_msvd_mapping(paths[1]) if len(paths) == 2 else None
-    if p.suffix == ".json":
-        pairs = [(Path(v).stem, c) for v, c in _lavis_video_pairs(p, list(iter_json_list(p)))]
-        if mapping is None:
-            if split_in_name(p) is None:
-                raise PrepInputError(f"{p}: cannot tell which MSVD split it holds; pass youtube_mapping.txt "
-                                     "as a second --input (the standard split is by vidN)")
-            check_split_file(p, split, "msvd")
-            yield from _group_videos(pairs, root)
-            return
-    else:
-        if mapping is None:
-            raise PrepInputError(f"recipe msvd: {p.name} holds every split; pass youtube_mapping.txt as a "
-                                 "second --input so only the --split clips are read")
-        pairs = []
-        with open_text(p) as f:
-            for line in f:
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    vid, _, cap = line.partition(" ")
-                    pairs.append((vid, cap))
-    unknown = sorted({v for v, _ in pairs if v not in mapping})
-    if unknown:
-        raise PrepInputError(f"{p}: {len(unknown)} clips are not in {paths[1]} (e.g. {unknown[0]})")
-    yield from _group_videos(_keep_split(pairs, lambda v: msvd_split(mapping[v]), split, p, "clips"), root)
+    p, mapping = paths[0], (paths[1] if len(paths) == 2 else None)
+    if mapping is None and p.suffix != ".json":
+        raise PrepInputError(f"recipe msvd: {p.name} holds every split; pass youtube_mapping.txt as a "
+                             "second --input so only the --split clips are read")
+    if mapping is None:  # a LAVIS list without the map: its name must say which split it holds
+        if split_in_name(p) is None:
+            raise PrepInputError(f"{p}: cannot tell which MSVD split it holds; pass youtube_mapping.txt "
+                                 "as a second --input (the standard split is by vidN)")
+        check_split_file(p, split, "msvd")
+    with _as_input_error():
+        samples = read_msvd_annotations(p, split, mapping)
+    yield from _video_rows(samples, root)
 
 
 @dataclass
