@@ -27,6 +27,7 @@ from pipeline.data.formats.shards import (
     resolve_spec,
     write_shard,
 )
+from pipeline.data.loader import TrainLoader
 from pipeline.data.mixing import adaptive_shares
 
 
@@ -104,6 +105,7 @@ def test_batch_fields(two_sources):
     assert all(c.startswith("a a photo, number") and "!" not in c for c in b["captions"])  # pre_caption
     assert len(set(b["keys"])) == 6
     assert "_meta" not in b
+    assert isinstance(loader, TrainLoader)  # what the Trainer is typed against
 
 
 def test_sample_mixing_proportions(two_sources):

@@ -186,7 +186,7 @@ def test_hand_example(backend):
     x = torch.tensor([[[1.0, 0.0], [2.0, 4.0], [5.0, 1.0]]])
     size = torch.tensor([[[1.0], [1.0], [3.0]]])
     metric = torch.randn(1, 3, 4)
-    x2, s2, src = kernels.merge_tokens(x, metric, size, 1, backend=backend, source=True)
+    x2, s2, src = kernels.merge_tokens_with_source(x, metric, size, 1, backend=backend)
     torch.testing.assert_close(x2, torch.tensor([[[1.0, 0.0], [17 / 4, 7 / 4]]]))
     torch.testing.assert_close(s2, torch.tensor([[[1.0], [4.0]]]))
     torch.testing.assert_close(src, torch.tensor([[[1.0, 0, 0], [0, 1, 1]]]))
@@ -227,10 +227,10 @@ def test_batch_rows_independent(backend):
 def test_sizes_and_sources_over_layers(backend, protect):
     B, N = 2, 37
     x0, metric, _ = make(B, N, 8, 6, seed=11)
-    x, size, source = x0, None, True
+    x, size, source = x0, None, None
     for r in (5, 7, 9, 30):
-        x, size, source = kernels.merge_tokens(x, metric, size, r, protect, backend=backend,
-                                               source=source)
+        x, size, source = kernels.merge_tokens_with_source(x, metric, size, r, source, protect,
+                                                           backend=backend)
         metric = x[..., :6] + 0.1 * torch.randn_like(x[..., :6])
         n = x.shape[1]
         assert source.shape == (B, n, N)

@@ -60,6 +60,8 @@ import sys
 import time
 import weakref
 from collections import defaultdict
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import DataLoader
@@ -68,6 +70,22 @@ from .formats.shards import resolve_spec
 from .mixing import AdaptiveMixer
 from .streams import Source
 from .worker import MixedStream
+
+
+@runtime_checkable
+class TrainLoader(Protocol):
+    """What the trainer needs of its data (StreamingLoader is one; tests pass smaller ones)."""
+
+    def __iter__(self) -> Iterator[dict]: ...  # batches: pixel_values, input_ids, ..., source
+
+    def state_dict(self) -> dict: ...  # the position after the batches consumed so far
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None: ...
+
+    def skip_counts(self) -> dict[str, int]: ...  # {"<source>/<cause>": n}, the same keys on every rank
+
+    def report_loss(self, losses: dict[str, float]) -> list[float] | None: ...  # adaptive mixing
+
 
 SKIP_KINDS = ("unreadable_shard", "corrupt_tar", "corrupt_image", "corrupt_video", "missing_image",
               "missing_caption", "oversized", "dead_source")
@@ -179,18 +197,16 @@ class StreamingLoader:
             while True:
                 t0 = time.perf_counter()
                 try:
-                    batch = next(it)
+                    meta, batch = next(it)
                 except StopIteration:
                     break
                 self.wait_time += time.perf_counter() - t0
-                meta = batch.pop("_meta")
-                if meta.get("empty"):
-                    self._add_skips(meta["skips"])
+                self._add_skips(meta.skips)
+                if batch is None:  # an eval pass's trailing skips, no batch
                     continue
-                self._state["workers"][str(meta["worker"])] = {
-                    "batches": int(meta["batches"]), "pos": [[int(a), int(b)] for a, b in meta["pos"]]}
+                self._state["workers"][str(meta.worker)] = {
+                    "batches": int(meta.batches), "pos": [[int(a), int(b)] for a, b in meta.positions]}
                 self._state["consumed"] += 1
-                self._add_skips(meta["skips"])
                 self.batches += 1
                 yield batch
         finally:  # an error, or the consumer stopped early (GeneratorExit): workers go now
@@ -325,4 +341,4 @@ def build_loader(data_cfg, *, tokenize, batch_size: int, rank: int = 0, world_si
                            mixer=mixer)
 
 
-__all__ = ["SKIP_KINDS", "StreamingLoader", "build_loader", "resolve_sources"]
+__all__ = ["SKIP_KINDS", "StreamingLoader", "TrainLoader", "build_loader", "resolve_sources"]

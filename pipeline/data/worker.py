@@ -12,6 +12,7 @@ import json
 import random
 import warnings
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -24,8 +25,21 @@ from .transforms import build_transform, normalize_batch, pre_caption, stack_hwc
 from .video import video_frames
 
 
+@dataclass
+class BatchMeta:
+    """Where a logical worker stands after a batch: travels with the batch to the loader (which keeps
+    it as its resume state and sums the skips), never to the trainer."""
+
+    worker: int  # logical worker
+    epoch: int
+    batches: int  # batches this worker has made this epoch, this one included
+    positions: list[list[int]]  # per source stream: [segment, raw samples pulled in it]
+    skips: dict[str, dict[str, int]]  # since the previous batch: {source: {cause: count}}
+
+
 class MixedStream(IterableDataset):
-    """The worker side: yields collated batches with a `_meta` entry the loader strips."""
+    """The worker side: yields (BatchMeta, collated batch) pairs; the batch is None when an eval pass
+    ends with skips after its last full batch (they still reach the trainer's counts)."""
 
     def __init__(self, sources: list[Source], *, data_cfg, tokenize, batch_size: int, rank: int,
                  world_size: int, seed: int, train: bool, epoch_batches: int | None,
@@ -145,8 +159,7 @@ class MixedStream(IterableDataset):
             n += 1
             yield self._collate(items, lw, epoch, n, streams, skips)
         elif skips:  # skips after the last full batch still reach the trainer
-            yield {"_meta": {"worker": lw, "epoch": epoch, "batches": n, "pos": [s.position for s in streams],
-                             "skips": {k: dict(v) for k, v in skips.items()}, "empty": True}}
+            yield self._meta(lw, epoch, n, streams, skips), None
 
     def _next_item(self, stream: SourceStream, rng: random.Random, on_skip):
         while True:
@@ -213,7 +226,12 @@ class MixedStream(IterableDataset):
             pixels = self.transform.apply(img, self.transform.params(img.width, img.height, rng))
         return pixels, caption, si, raw["__key__"]
 
-    def _collate(self, items, lw, epoch, n, streams, skips) -> dict:
+    @staticmethod
+    def _meta(lw, epoch, n, streams, skips) -> BatchMeta:
+        return BatchMeta(worker=lw, epoch=epoch, batches=n, positions=[s.position for s in streams],
+                         skips={k: dict(v) for k, v in skips.items()})
+
+    def _collate(self, items, lw, epoch, n, streams, skips) -> tuple[BatchMeta, dict]:
         pixels, captions, sis, keys = zip(*items)
         batch = {"pixel_values": normalize_batch(stack_hwc(pixels))}
         if self.tokenize is not None:
@@ -223,7 +241,5 @@ class MixedStream(IterableDataset):
             "source": [self.names[i] for i in sis],
             "source_idx": torch.tensor(sis, dtype=torch.long),
             "keys": list(keys),
-            "_meta": {"worker": lw, "epoch": epoch, "batches": n, "pos": [s.position for s in streams],
-                      "skips": {k: dict(v) for k, v in skips.items()}},
         })
-        return batch
+        return self._meta(lw, epoch, n, streams, skips), batch

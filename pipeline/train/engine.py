@@ -19,6 +19,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,9 @@ from pipeline.train import checkpoint
 from pipeline.train.schedule import lr_at, param_groups
 from pipeline.train.signals import StopFlag, requeue_slurm_job
 from pipeline.train.tracking import Tracker
+
+if TYPE_CHECKING:
+    from pipeline.data.loader import TrainLoader
 
 log = logging.getLogger("simvlg.train")
 DS_OVERRIDDEN = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -114,7 +118,8 @@ def _all_reduce(values: list[float], device) -> list[float]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, *, model=None, loader=None, guard=None):
+    def __init__(self, cfg: Config, run_dir: Path, *, model=None, loader: TrainLoader | None = None,
+                 guard=None):
         import deepspeed
 
         from pipeline.data import build_loader
@@ -133,7 +138,7 @@ class Trainer:
             torch.cuda.set_device(device)
         self.model = model if model is not None else build_model(cfg.model, device=device)
         tokenize = CaptionTokenizer.from_config(cfg.model.llm)
-        self.loader = loader if loader is not None else build_loader(
+        self.loader: TrainLoader = loader if loader is not None else build_loader(
             cfg.data, tokenize=tokenize, batch_size=cfg.train.micro_batch, rank=self.rank,
             world_size=self.world, seed=cfg.run.seed, train=True)
         _exclude_frozen_from_state_dict(self.model)
@@ -231,7 +236,7 @@ class Trainer:
         total = _all_reduce(flat, self.device)
         source_loss = {n: total[4 + 2 * i] / total[5 + 2 * i]
                        for i, n in enumerate(names) if total[5 + 2 * i] > 0}
-        if hasattr(self.loader, "report_loss") and source_loss:
+        if source_loss:
             self.loader.report_loss(source_loss)
         grad_norm = self.engine.get_global_grad_norm()
         self.step += 1
@@ -286,7 +291,7 @@ class Trainer:
         return {"step": self.step, "history": history, "stopped": stopped_by is not None}
 
     def _skip_metrics(self) -> dict:
-        counts = self.loader.skip_counts() if hasattr(self.loader, "skip_counts") else {}
+        counts = self.loader.skip_counts()
         names = sorted(counts)
         totals = _all_reduce([float(counts[n]) for n in names], self.device) if names else []
         return {f"skipped/{n}": v for n, v in zip(names, totals)}
