@@ -48,8 +48,8 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the file, the dotted key and the problem."""
 
 
-# Fields that name files which must exist when set; relative paths resolve against the config file's
-# folder, then the packaged configs, then the working directory (repo-relative ds_configs/...).
+# Fields that name files which must exist when set; relative paths resolve as resolve_file says (the
+# config file's folder, the packaged configs, the working directory, then the package: ds_configs/...).
 FILE_FIELDS = ["model.init_connector", "model.vision.arch_config", "model.tomeformer.arch_config",
                "model.qformer.arch_config", "model.llm.arch_config", "train.ds_config"]
 
@@ -234,13 +234,16 @@ def validate(raw: dict, source: str) -> Config:
 
 
 def resolve_file(value: str, config_dir: Path | None) -> Path | None:
-    for base in ([config_dir] if config_dir else []) + [PACKAGED_CONFIGS, Path.cwd()]:
+    """A file a config names: absolute, or relative to the config's folder, the packaged configs, the
+    working directory, the installed package (which ships ds_configs/ as pipeline/ds_configs/) or the
+    checkout (an editable install, or PYTHONPATH at the repository)."""
+    package = PACKAGED_CONFIGS.parent
+    bases = [PACKAGED_CONFIGS, Path.cwd(), package, package.parent]
+    for base in ([config_dir] if config_dir else []) + bases:
         p = (base / value) if not Path(value).is_absolute() else Path(value)
         if p.exists():
             return p.resolve()
-    repo_root = PACKAGED_CONFIGS.parent.parent  # editable install: the checkout
-    p = repo_root / value
-    return p.resolve() if p.exists() else None
+    return None
 
 
 def _check_files(cfg: Config, source: str, config_dir: Path | None) -> None:
