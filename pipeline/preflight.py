@@ -40,7 +40,7 @@ def _hub_cached(repo_id: str) -> bool:
         from huggingface_hub import try_to_load_from_cache
 
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # noqa: BLE001 - an old or missing huggingface_hub: cannot tell
+    except Exception:  # an old or missing huggingface_hub: cannot tell
         return True
 
 

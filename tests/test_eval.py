@@ -3,6 +3,7 @@ annotation readers and their errors, a 2-rank split + gather, the gallery and me
 task end to end with a stand-in model (anything with generate / merge_info)."""
 
 import json
+import os
 import shutil
 import socket
 import types
@@ -29,7 +30,21 @@ from pipeline.eval.metrics import MetricError, process_punctuation, ptb_tokenize
 from pipeline.eval.tasks import EvalDataError, load_task
 from pipeline.eval.vqa import pre_question, score_vqa
 
-needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java")
+
+@pytest.fixture
+def java_missing_in_ci():
+    pytest.fail("CI=true but no `java` on PATH: pycocoevalcap's METEOR cannot run (.ci/run installs "
+                "default-jre-headless; a skip here would hide that the metric went untested)")
+
+
+def needs_java(test):
+    """pycocoevalcap's METEOR runs Java: without it the test skips, except under CI (CI=true, set by
+    .ci/run, which installs Java), where it fails loudly."""
+    if shutil.which("java") is not None:
+        return test
+    if os.environ.get("CI") == "true":
+        return pytest.mark.usefixtures("java_missing_in_ci")(test)
+    return pytest.mark.skip(reason="pycocoevalcap needs Java")(test)
 
 
 # ------------------------------------------------------------------------------ VQA normalisation

@@ -8,19 +8,19 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import contextlib  # noqa: E402
-import functools  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
+import contextlib
+import functools
+import subprocess
+import sys
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
-import kernels  # noqa: E402
-import kernels.roofline  # noqa: E402
-from kernels import tome  # noqa: E402
+import kernels
+import kernels.roofline
+from kernels import tome
 
 HAS_TRITON = os.environ.get("TRITON_INTERPRET") == "1" and kernels.triton_available()
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton (interpreter) not available")

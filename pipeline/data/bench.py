@@ -31,7 +31,7 @@ def _photos() -> list[np.ndarray]:
         import skimage.data as d
         imgs = [d.astronaut(), d.coffee(), d.chelsea(), d.rocket()]
         return [i if i.ndim == 3 else np.stack([i] * 3, -1) for i in imgs]
-    except Exception:  # noqa: BLE001 - scikit-image is a dev extra
+    except Exception:  # scikit-image is a dev extra
         rng = np.random.default_rng(0)
         small = [(rng.random((24, 32, 3)) * 255).astype(np.uint8) for _ in range(4)]
         return [np.asarray(Image.fromarray(a).resize((512, 384))) for a in small]
@@ -91,7 +91,7 @@ def bench_decode(pattern: str, *, image_size: int, min_scale: float, seconds: fl
             try:  # the loader skips and counts undecodable images; so does the benchmark
                 with Image.open(io.BytesIO(s["jpg"])) as im:
                     im.convert("RGB")
-            except Exception:  # noqa: BLE001 - truncated, not an image, ...
+            except Exception:  # truncated, not an image, ...
                 skips["corrupt_image"] += 1
                 continue
             raw.append(s)

@@ -128,7 +128,7 @@ def _stop_workers(it) -> None:
     if shutdown is not None:
         try:
             shutdown()
-        except Exception:  # noqa: BLE001 - killing below is the fallback
+        except Exception:  # killing below is the fallback
             pass
     for w in workers:
         if w.is_alive():

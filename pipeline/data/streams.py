@@ -101,8 +101,8 @@ class SourceStream:
             self.on_skip(self.index, kind)
 
     def _read(self, shards, counter: dict):
-        lazy = lambda: self.lazy  # noqa: E731
-        always_lazy = lambda: True  # noqa: E731
+        lazy = lambda: self.lazy
+        always_lazy = lambda: True
         for url, split in shards:
             got = 0
             # when splitting by sample, other workers' samples are only header-scanned (local files)

@@ -213,14 +213,14 @@ class MixedStream(IterableDataset):
         if kind == "video":
             try:
                 pixels = video_frames(raw[ext], self.transform, self.num_frames, self.frame_sampling, rng)
-            except Exception:  # noqa: BLE001 - any decoder failure is a corrupt sample
+            except Exception:  # any decoder failure is a corrupt sample
                 on_skip(si, "corrupt_tar" if damaged else "corrupt_video")
                 return None
         else:
             try:
                 with Image.open(io.BytesIO(raw[ext])) as im:
                     img = im.convert("RGB")
-            except Exception:  # noqa: BLE001 - truncated, not an image, decompression bomb, ...
+            except Exception:  # truncated, not an image, decompression bomb, ...
                 on_skip(si, "corrupt_tar" if damaged else "corrupt_image")
                 return None
             pixels = self.transform.apply(img, self.transform.params(img.width, img.height, rng))

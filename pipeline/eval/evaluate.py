@@ -146,7 +146,7 @@ def evaluate_task(model, cfg, task: str, out_dir: str | Path, *, rank: int = 0, 
                                num_workers=num_workers), None
     except EvalDataError as e:
         local, error = {}, str(e)
-    except Exception as e:  # noqa: BLE001 - e.g. generate() crashed: the peers must hear of it, not
+    except Exception as e:  # e.g. generate() crashed: the peers must hear of it, not
         # wait in the gather below forever; the traceback goes to the log, the cause to every rank
         log.error("%s: prediction failed on rank %d", task, rank, exc_info=True)
         local, error = {}, f"prediction failed on rank {rank}: {_one_line(e)}"

@@ -146,7 +146,7 @@ class EvalDataset(Dataset):
             else:
                 with Image.open(io.BytesIO(raw)) as im:
                     pixels = self.transform(im.convert("RGB"))
-        except Exception as e:  # noqa: BLE001 - any unreadable medium fails the run, by name
+        except Exception as e:  # any unreadable medium fails the run, by name
             raise EvalDataError(f"{self.data.task}: cannot read {s.media!r} (id {s.id!r}) from "
                                 f"{self.data.media.describe()}: {type(e).__name__}: {e}") from None
         return i, pixels

@@ -206,7 +206,7 @@ def _close_meteor() -> None:
             m.meteor_p.stdin.close()
             m.meteor_p.kill()
             m.meteor_p.wait(timeout=10)
-        except Exception:  # noqa: BLE001 - best effort at exit
+        except Exception:  # best effort at exit
             pass
 
 
@@ -300,7 +300,7 @@ def caption_metrics(preds: Mapping[object, str], refs: Mapping[object, Iterable[
                 from pycocoevalcap.spice.spice import Spice
 
                 out["SPICE"] = float(Spice().compute_score(gts, res)[0])
-            except Exception as e:  # noqa: BLE001 - SPICE's Java side fails in many ways
+            except Exception as e:  # SPICE's Java side fails in many ways
                 why = f"SPICE skipped: it failed ({type(e).__name__}: {str(e)[:200]})"
                 if spice is True:
                     raise MetricError(why) from None

@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _load_states(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - DeepSpeed may pickle objects the safe loader refuses
+    except Exception as e:  # DeepSpeed may pickle objects the safe loader refuses
         warnings.warn(f"{path}: safe load failed ({type(e).__name__}); loading it as a trusted training "
                       "checkpoint of this run", stacklevel=2)
         return torch.load(path, map_location="cpu", weights_only=False)

@@ -62,7 +62,7 @@ def lemmatizer():
         nlp = spacy.blank("en")
         nlp.add_pipe("lemmatizer", config={"mode": "lookup"})
         nlp.initialize()
-    except Exception as e:  # noqa: BLE001 - spaCy raises its own kinds when the tables are missing
+    except Exception as e:  # spaCy raises its own kinds when the tables are missing
         raise MetricError(f"no spaCy lemmatiser: en_core_web_sm is not installed and the lookup tables "
                           f"fail ({type(e).__name__}: {e}); pip install spacy-lookups-data") from None
 

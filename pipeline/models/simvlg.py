@@ -102,7 +102,7 @@ class SimVLG(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def parameter_counts(self) -> dict[str, int]:
-        count = lambda m, t: sum(p.numel() for p in m.parameters() if p.requires_grad == t)  # noqa: E731
+        count = lambda m, t: sum(p.numel() for p in m.parameters() if p.requires_grad == t)
         return {"trainable": count(self, True), "frozen": count(self, False),
                 "vision": count(self.vision, False), "llm": count(self.llm, False),
                 "connector": sum(p.numel() for p in self.connector.parameters())}

@@ -141,13 +141,13 @@ def resolve_lazy(sample: dict) -> dict:
 def _open_stream(url: str):
     """(fileobj, closer) for pipe: and http(s):// shards (read sequentially)."""
     if url.startswith("pipe:"):
-        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, bufsize=1 << 20)  # noqa: S602
+        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, bufsize=1 << 20)
 
         def close():
             proc.stdout.close()
             proc.wait()
         return proc.stdout, close
-    r = urllib.request.urlopen(url, timeout=60)  # noqa: S310 - shard urls are configured by the user
+    r = urllib.request.urlopen(url, timeout=60)  # shard urls are configured by the user
     return r, r.close
 
 
@@ -192,7 +192,7 @@ def iter_tar_samples(url: str, *, lazy=lambda: False, on_error=None,
     try:
         if path is not None:
             size = os.path.getsize(path)
-            fileobj = open(path, "rb")  # noqa: SIM115
+            fileobj = open(path, "rb")
             closer = fileobj.close
             tar = tarfile.open(fileobj=fileobj, mode="r:", ignore_zeros=True)
         else:

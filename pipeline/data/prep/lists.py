@@ -25,7 +25,7 @@ def open_text(path: str | Path):
     try:
         if path.suffix == ".gz":
             return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
-        return open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
+        return open(path, encoding="utf-8", errors="replace")
     except OSError as e:
         raise PrepInputError(f"{path}: cannot read input ({e.strerror or e})") from None
 
@@ -114,7 +114,7 @@ def iter_table(path: str | Path, fmt: str | None = None, batch_rows: int = 65536
             pf = pq.ParquetFile(path)
             for batch in pf.iter_batches(batch_size=batch_rows):
                 yield from batch.to_pylist()
-        except Exception as e:  # noqa: BLE001 - pyarrow raises many kinds
+        except Exception as e:  # pyarrow raises many kinds
             raise PrepInputError(f"{path}: cannot read parquet ({e})") from None
     elif fmt in ("csv", "tsv"):
         with open_text(path) as f:

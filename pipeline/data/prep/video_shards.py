@@ -24,7 +24,7 @@ def _probe_video(path: str) -> str | None:
             for _ in c.decode(c.streams.video[0]):
                 return None
         return "unreadable video: no frames"
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return f"unreadable video: {type(e).__name__}"
 
 
