@@ -33,9 +33,9 @@ SHRINKING = ["N", "NA", "NB", "NOUT", "R"]  # sizes that change every layer: nev
 @triton.jit
 def _sort_lanes(x, L: tl.constexpr, LOG_L: tl.constexpr, NATIVE: tl.constexpr):
     # Ascending sort of L int64 keys. NATIVE: tl.sort (compiled kernels). The interpreter's cost is
-    # per op and its tl.sort takes ~14 s at L = 4096, so there: a stable rank by counting (O(L^2)
-    # work in a few ops; blocks are capped at 2^20 elements), or for larger L a bitonic network of
-    # tl.gather compare-exchanges. All three give the same sorted values.
+    # per op and its tl.sort is slow at L = 4096 (README, "Measured here"), so there: a stable rank by
+    # counting (O(L^2) work in a few ops; blocks are capped at 2^20 elements), or for larger L a
+    # bitonic network of tl.gather compare-exchanges. All three give the same sorted values.
     a = tl.arange(0, L)
     if NATIVE:
         return tl.sort(x)

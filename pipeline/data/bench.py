@@ -6,7 +6,7 @@
 Prints, per line: decode+augment samples/s in one process (what one worker can do), then the full
 loader (tar read, shuffle, mixing, decode, augment, collate, normalise, IPC) with k workers, its
 samples/s per busy core, and the fraction of time a trainer taking --step-ms per batch waits for data.
-Target on a real node: >= 5x one GPU's demand (~100 samples/s at paper settings) with <= 8 workers.
+The target it prints its verdict against, and what it measured here: README, "Measured here".
 """
 
 from __future__ import annotations
