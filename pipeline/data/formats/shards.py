@@ -151,10 +151,6 @@ def _open_stream(url: str):
     return r, r.close
 
 
-class ShardReadError(Exception):
-    """Raised inside iter_tar_samples' error callback path; never escapes it."""
-
-
 def _members(tar: tarfile.TarFile, path: str | None, size: int | None):
     """(member, bytes of damage skipped right before it) in archive order, then a final
     (None, damaged bytes after the last member) for local files.
