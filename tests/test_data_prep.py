@@ -167,6 +167,24 @@ def _fake_shard(d: Path, sid: int, n: int):
         "status_dict": {"success": n, "HTTP Error 404: Not Found": 1}}))
 
 
+def test_flags_are_the_fields_of_download_options():
+    """Every option lives once, in DownloadOptions: the parser's defaults are its defaults, and a flag
+    is parsed as its field's type."""
+    from dataclasses import asdict, fields
+
+    from pipeline.data.prep import DownloadOptions, build_parser
+
+    defaults = vars(build_parser().parse_args(["urls"]))
+    flags = {f.name for f in fields(DownloadOptions) if f.metadata.get("cli", True)}
+    want = asdict(DownloadOptions())
+    assert flags and {k: defaults[k] for k in flags} == {k: want[k] for k in flags}
+    args = build_parser().parse_args(["urls", "--max-image-area", "4e6", "--limit", "3", "--threads", "8",
+                                      "--drop-duplicates", "--max-aspect-ratio", "2.5"])
+    assert (args.max_image_area, args.limit, args.threads, args.drop_duplicates, args.max_aspect_ratio) == (
+        4e6, 3, 8, True, 2.5)
+    assert not hasattr(args, "user_agent_token")  # not a flag
+
+
 def test_manifest_and_unfinished_shards(tmp_path):
     out = tmp_path / "o"
     (out / "shards").mkdir(parents=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -22,20 +23,22 @@ from .slurm import merge_parts, split_list
 
 
 def _add_fields(p: argparse.ArgumentParser, cls) -> None:
-    """One flag per dataclass field: --field-name, the field's default, its metadata as argparse
-    keywords (help, choices, type, ...); a bool is a store_true switch."""
+    """One flag per dataclass field: --field-name, the field's default and type (`int | None`: int),
+    its metadata as argparse keywords (help, choices, ...); a bool is a store_true switch."""
+    hints = typing.get_type_hints(cls)
     for f in fields(cls):
         kw = dict(f.metadata)
         if not kw.pop("cli", True):
             continue
         flag = kw.pop("flag", "--" + f.name.replace("_", "-"))
         default = f.default_factory() if f.default is MISSING else f.default
-        if isinstance(default, bool):
+        kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
+        if kind is bool:
             p.add_argument(flag, dest=f.name, action="store_true", **kw)
-            continue
-        if default is not None and "action" not in kw:
-            kw.setdefault("type", type(default))
-        p.add_argument(flag, dest=f.name, default=default, **kw)
+        elif "action" in kw:
+            p.add_argument(flag, dest=f.name, default=default, **kw)
+        else:
+            p.add_argument(flag, dest=f.name, default=default, type=kind, **kw)
 
 
 def _values(args: argparse.Namespace, cls):

@@ -21,18 +21,18 @@ DEFAULT_MAX_IMAGE_AREA = 40_000_000  # ~ 8000 x 5000; img2dataset still decodes 
 
 
 def _opt(default, help: str | None = None, **argparse_kw):
-    """A field with its command-line help (and argparse extras: type for optional ints, choices)."""
+    """A field with its command-line help (and argparse extras such as choices)."""
     return field(default=default, metadata={"help": help, **argparse_kw})
 
 
 @dataclass(frozen=True)
 class DownloadOptions:
     # conversion (part of the input fingerprint: another value refuses a re-run into the same --out)
-    samples_per_shard: int | None = _opt(None, "default: 10000 images, 500 videos", type=int)
+    samples_per_shard: int | None = _opt(None, "default: 10000 images, 500 videos")
     drop_invalid: bool = _opt(False, "drop rows with an empty url/caption instead of failing (they are "
                                      "counted)")
     drop_duplicates: bool = _opt(False, "drop rows whose URL appeared earlier in the list (always counted)")
-    limit: int | None = _opt(None, "use only the first N valid rows (trial runs)", type=int)
+    limit: int | None = _opt(None, "use only the first N valid rows (trial runs)")
     # img2dataset
     processes: int = _opt(0, "download processes (default: all cores)")
     threads: int = _opt(64, "download threads per process")
