@@ -7,7 +7,8 @@ data_root, with `--set eval.datasets.TASK.ROLE=PATH`):
 caption tasks (kind caption)
   coco_karpathy_test / coco_karpathy_val
     annotations  coco/annotations/coco_karpathy_{test,val}.json: LAVIS/BLIP list of
-                 {"image": "val2014/COCO_val2014_000000391895.jpg", "caption": [...]}
+                 {"image": "val2014/COCO_val2014_000000391895.jpg", "caption": [...]}, or Karpathy's
+                 dataset_coco.json (its test / val split is read)
     images       coco/images (holding val2014/)
   nocaps_val
     annotations  nocaps/annotations/nocaps_val_4500_captions.json: official COCO-style
@@ -16,7 +17,8 @@ caption tasks (kind caption)
     images       nocaps/images (file_name inside)
   flickr30k_test
     annotations  flickr30k/annotations/flickr30k_test.json: BLIP list of
-                 {"image": "flickr30k-images/1007129816.jpg", "caption": [5 captions]}
+                 {"image": "flickr30k-images/1007129816.jpg", "caption": [5 captions]}, or
+                 Karpathy's dataset_flickr30k.json (its test split; names without the folder)
     images       flickr30k/images
 VQA tasks (kind vqa; official VQA json files)
   vqav2_val
@@ -34,7 +36,8 @@ VQA tasks (kind vqa; official VQA json files)
 video tasks (kind video_caption)
   msrvtt_test
     annotations  msrvtt/test_videodatainfo.json: official {videos: [{video_id, split}],
-                 sentences: [{video_id, caption}]} (split "test"), or a LAVIS list of {video, caption}
+                 sentences: [{video_id, caption}]} (split "test"), or a LAVIS list of {video, caption};
+                 either way only the standard test ids (video7010-9999) are kept
     videos       msrvtt/videos (video7010.mp4, ...)
   msvd_test
     annotations  msvd/AllVideoDescriptions.txt ("clip caption" lines), or a LAVIS list json
