@@ -33,11 +33,15 @@ test-fast: venv
 test-gpu: venv
 	TRITON_INTERPRET=0 $(PY) -m pytest -q tests/test_kernels_gpu.py
 
+# the linter and the formatter's check (ruff.toml); CI (.ci/run) fails on either
+LINTED := pipeline kernels tests setup.py
 lint: venv
-	$(VENV)/bin/ruff check pipeline kernels tests
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 
 bench: venv
 	$(VENV)/bin/simvlg bench kernels
 
+# build products only: runs/ (where `make demo` and users' runs live) is never touched
 clean:
-	rm -rf $(VENV) *.egg-info runs
+	rm -rf $(VENV) *.egg-info build dist

@@ -18,8 +18,9 @@ See kernels/tome.py for the algorithm and kernels/tome_triton.py for the kernels
 Sizes: s2 requires grad only if the size passed in does (size=None never builds a size-gradient
 path, and x is then not saved for backward).
 
-Lower-level pieces: bipartite_match -> Match; merge_apply(match, any [B, N, ...] tensor);
-merge_source (which original tokens each output token holds); unmerge; prop_attn_bias (log size).
+merge_tokens_with_source also returns which original tokens each output token holds (the merge
+figures). Lower-level pieces: bipartite_match -> Match; merge_apply(match, any [B, N, ...] tensor);
+merge_source; unmerge; prop_attn_bias (log size).
 This package imports nothing from `pipeline`; triton is optional (imported on first use).
 """
 
@@ -32,7 +33,7 @@ from .tome import Match, clamp_r, merge_source, prop_attn_bias, unmerge
 
 __all__ = [
     "Match", "bipartite_match", "clamp_r", "merge_apply", "merge_source", "merge_tokens",
-    "prop_attn_bias", "triton_available", "unmerge",
+    "merge_tokens_with_source", "prop_attn_bias", "triton_available", "unmerge",
 ]
 
 _BACKENDS = ("auto", "eager", "triton")
@@ -89,14 +90,20 @@ def merge_apply(match: Match, x: torch.Tensor, size: torch.Tensor | None = None,
 
 
 def merge_tokens(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor | None, r: int,
-                 protect_first: bool = True, mode: str = "wavg", backend: str = "auto",
-                 source: torch.Tensor | bool | None = None):
-    """One ToMe merge step: (x2, s2), or (x2, s2, source2) when `source` is given.
+                 protect_first: bool = True, mode: str = "wavg", backend: str = "auto"):
+    """One ToMe merge step: (x2 [B, N', C], s2 [B, N', 1])."""
+    match = bipartite_match(metric, r, protect_first, backend)
+    return merge_apply(match, x, size, mode, backend)
 
-    source: a [B, N, N0] 0/1 matrix to carry along, or True to start from the identity (N0 = N).
+
+def merge_tokens_with_source(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor | None, r: int,
+                             source: torch.Tensor | None = None, protect_first: bool = True,
+                             mode: str = "wavg", backend: str = "auto"):
+    """merge_tokens that also carries which original tokens each output holds: (x2, s2, source2).
+
+    source: a [B, N, N0] 0/1 matrix from the previous step, or None to start from the identity
+    (N0 = N); source2 [B, N', N0].
     """
     match = bipartite_match(metric, r, protect_first, backend)
     x2, s2 = merge_apply(match, x, size, mode, backend)
-    if source is None or source is False:
-        return x2, s2
-    return x2, s2, merge_source(match, None if source is True else source)
+    return x2, s2, merge_source(match, source)

@@ -155,7 +155,9 @@ def _check_match(tt, name, x, metric, size, r):
     me, mt = tome.select_top_r(ve, ie, r, N), tt.select_top_r(ve, ie, r, N)  # same scores
     for k in ("src_idx", "dst_idx", "out_pos"):
         _same(name, f"plan {k}", getattr(mt, k), getattr(me, k))
-    want = tt.plan_torch(me)
+    from . import tome_plan  # imported with tt: triton is there
+
+    want = tome_plan.plan_torch(me)
     for k, v in want.items():
         _same(name, f"plan {k}", mt.plan[k], v)
 

@@ -228,9 +228,6 @@ def prop_attn_bias(size: Tensor, dtype=None) -> Tensor:
     return bias if dtype is None else bias.to(dtype)
 
 
-def merge_tokens_eager(x, metric, size, r, protect_first=True, mode="wavg", source=None):
-    match = bipartite_match(metric, r, protect_first)
-    x2, s2 = merge_apply(match, x, size, mode)
-    if source is None:
-        return x2, s2
-    return x2, s2, merge_source(match, None if source is True else source)
+def merge_tokens_eager(x, metric, size, r, protect_first=True, mode="wavg"):
+    """kernels.merge_tokens on the eager backend: (x2, s2)."""
+    return merge_apply(bipartite_match(metric, r, protect_first), x, size, mode)

@@ -8,10 +8,8 @@ Kernels (a forward merge_tokens is three launches: match, plan, merge; plus allo
   fp32 metrics: tf32x3 on NVIDIA, ieee elsewhere), scores (a.b * 1/|a|) * 1/|b| with correctly
   rounded sqrt and reciprocals (as eager; two multiplies per score, no per-score division), and
   one max-with-index reduction. Scores never leave registers.
-- _plan_kernel, grid (B,): one program per row does the top-r selection and every index the merge
-  needs with sorts, a cumsum, gathers and a binary search over L = next_pow2(NA) lanes:
-  O(L log^2 L) work, no serial loop over tokens. L = 4096 (N <= 8193) compiles for sm_80 without
-  spills; beyond MAX_PLAN_LANES the plan is built with torch ops.
+- _plan_kernel, grid (B,): the top-r selection and the merge plan, one program per row
+  (kernels/tome_plan.py; torch ops beyond its MAX_PLAN_LANES).
 - _merge_fwd_kernel, grid (B, ceil(N'/BLOCK_R), ceil(C/BLOCK_C)): each block of output rows reads its
   own rows, then the rows merged into them, which are one contiguous run of the plan's CSR list,
   in tiles of BLOCK_M rows reduced with a one-hot tl.dot. A group of r tied tokens costs r/BLOCK_M
@@ -22,8 +20,9 @@ Kernels (a forward merge_tokens is three launches: match, plan, merge; plus allo
 Sizes that enter without requires_grad leave marked non-differentiable (see tome.py).
 
 Recompiles: the sizes that shrink every layer (N, NA, NB, N', R) are do_not_specialize, block sizes
-do not depend on N, and the plan's lane count is at least MIN_PLAN_LANES: a 12-layer TomeFormer at
-257 tokens compiles 4 variants forward (match, plan, merge with and without sizes), 2 backward.
+do not depend on N, and the plan's lane count is at least tome_plan.MIN_PLAN_LANES: a 12-layer
+TomeFormer at 257 tokens compiles 4 variants forward (match, plan, merge with and without sizes), 2
+backward.
 kernels/jit_check.py counts the variants a run compiles and compiles them for a GPU target offline.
 
 Interpreter: with TRITON_INTERPRET=1 (set before this module is imported) everything runs on CPU
@@ -34,20 +33,16 @@ summation order differs. Supported dtypes: float32, float16, bfloat16.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from . import tome
+from . import tome, tome_plan
+from .tome_plan import INTERPRET, _plan_kernel, plan_for, select_top_r
 
 _MODE_ID = {"wavg": 0, "mean": 1, "sum": 2}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-MIN_PLAN_LANES, MAX_PLAN_LANES = 256, 4096
-I64_MAX, I64_MIN = tl.constexpr(2**63 - 1), tl.constexpr(-2**63)
-_SHRINKING = ["N", "NA", "NB", "NOUT", "R"]  # change every layer: never specialised on
+_SHRINKING = tome_plan.SHRINKING  # sizes that change every layer: never specialised on
 
 
 def _p2(n: int, lo: int, hi: int) -> int:
@@ -108,86 +103,6 @@ def _match_kernel(m_ptr, val_ptr, idx_ptr, N, NA, NB, CM,
         best_i = tl.where(ia == 0, 0, best_i)
     tl.store(val_ptr + b * NA + ia, best, mask=ma)
     tl.store(idx_ptr + b * NA + ia, best_i.to(tl.int64), mask=ma)
-
-
-@triton.jit
-def _sort_lanes(x, L: tl.constexpr, LOG_L: tl.constexpr, NATIVE: tl.constexpr):
-    # Ascending sort of L int64 keys. NATIVE: tl.sort (compiled kernels). The interpreter's cost is
-    # per op and its tl.sort takes ~14 s at L = 4096, so there: a stable rank by counting (O(L^2)
-    # work in a few ops; blocks are capped at 2^20 elements), or for larger L a bitonic network of
-    # tl.gather compare-exchanges. All three give the same sorted values.
-    a = tl.arange(0, L)
-    if NATIVE:
-        return tl.sort(x)
-    elif L <= 1024:
-        before = (x[None, :] < x[:, None]) | ((x[None, :] == x[:, None]) & (a[None, :] < a[:, None]))
-        rank = tl.sum(before.to(tl.int32), axis=1)  # [L] a permutation of 0 .. L-1
-        return tl.sum(tl.where(rank[None, :] == a[:, None], x[None, :], 0), axis=1)
-    else:
-        for i in tl.static_range(1, LOG_L + 1):  # merge bitonic runs of 2^i lanes
-            up = (a & (1 << i)) == 0  # this lane's run is sorted ascending
-            for j in tl.static_range(i):
-                y = tl.gather(x, a ^ (1 << (i - 1 - j)), 0)
-                keep_min = ((a & (1 << (i - 1 - j))) == 0) == up  # lower lane of an ascending pair
-                x = tl.where(keep_min, tl.minimum(x, y), tl.maximum(x, y))
-        return x
-
-
-@triton.jit(do_not_specialize=_SHRINKING)
-def _plan_kernel(val_ptr, idx_ptr, part_ptr, pos_ptr, cnt_ptr, off_ptr, csr_ptr, grp_ptr, src_ptr,
-                 dst_ptr, N, NA, NB, NOUT, R,
-                 FROM_SCORES: tl.constexpr, L: tl.constexpr, LOG_L: tl.constexpr,
-                 NATIVE_SORT: tl.constexpr):
-    # Lane a is A token a (position 2a) and, for a < NB, B token a (position 2a + 1).
-    b = tl.program_id(0).to(tl.int64)
-    a = tl.arange(0, L)
-    ma = a < NA
-    mb = a < NB
-    if FROM_SCORES:  # top-R by one sort of (descending score, ascending index) keys
-        s = tl.load(val_ptr + b * NA + a, mask=ma, other=0.0)
-        d = tl.load(idx_ptr + b * NA + a, mask=ma, other=0).to(tl.int32)
-        s = tl.where(s == 0.0, 0.0, s)  # -0.0 ties with 0.0, as in torch.sort
-        bits = s.to(tl.int32, bitcast=True)
-        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int order == float order
-        ordered = tl.where(s != s, 0x7FFFFFFF, ordered)  # NaN counts as the largest score
-        key = ((~ordered).to(tl.int64) << 32) | a.to(tl.int64)
-        key = tl.where(ma, key, I64_MAX)
-        srt = _sort_lanes(key, L, LOG_L, NATIVE_SORT)
-        cut = tl.max(tl.where(a < R, srt, I64_MIN), axis=0)  # the R-th smallest key
-        merged = ma & (key <= cut)
-    else:  # from a given match: partner[a] is a B index, or -1 if A token a is kept
-        p = tl.load(part_ptr + b * NA + a, mask=ma, other=-1)
-        merged = p >= 0
-        d = tl.maximum(p, 0)
-    d = tl.minimum(d, L - 1)
-    le = tl.cumsum(merged.to(tl.int32), 0)  # merged A tokens with index <= a
-    ck = a + 1 - le  # kept A tokens with index <= a
-    row_a = ck - 1 + tl.minimum(a, NB)  # output row of kept A token a
-    row_b = a + ck  # output row of B token a
-    row_d = tl.gather(row_b, d, 0)  # output row of the partner of A token a
-    # merged tokens sorted by (partner, index): the CSR member list, grouped by output row
-    mkey = tl.where(merged, (d.to(tl.int64) << 32) | a.to(tl.int64), I64_MAX)
-    srt = _sort_lanes(mkey, L, LOG_L, NATIVE_SORT)
-    tl.store(csr_ptr + b * R + a, (2 * (srt & 0x7FFFFFFF)).to(tl.int32), mask=a < R)
-    # off[a] = merged tokens with partner < a (binary search in srt), the members before both rows
-    # of lane a; cnt[a] = merged tokens with partner a
-    tgt = a.to(tl.int64) << 32
-    off = tl.zeros([L], tl.int32)
-    for i in tl.static_range(LOG_L):  # steps L/2, L/4, ..., 1
-        off = tl.where(tl.gather(srt, off + (L >> (i + 1)) - 1, 0) < tgt, off + (L >> (i + 1)), off)
-    off += (tl.gather(srt, off, 0) < tgt).to(tl.int32)
-    nxt = tl.where(a + 1 < L, tl.gather(off, tl.minimum(a + 1, L - 1), 0), R)
-    kept = ma & (merged == 0)
-    tl.store(pos_ptr + b * NOUT + row_a, (2 * a).to(tl.int64), mask=kept)
-    tl.store(pos_ptr + b * NOUT + row_b, (2 * a + 1).to(tl.int64), mask=mb)
-    tl.store(cnt_ptr + b * NOUT + row_a, tl.zeros([L], tl.int32), mask=kept)
-    tl.store(off_ptr + b * NOUT + row_a, off, mask=kept)
-    tl.store(cnt_ptr + b * NOUT + row_b, nxt - off, mask=mb)
-    tl.store(off_ptr + b * NOUT + row_b, off, mask=mb)
-    tl.store(grp_ptr + b * N + 2 * a, tl.where(merged, row_d, row_a), mask=ma)
-    tl.store(grp_ptr + b * N + 2 * a + 1, row_b, mask=mb)
-    tl.store(src_ptr + b * R + le - 1, a.to(tl.int64), mask=merged)  # ascending a
-    tl.store(dst_ptr + b * R + le - 1, d.to(tl.int64), mask=merged)
 
 
 @triton.jit
@@ -346,72 +261,13 @@ def bipartite_match(metric: torch.Tensor, r: int, protect_first: bool = True) ->
     return select_top_r(*match_scores(metric, protect_first), r, N)
 
 
-def select_top_r(node_max: torch.Tensor, node_idx: torch.Tensor, r: int, n: int) -> tome.Match:
-    """Triton twin of tome.select_top_r: one plan-kernel launch (torch beyond MAX_PLAN_LANES)."""
-    if _lanes((n + 1) // 2) > MAX_PLAN_LANES:
-        match = tome.select_top_r(node_max, node_idx, r, n)
-        match.plan = plan_torch(match)
-        return match
-    return _plan(n, r, scores=(node_max.contiguous(), node_idx.contiguous()))
-
-
 def launch_options(kernel: str, **consts) -> dict:
     """num_warps / num_stages that differ from Triton's defaults (4 / 3), from the constexprs."""
     if kernel == "_plan_kernel":
-        return dict(num_warps=4 if consts["L"] <= 1024 else 8)
+        return tome_plan.launch_options(consts["L"])
     if kernel == "_match_kernel" and not consts["ONE_K"]:
         return dict(num_warps=8, num_stages=2)
     return {}
-
-
-def _lanes(na: int) -> int:
-    return max(MIN_PLAN_LANES, triton.next_power_of_2(na))
-
-
-def _plan(N: int, r: int, scores=None, partner=None, native_sort=None) -> tome.Match:
-    """From (scores, indices) [B, NA] or partner [B, NA] int32 (B index or -1): Match + fused plan."""
-    t = scores[0] if scores is not None else partner
-    B, NA, NB, NOUT, dev = t.shape[0], (N + 1) // 2, N // 2, N - r, t.device
-    i32 = dict(dtype=torch.int32, device=dev)
-    pos = torch.empty(B, NOUT, dtype=torch.int64, device=dev)
-    cnt, off = torch.empty(B, NOUT, **i32), torch.empty(B, NOUT, **i32)
-    csr, grp = torch.empty(B, r, **i32), torch.empty(B, N, **i32)
-    src_idx = torch.empty(B, r, dtype=torch.int64, device=dev)
-    dst_idx = torch.empty(B, r, dtype=torch.int64, device=dev)
-    L = _lanes(NA)
-    val, idx = scores if scores is not None else (partner, partner)
-    _plan_kernel[(B,)](val, idx, partner if partner is not None else val, pos, cnt, off, csr, grp,
-                       src_idx, dst_idx, N, NA, NB, NOUT, r, FROM_SCORES=scores is not None, L=L,
-                       LOG_L=L.bit_length() - 1, **launch_options("_plan_kernel", L=L),
-                       NATIVE_SORT=not INTERPRET if native_sort is None else native_sort)
-    plan = dict(cnt=cnt, off=off, csr=csr, grp=grp)
-    return tome.Match(src_idx, dst_idx, N, out_pos=pos, plan=plan)
-
-
-def plan_torch(match: tome.Match) -> dict:
-    """The fused plan built with torch ops (huge N; also the reference the self-check compares to)."""
-    B = match.src_idx.shape[0]
-    cnt = torch.zeros(B, match.n_out, dtype=torch.int32, device=match.src_idx.device)
-    cnt.scatter_add_(1, match.dst_out, torch.ones_like(match.dst_out, dtype=torch.int32))
-    key = match.dst_out * match.n + 2 * match.src_idx  # members sorted by (output row, position)
-    return dict(cnt=cnt, off=(cnt.cumsum(1, dtype=torch.int32) - cnt),
-                csr=(key.sort(dim=1).values % match.n).to(torch.int32), grp=match.group.to(torch.int32))
-
-
-def _plan_for(match: tome.Match) -> tuple[torch.Tensor, dict]:
-    """The fused plan of a match (built by the plan kernel if the match came from elsewhere)."""
-    if match.plan is None:
-        B, NA = match.src_idx.shape[0], (match.n + 1) // 2
-        if _lanes(NA) > MAX_PLAN_LANES:
-            match.plan = plan_torch(match)
-        else:
-            partner = torch.full((B, NA), -1, dtype=torch.int32, device=match.src_idx.device)
-            partner.scatter_(1, match.src_idx, match.dst_idx.to(torch.int32))
-            fused = _plan(match.n, match.r, partner=partner)
-            match.plan = fused.plan
-            if "out_pos" not in match.__dict__:
-                match.out_pos = fused.out_pos
-    return match.out_pos.contiguous(), match.plan
 
 
 class _MergeFunction(torch.autograd.Function):
@@ -476,7 +332,7 @@ def merge_apply(match: tome.Match, x: torch.Tensor, size: torch.Tensor | None = 
         return x, size
     x3 = x.reshape(B, N, -1).contiguous()
     s2 = size.reshape(B, N).contiguous() if size is not None else None
-    pos, plan = _plan_for(match)
+    pos, plan = plan_for(match)
     C = x3.shape[2]
     blocks = (block_r or 16, block_m or 16, block_c or _p2(C, 16, 128))
     out, sout = _MergeFunction.apply(x3, s2, pos, plan, _MODE_ID[mode], blocks)

@@ -50,7 +50,7 @@ def hard_exit(code: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except Exception:  # noqa: BLE001 - exiting anyway
+        except Exception:  # exiting anyway
             pass
     logging.shutdown()
     os._exit(code)
@@ -88,7 +88,7 @@ class RankGuard:
         for fn in self.on_failure:
             try:
                 fn()
-            except Exception:  # noqa: BLE001 - best effort on the way out
+            except Exception:  # best effort on the way out
                 pass
         hard_exit(130 if isinstance(exc, KeyboardInterrupt) else 1)
 
@@ -121,7 +121,7 @@ class RankGuard:
                 while (self._store.add(_KEY + "acks", 0) < self._world - 1
                        and time.monotonic() < deadline):
                     time.sleep(0.1)
-        except Exception:  # noqa: BLE001 - the store may be gone already
+        except Exception:  # the store may be gone already
             pass
 
     # -- peers ------------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ class RankGuard:
                     store.add(_KEY + "acks", 1)
                     self._peer_failed(cause)
                 beat = store.add(_KEY + f"beat{nxt}", 0)
-            except Exception:  # noqa: BLE001 - connection refused/reset: the store's host is gone
+            except Exception:  # connection refused/reset: the store's host is gone
                 if not self._stop.is_set():
                     self._peer_failed("lost contact with rank 0 (its process is gone: failed or killed)")
                 return
@@ -163,7 +163,7 @@ class RankGuard:
                 try:
                     if store.add(_KEY + "failures", 1) == 1:
                         store.set(_KEY + "cause", cause)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     pass
                 self._peer_failed(cause)
 
@@ -174,7 +174,7 @@ class RankGuard:
         for fn in self.on_failure:
             try:
                 fn()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         hard_exit(1)
 
@@ -192,5 +192,5 @@ class RankGuard:
                 deadline = time.monotonic() + timeout
                 while self._store.add(_KEY + "done", 0) < self._world and time.monotonic() < deadline:
                     time.sleep(0.05)
-        except Exception:  # noqa: BLE001 - a peer's failure is reported by that peer
+        except Exception:  # a peer's failure is reported by that peer
             pass

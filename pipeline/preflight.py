@@ -40,7 +40,7 @@ def _hub_cached(repo_id: str) -> bool:
         from huggingface_hub import try_to_load_from_cache
 
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # noqa: BLE001 - an old or missing huggingface_hub: cannot tell
+    except Exception:  # an old or missing huggingface_hub: cannot tell
         return True
 
 
@@ -89,7 +89,7 @@ def check_model_files(cfg: Config, source: str) -> None:
 
 def check_sources(cfg: Config, source: str, *, files: bool = True) -> list[dict]:
     """[{name, shards, samples}] per source; raises on an empty list or shards that do not exist."""
-    from pipeline.data.shards import resolve_spec
+    from pipeline.data.formats.shards import local_path, resolve_spec
 
     if not cfg.data.sources:
         raise ConfigError(f"{source}: data.sources: empty; name at least one shard source")
@@ -101,8 +101,7 @@ def check_sources(cfg: Config, source: str, *, files: bool = True) -> list[dict]
         except ValueError as e:
             raise ConfigError(f"{source}: {key}: {e}") from None
         if files:
-            local = [u.removeprefix("file://") for u in urls
-                     if u.startswith("file://") or ("://" not in u and not u.startswith("pipe:"))]
+            local = [p for p in map(local_path, urls) if p is not None]  # pipe:/http shards: not checked
             missing = [u for u in local if not Path(u).is_file()]
             if local and len(missing) == len(local):
                 raise ConfigError(f"{source}: {key}: {s.shards!r} matches no files ({len(local)} names, "

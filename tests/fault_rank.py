@@ -6,10 +6,10 @@ import os
 import runpy
 import sys
 
-from pipeline.data import loader
+from pipeline.data import worker
 
 RANK, BATCH = int(os.environ["FAULT_RANK"]), int(os.environ["FAULT_BATCH"])
-_collate = loader.MixedStream._collate
+_collate = worker.MixedStream._collate
 
 
 def _faulty_collate(self, items, lw, epoch, n, *rest):
@@ -18,6 +18,6 @@ def _faulty_collate(self, items, lw, epoch, n, *rest):
     return _collate(self, items, lw, epoch, n, *rest)
 
 
-loader.MixedStream._collate = _faulty_collate
+worker.MixedStream._collate = _faulty_collate
 sys.argv[0] = "pipeline.train"
 runpy.run_module("pipeline.train", run_name="__main__", alter_sys=True)

@@ -42,7 +42,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, fmt, *args):  # quiet
         pass
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         srv = self.server
         srv.requests[self.path] += 1
         if self.path.startswith("/broken/"):

@@ -19,8 +19,9 @@ from PIL import Image
 
 from pipeline.config import DataConfig, SourceConfig
 from pipeline.data import build_loader, prep
-from pipeline.data.recipes import PrepInputError, iter_json_list
-from pipeline.data.shards import write_shard
+from pipeline.data.formats.manifest import read_manifest
+from pipeline.data.formats.shards import resolve_spec, write_shard
+from pipeline.data.prep.recipes import PrepInputError, iter_json_list
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,9 @@ def no_download(monkeypatch):
     """Any attempt to download fails the test: bad inputs must be caught before."""
     def boom(*a, **k):
         raise AssertionError("img2dataset was started for a bad input")
-    monkeypatch.setattr(prep, "run_img2dataset", boom)
+    from pipeline.data.prep import run
+
+    monkeypatch.setattr(run, "run_img2dataset", boom)
 
 
 def run_prep(argv, capsys):
@@ -164,6 +167,24 @@ def _fake_shard(d: Path, sid: int, n: int):
         "status_dict": {"success": n, "HTTP Error 404: Not Found": 1}}))
 
 
+def test_flags_are_the_fields_of_download_options():
+    """Every option lives once, in DownloadOptions: the parser's defaults are its defaults, and a flag
+    is parsed as its field's type."""
+    from dataclasses import asdict, fields
+
+    from pipeline.data.prep import DownloadOptions, build_parser
+
+    defaults = vars(build_parser().parse_args(["urls"]))
+    flags = {f.name for f in fields(DownloadOptions) if f.metadata.get("cli", True)}
+    want = asdict(DownloadOptions())
+    assert flags and {k: defaults[k] for k in flags} == {k: want[k] for k in flags}
+    args = build_parser().parse_args(["urls", "--max-image-area", "4e6", "--limit", "3", "--threads", "8",
+                                      "--drop-duplicates", "--max-aspect-ratio", "2.5"])
+    assert (args.max_image_area, args.limit, args.threads, args.drop_duplicates, args.max_aspect_ratio) == (
+        4e6, 3, 8, True, 2.5)
+    assert not hasattr(args, "user_agent_token")  # not a flag
+
+
 def test_manifest_and_unfinished_shards(tmp_path):
     out = tmp_path / "o"
     (out / "shards").mkdir(parents=True)
@@ -172,9 +193,9 @@ def test_manifest_and_unfinished_shards(tmp_path):
     for sid in range(3):
         _fake_shard(out / "shards", sid, 9)
     m = prep.build_manifest(out, recipe="urls", kind="image")
-    assert m["num_samples"] == 27 and m["num_shards"] == 3 and not m["complete"]
-    assert m["incomplete_shards"] == [3] and m["shards_relative"] == "shards/{00000..00002}.tar"
-    assert m["counts"]["by_category"] == {"http_404": 3}
+    assert m.num_samples == 27 and m.num_shards == 3 and not m.complete
+    assert m.incomplete_shards == [3] and m.shards_relative == "shards/{00000..00002}.tar"
+    assert m.counts.by_category == {"http_404": 3}
     # a finished shard whose tar vanished or broke is redone; the others are left alone
     (out / "shards" / "00001.tar").unlink()
     (out / "shards" / "00002.tar").write_bytes(b"garbage")
@@ -183,6 +204,46 @@ def test_manifest_and_unfinished_shards(tmp_path):
     assert not (out / "shards" / "00001_stats.json").exists()
     assert (out / "shards" / "00000_stats.json").exists()
     assert (out / "shards" / "00000.tar").stat().st_mtime_ns == before
+
+
+def test_manifests_of_prep_and_merge_round_trip_through_the_model(tmp_path):
+    """Prep and the SLURM merge write one Manifest; every reader reads it back; version-1 files load."""
+    out = tmp_path / "big"
+    for part, n in (("part_00000", 3), ("part_00001", 2)):
+        d = out / part
+        (d / "shards").mkdir(parents=True)
+        (d / "input").mkdir()
+        (d / "input" / "_SOURCE.json").write_text(json.dumps({
+            "rows": 9 * n + n, "expected_shards": n, "validation": {"dropped": {"empty caption": 1},
+                                                                   "duplicate_urls": 2}}))
+        for sid in range(n):
+            _fake_shard(d / "shards", sid, 9)
+        written = prep.build_manifest(d, recipe="urls", kind="image")
+        assert read_manifest(d / "manifest.json") == written  # what prep wrote is what readers get
+        assert written.complete and written.counts.dropped_rows == {"empty caption": 1}
+    (out / "parts").mkdir()
+    for i in range(3):  # a third part was submitted but has not run yet
+        (out / "parts" / f"part_{i:05d}.parquet").write_bytes(b"")
+    merged = prep.merge_parts(out)
+    assert read_manifest(out / "manifest.json") == merged
+    assert merged.num_samples == 45 and merged.num_shards == 5 and merged.missing_parts == ["part_00002"]
+    assert not merged.complete and merged.counts.attempted == 50 and merged.counts.duplicate_urls == 4
+    assert merged.counts.by_category == {"http_404": 5} and merged.counts.dropped_rows == {"empty caption": 2}
+    urls, total = resolve_spec(str(out))  # the loader, preflight and eval read it through resolve_spec
+    assert len(urls) == 5 and total == 45 and all(Path(u).is_file() for u in urls)
+    # version 1, the keys written before the model (a merge wrote its unfinished shards by part)
+    v1 = merged.to_json() | {"version": 1, "incomplete_shards": {"part_00001": [4]}}
+    del v1["incomplete_parts"], v1["missing_parts"]
+    (out / "manifest.json").write_text(json.dumps(v1))
+    old = read_manifest(out / "manifest.json")
+    assert old.version == 2 and old.incomplete_parts == {"part_00001": [4]} and old.incomplete_shards == []
+    assert resolve_spec(str(out / "manifest.json"))[1] == 45
+    for bad, why in (({**v1, "num_samples": "45"}, "num_samples: input should be a valid integer"),
+                     ({**v1, "shard_count": 5}, "shard_count: unknown key"),
+                     ({"shards": "x/{0..1}.tar"}, "no 'version' key")):
+        (out / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=why):
+            resolve_spec(str(out))
 
 
 def garble_header(tar_path: Path, member: str) -> None:
@@ -203,7 +264,7 @@ def test_a_garbled_member_header_makes_the_shard_unfinished(tmp_path):
         _fake_shard(out / "shards", sid, 8)
     garble_header(out / "shards" / "00001.tar", "000010002.jpg")
     m = prep.build_manifest(out, recipe="urls", kind="image")
-    assert not m["complete"] and m["incomplete_shards"] == [1] and m["num_samples"] == 8
+    assert not m.complete and m.incomplete_shards == [1] and m.num_samples == 8
     assert prep.reset_unfinished(out / "shards") == [1]  # the next run downloads it again
     assert not (out / "shards" / "00001.tar").exists() and (out / "shards" / "00000.tar").exists()
     # a readable tar holding fewer samples than its stats say were written is redone as well
@@ -211,7 +272,7 @@ def test_a_garbled_member_header_makes_the_shard_unfinished(tmp_path):
     write_shard(out / "shards" / "00001.tar",
                 [{"__key__": f"00001{i:04d}", "jpg": b"x", "txt": "c"} for i in range(5)])
     m = prep.build_manifest(out, recipe="urls", kind="image")
-    assert not m["complete"] and m["mismatched_shards"] == [1]
+    assert not m.complete and m.mismatched_shards == [1]
     assert prep.reset_unfinished(out / "shards") == [1]
 
 
@@ -294,7 +355,7 @@ def test_img2dataset_end_to_end_with_broken_urls(tmp_path, capsys):
         batches = list(build_loader(cfg, tokenize=None, batch_size=8, train=False))
         caps = sorted(c for b in batches for c in b["captions"])
         assert caps == sorted([f"photo number {i}, a test" for i in range(26)] + ["the same photo again"])
-        from pipeline.data.shards import iter_tar_samples
+        from pipeline.data.formats.shards import iter_tar_samples
         sizes = []
         for s in iter_tar_samples(str(out / "shards" / "00000.tar")):
             with Image.open(io.BytesIO(s["jpg"])) as im:
@@ -325,7 +386,7 @@ def test_img2dataset_end_to_end_with_broken_urls(tmp_path, capsys):
         rc, err = run_prep(argv, capsys)
         assert rc == 0 and "shard 2 will be redone" in err, err
         assert tars[0].stat().st_mtime_ns == mtimes[0]
-        from pipeline.data.shards import count_tar_samples
+        from pipeline.data.formats.shards import count_tar_samples
         m3 = json.loads((out / "manifest.json").read_text())
         assert m3["complete"] and m3["num_samples"] == 27 and count_tar_samples(str(tars[2])) > 0
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.lists import Args, PrepInputError
-from pipeline.data.recipes import RECIPES
-from pipeline.data.splits import msrvtt_split, msvd_split, split_in_name
-from pipeline.eval.datasets import read_caption_annotations, read_video_captions
+from pipeline.data.formats.annotations import read_captions, read_video_captions
+from pipeline.data.formats.splits import msrvtt_split, msvd_split, split_in_name
+from pipeline.data.prep.lists import Args, PrepInputError
+from pipeline.data.prep.recipes import RECIPES
 
 
 def train_rows(recipe: str, *inputs, split="train", **kw) -> list[dict]:
@@ -58,8 +58,10 @@ def test_coco_karpathy_train_is_disjoint_from_val_and_test(coco):
     train = {int(stem_id(r["url"])[-12:]) for r in train_rows("coco_karpathy", coco / "dataset_coco.json")}
     assert train == {0, 1, 2}  # train + restval
     for split, want in (("val", {3, 4}), ("test", {5, 6, 7})):
-        ev = {s.id for s in read_caption_annotations(coco / f"coco_karpathy_{split}.json")}
+        ev = {s.id for s in read_captions(coco / f"coco_karpathy_{split}.json")}
         assert ev == want and not train & ev
+        # one reader for both sides: evaluation may read Karpathy's file too, by its split
+        assert {s.id for s in read_captions(coco / "dataset_coco.json", split)} == want
         assert {int(stem_id(r["url"])[-12:]) for r in train_rows(
             "coco_karpathy", coco / "dataset_coco.json", split=split)} == want
     rows = train_rows("coco_karpathy", coco / "dataset_coco.json")
@@ -80,7 +82,7 @@ def test_flickr30k_train_is_disjoint_from_test(tmp_path):
     (tmp_path / "flickr30k_test.json").write_text(json.dumps(test))
     train = {int(stem_id(r["url"])) for r in train_rows("flickr30k", tmp_path / "dataset_flickr30k.json",
                                                          image_root=str(tmp_path))}
-    ev = {s.id for s in read_caption_annotations(tmp_path / "flickr30k_test.json")}
+    ev = {s.id for s in read_captions(tmp_path / "flickr30k_test.json")}
     assert train == {1000, 1001, 1002} and ev == {1004, 1005} and not train & ev
     with pytest.raises(PrepInputError, match="needs --image-root"):
         train_rows("flickr30k", tmp_path / "dataset_flickr30k.json")
@@ -103,7 +105,7 @@ def test_msrvtt_train_is_disjoint_from_test(tmp_path):
     (tmp_path / "msrvtt_all.json").write_text(json.dumps(lavis_all))
     kw = {"video_root": str(vids)}
     train = {r["video_id"] for r in train_rows("msrvtt", tmp_path / "train_val_videodatainfo.json", **kw)}
-    ev = {s.id for s in read_video_captions(tmp_path / "test_videodatainfo.json", "msrvtt_test")}
+    ev = {s.id for s in read_video_captions(tmp_path / "test_videodatainfo.json")}
     assert train == {"video0", "video1", "video6512"} and ev == {"video7010", "video9999"}
     assert not train & ev
     # a LAVIS list holding every split: only the standard train ids go to training
@@ -127,8 +129,8 @@ def test_msvd_split_is_honoured_and_train_is_disjoint_from_test(tmp_path):
     kw = {"video_root": str(vids)}
     rows = train_rows("msvd", tmp_path / "AllVideoDescriptions.txt", tmp_path / "youtube_mapping.txt", **kw)
     train = {clips[r["video_id"]] for r in rows}
-    ev = {s.id for s in read_video_captions(tmp_path / "AllVideoDescriptions.txt", "msvd_test",
-                                            tmp_path / "youtube_mapping.txt")}
+    ev = {s.id for s in read_video_captions(tmp_path / "AllVideoDescriptions.txt",
+                                            mapping=tmp_path / "youtube_mapping.txt")}
     assert train == {"vid1", "vid2", "vid1200"} and ev == {"vid1301", "vid1970"} and not train & ev
     assert rows[0]["captions"] == ["a man is playing guitar", "a man is playing piano"]
     with pytest.raises(PrepInputError, match="youtube_mapping.txt"):  # cannot split without the map

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.config import DataConfig, SourceConfig
 from pipeline.data import build_loader
-from pipeline.data.shards import write_shard
+from pipeline.data.formats.shards import write_shard
 from pipeline.data.transforms import EvalTransform
 from pipeline.data.video import decode_frames, encode_video, sample_indices, video_to_tensor
 

@@ -94,10 +94,13 @@ def test_summary_table_after_a_rerun_that_trained_no_step(capsys):
            "eval": {"attribute_accuracy": {"shape": 0.96}, "n": 240, "metrics": {"CIDEr": 971.6}},
            "steps_to_loss": {0.5: 125, 0.01: None}}
     report = {"timings": {"corpus": 3.0}, "runs": {"tomeformer": run, "qformer": run},
+              "shards": {"num_samples": 4000,
+                         "counts": {"by_category": {"http_404": 2, "undecodable_image": 2}}},
               "report": "r.json", "mlflow_db": "m.db"}
     print_table(report)
     out = capsys.readouterr().out
     assert "1300 steps, loss 0.790 -> 0.022" in out and "0.5: 125, 0.01: never" in out
+    assert "4000 samples; failed URLs: http_404 2, undecodable_image 2" in out  # what the manifest counted
     assert "tomeformer       qformer" in out  # the side-by-side curves
 
 

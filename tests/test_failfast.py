@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from pipeline.config import ConfigError, load_config
-from pipeline.data.shards import write_shard
+from pipeline.data.formats.shards import write_shard
 from pipeline.preflight import check_for_training
 
 SIMVLG = str(Path(sys.executable).parent / "simvlg")
@@ -208,14 +208,16 @@ def test_validate_passes_a_usable_config_and_reports_token_counts(usable):
     ("model.tomeformer.r=500", "layer 0 would merge 500 of its 65 tokens, but at most 32"),
     ("model.tomeformer.r=[18,30]", "layer 1 would merge 30 of its 47 tokens, but at most 23"),
 ])
-def test_validate_refuses_what_train_would(usable, override, words):
+def test_validate_refuses_what_train_would(usable, override, words, capsys):
+    from pipeline.cli import main
+
     with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("{", r"\{")
                        .replace("}", r"\}").replace(".", r"\.")):
         _check(usable, override)
-    out = subprocess.run([SIMVLG, "config", "validate", str(usable), "--set", override],
-                         capture_output=True, text=True)
-    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert words in out.stderr
+    # the command, in this process (the console script's own one-line exit: test_config.py)
+    assert main(["config", "validate", str(usable), "--set", override]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and words in err, err
 
 
 def test_some_missing_shards_are_refused_too(usable):
@@ -286,7 +288,7 @@ def _eval_worker(rank, world, port, root, out):
     import torch.distributed as dist
     from test_eval import ColourCaptioner, _cfg
 
-    from pipeline.eval.datasets import EvalDataError
+    from pipeline.eval.tasks import EvalDataError
 
     class Crashing(ColourCaptioner):
         def generate(self, *a, **kw):
@@ -332,7 +334,7 @@ def test_a_crash_in_generate_on_one_rank_ends_every_rank(tmp_path):
 
 # ------------------------------------------------------------------------- prep's causes, in words
 def test_every_failure_cause_has_a_meaning_in_the_prep_readme():
-    from pipeline.data.prep import _CAUSES, cause_category
+    from pipeline.data.prep.counts import _CAUSES, cause_category
 
     readme = (Path(__file__).resolve().parents[1] / "data_prep" / "README.md").read_text()
     rows = {line.split("|")[1].strip().strip("`") for line in readme.splitlines() if line.startswith("| `")}

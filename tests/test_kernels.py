@@ -8,19 +8,19 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import contextlib  # noqa: E402
-import functools  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
+import contextlib
+import functools
+import subprocess
+import sys
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
-import kernels  # noqa: E402
-import kernels.roofline  # noqa: E402
-from kernels import tome  # noqa: E402
+import kernels
+import kernels.roofline
+from kernels import tome
 
 HAS_TRITON = os.environ.get("TRITON_INTERPRET") == "1" and kernels.triton_available()
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton (interpreter) not available")
@@ -149,7 +149,7 @@ def test_triton_matches_eager(B, N, C, Cm, r, protect, mode, sized, seed, dtype)
     assert torch.equal(me.src_idx, mt.src_idx) and torch.equal(me.dst_idx, mt.dst_idx)
     assert torch.equal(me.out_pos, mt.out_pos)
     if me.r:  # the fused plan from scores == the fused plan from the eager match's partners
-        _, plan = kernels._triton()._plan_for(me)
+        _, plan = kernels._triton().tome_plan.plan_for(me)
         for k, v in plan.items():
             assert torch.equal(v, mt.plan[k]), k
         check_plan(mt.plan, me)
@@ -186,7 +186,7 @@ def test_hand_example(backend):
     x = torch.tensor([[[1.0, 0.0], [2.0, 4.0], [5.0, 1.0]]])
     size = torch.tensor([[[1.0], [1.0], [3.0]]])
     metric = torch.randn(1, 3, 4)
-    x2, s2, src = kernels.merge_tokens(x, metric, size, 1, backend=backend, source=True)
+    x2, s2, src = kernels.merge_tokens_with_source(x, metric, size, 1, backend=backend)
     torch.testing.assert_close(x2, torch.tensor([[[1.0, 0.0], [17 / 4, 7 / 4]]]))
     torch.testing.assert_close(s2, torch.tensor([[[1.0], [4.0]]]))
     torch.testing.assert_close(src, torch.tensor([[[1.0, 0, 0], [0, 1, 1]]]))
@@ -227,10 +227,10 @@ def test_batch_rows_independent(backend):
 def test_sizes_and_sources_over_layers(backend, protect):
     B, N = 2, 37
     x0, metric, _ = make(B, N, 8, 6, seed=11)
-    x, size, source = x0, None, True
+    x, size, source = x0, None, None
     for r in (5, 7, 9, 30):
-        x, size, source = kernels.merge_tokens(x, metric, size, r, protect, backend=backend,
-                                               source=source)
+        x, size, source = kernels.merge_tokens_with_source(x, metric, size, r, source, protect,
+                                                           backend=backend)
         metric = x[..., :6] + 0.1 * torch.randn_like(x[..., :6])
         n = x.shape[1]
         assert source.shape == (B, n, N)
@@ -341,7 +341,9 @@ def test_triton_tiles_and_long_merge_lists():
     torch.testing.assert_close(vt, ve, atol=1e-5, rtol=1e-5)
     assert torch.equal(it, ie)
     match = tome.select_top_r(ve, ie, 30, 70)
-    _, plan = tt._plan_for(match)
+    from kernels import tome_plan
+
+    _, plan = tome_plan.plan_for(match)
     assert int(plan["cnt"].max()) > 16  # one group spans two 16-row member tiles
     check_plan(plan, match)
     for mode in tome.MODES:
@@ -386,7 +388,7 @@ def test_triton_deterministic():
 @needs_triton
 @pytest.mark.parametrize("B,N,C,Cm,r", [
     (2, 257, 768, 64, 19), (1, 65, 4096, 4096, 20),
-    pytest.param(1, 4097, 32, 48, 1500, marks=pytest.mark.slow)])
+    (1, 4097, 32, 48, 1500)])  # N = 4097: ~2 s
 def test_triton_large(B, N, C, Cm, r):
     tt = kernels._triton()
     x, metric, size = make(B, N, C, Cm, seed=4, dtype=torch.bfloat16)
@@ -503,7 +505,7 @@ def identical_tokens(B, N, Cm, seed=0, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("N,r", [(37, 12), (133, 66), pytest.param(4097, 1900, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("N,r", [(37, 12), (133, 66), (4097, 1900)])  # N = 4097: ~2 s
 def test_all_identical_tokens(backend, N, r):
     B, C = 1, 8
     metric = identical_tokens(B, N, 16)
@@ -536,11 +538,13 @@ def test_all_identical_tokens(backend, N, r):
 def test_plan_with_tl_sort_equals_bitonic_network():
     # compiled kernels sort with tl.sort, the interpreter with a tl.gather network (tl.sort is
     # slow there); keys are unique, so both must give the same plan. Run tl.sort once here.
-    tt = kernels._triton()
+    kernels._triton()
     metric = make(1, 37, 4, 6, seed=3)[1]
     metric[0, 9:20] = metric[0, 3]  # ties
     ve, ie = tome.match_scores(metric)
-    ms = [tt._plan(37, 11, scores=(ve, ie), native_sort=n) for n in (False, True)]
+    from kernels import tome_plan
+
+    ms = [tome_plan.build_plan(37, 11, scores=(ve, ie), native_sort=n) for n in (False, True)]
     for k in ("src_idx", "dst_idx", "out_pos"):
         assert torch.equal(getattr(ms[0], k), getattr(ms[1], k)), k
     for k in ms[0].plan:
@@ -764,8 +768,10 @@ def test_tomeformer_forward_compiles_each_kernel_once():
 
 @needs_triton
 def test_plan_beyond_the_lane_limit_uses_torch(monkeypatch):
-    tt = kernels._triton()
-    monkeypatch.setattr(tt, "MAX_PLAN_LANES", 128)  # as if N were beyond 8193
+    kernels._triton()
+    from kernels import tome_plan
+
+    monkeypatch.setattr(tome_plan, "MAX_PLAN_LANES", 128)  # as if N were beyond 8193
     x, metric, size = make(1, 301, 8, 6, seed=5)
     mt = kernels.bipartite_match(metric, 60, backend="triton")
     me = kernels.bipartite_match(metric, 60, backend="eager")

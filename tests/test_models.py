@@ -260,7 +260,7 @@ def test_shapes_and_token_counts_per_layer(model):
             assert g2[b][g0[b] == t].unique().numel() == 1
     # sources, sizes and shapes per layer straight from the TomeFormer
     feats = model.connector.proj1(model.connector.ln_vision(model.vision(x)))
-    y, sources = model.connector.tomeformer(feats, return_sources=True)
+    y, sources = model.connector.tomeformer.forward_with_sources(feats)
     assert [s.shape[1] for s in sources] == counts and y.shape == (2, 29, 32)
     assert torch.equal(sources[-1].sum(1), torch.ones(2, 65))  # each input token in exactly one output
 

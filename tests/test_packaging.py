@@ -1,8 +1,11 @@
 """Our top-level `kernels` package shares its import name with HF's hub-kernels library, which
 transformers probes for. Prove transformers does not mistake ours for it and still runs models."""
 
+import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 from packaging import version
@@ -49,3 +52,48 @@ def test_console_script_installed():
     script = Path(sys.executable).parent / "simvlg"
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "TomeFormer" in out.stdout
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_ships_every_module_and_config_and_resolves_them_from_anywhere(tmp_path):
+    """A built wheel holds every module, the packaged YAML/JSON configs and the DeepSpeed configs
+    (ds_configs/ at the repository's top, shipped as pipeline/ds_configs/); installed (here: the wheel
+    unpacked onto PYTHONPATH) and run from an unrelated folder, a packaged config's ds_config resolves
+    into the package, not into a checkout."""
+    src = tmp_path / "src"  # a copy: building writes build/ and *.egg-info next to setup.py
+    src.mkdir()
+    for name in ("setup.py", "setup.cfg", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for folder in ("pipeline", "kernels", "ds_configs"):
+        shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("simvlg-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+
+    def tracked(folder, pattern):
+        return {str(p.relative_to(REPO)) for p in (REPO / folder).rglob(pattern)
+                if "__pycache__" not in p.parts}
+
+    modules = tracked("pipeline", "*.py") | tracked("kernels", "*.py")
+    configs = tracked("pipeline/configs", "*.yaml") | tracked("pipeline/configs/arch", "*.json")
+    ds = {f"pipeline/ds_configs/{p.name}" for p in (REPO / "ds_configs").glob("*.json")}
+    assert ds and modules <= names and configs <= names and ds <= names, sorted(
+        (modules | configs | ds) - names)
+    assert not any(n.startswith(("tests/", "ds_configs/", "runs/")) for n in names), sorted(names)[:10]
+
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = ("from pipeline.config import load_config; cfg = load_config('simvlg_opt2.7b'); "
+            "print(cfg.train.ds_config); print(load_config('demo').train.ds_config)")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=elsewhere, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    fp16, bf16 = run.stdout.split()
+    assert fp16 == str(site / "pipeline" / "ds_configs" / "zero2_fp16.json")
+    assert bf16 == str(site / "pipeline" / "ds_configs" / "zero2_bf16.json")

@@ -43,10 +43,24 @@ WORKER = textwrap.dedent('''
     batch = {"pixel_values": torch.randn(2, 3, 32, 32, generator=g), "source": ["a", "a"],
              **tok(["a red circle", "two small dogs"])}
 
-    class Loader:
+    class Loader:  # what the Trainer needs of a loader (pipeline.data.loader.TrainLoader)
+        arm_names, adaptive = ["a"], False
+
         def __iter__(self):
             while True:
                 yield batch
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state, strict=True):
+            pass
+
+        def skip_counts(self):
+            return {}
+
+        def report_loss(self, losses):
+            return None
 
     Path(sys.argv[2]).mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, Path(sys.argv[2]), model=model, loader=Loader())

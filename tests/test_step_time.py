@@ -68,6 +68,8 @@ SYNC_WORKER = textwrap.dedent('''
              "source_idx": torch.zeros(2, dtype=torch.long), **tok(["a red circle", "two small dogs"])}
 
     class Loader:
+        arm_names, adaptive = ["a"], False
+
         def __iter__(self):
             while True:
                 yield dict(batch)
@@ -166,3 +168,18 @@ def test_bench_step_prints_the_breakdown_and_mfu(tmp_path):
         assert r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0
         assert r["flops_per_sample"] > 0 and 0 < r["mfu"] < 1
     assert current["variant"] == "current" and legacy["variant"] == "legacy"
+
+
+def test_uint8_pixels_are_normalised_on_the_device_by_the_vision_tower():
+    from pipeline.config import VisionConfig
+    from pipeline.data.transforms import normalize_batch
+    from pipeline.models.vision import build_vision
+
+    torch.manual_seed(0)
+    tower = build_vision(VisionConfig(name="vit_tiny_patch16_224", loader="timm", image_size=32,
+                                      precision="fp32", feature_layer=-1))
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(tower(pixels), tower(normalize_batch(pixels)))
+        frames = pixels[:, None].expand(2, 3, 3, 32, 32)  # video [B, T, 3, H, W]
+        assert torch.equal(tower(frames), tower(normalize_batch(frames)))

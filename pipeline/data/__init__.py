@@ -1,5 +1,6 @@
-"""Data: `simvlg prep` recipes (prep.py, recipes.py) write WebDataset shards; loader.py streams them
-(mixing.py, transforms.py, video.py, shards.py); bench.py measures the throughput."""
+"""Data: `simvlg prep` (prep/) writes WebDataset shards and a manifest; loader.py streams them
+(streams.py -> worker.py: mixing.py, transforms.py, video.py); formats/ holds the contracts both sides
+share (shards, manifest, annotation files, splits); bench.py measures the throughput."""
 
 from .loader import SKIP_KINDS, StreamingLoader, build_loader
 from .transforms import CLIP_MEAN, CLIP_STD, EvalTransform, TrainTransform, build_transform, pre_caption

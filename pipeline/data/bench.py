@@ -6,7 +6,7 @@
 Prints, per line: decode+augment samples/s in one process (what one worker can do), then the full
 loader (tar read, shuffle, mixing, decode, augment, collate, normalise, IPC) with k workers, its
 samples/s per busy core, and the fraction of time a trainer taking --step-ms per batch waits for data.
-Target on a real node: >= 5x one GPU's demand (~100 samples/s at paper settings) with <= 8 workers.
+The target it prints its verdict against, and what it measured here: README, "Measured here".
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _photos() -> list[np.ndarray]:
         import skimage.data as d
         imgs = [d.astronaut(), d.coffee(), d.chelsea(), d.rocket()]
         return [i if i.ndim == 3 else np.stack([i] * 3, -1) for i in imgs]
-    except Exception:  # noqa: BLE001 - scikit-image is a dev extra
+    except Exception:  # scikit-image is a dev extra
         rng = np.random.default_rng(0)
         small = [(rng.random((24, 32, 3)) * 255).astype(np.uint8) for _ in range(4)]
         return [np.asarray(Image.fromarray(a).resize((512, 384))) for a in small]
@@ -40,7 +40,7 @@ def _photos() -> list[np.ndarray]:
 def make_synthetic_shards(folder: str | Path, n: int, per_shard: int = 500, size: int = 384,
                           seed: int = 0) -> str:
     """n JPEG samples shaped like `simvlg prep` output (shorter side `size`, q95) -> brace pattern."""
-    from .shards import write_shard
+    from .formats.shards import write_shard
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -71,8 +71,8 @@ def make_synthetic_shards(folder: str | Path, n: int, per_shard: int = 500, size
 
 def bench_decode(pattern: str, *, image_size: int, min_scale: float, seconds: float) -> dict:
     """One process: decode + RandomResizedCrop + to-uint8 on samples already in memory."""
+    from .formats.shards import iter_tar_samples
     from .loader import resolve_sources
-    from .shards import iter_tar_samples
     from .transforms import TrainTransform
 
     class _Cfg:  # just what resolve_sources reads
@@ -91,7 +91,7 @@ def bench_decode(pattern: str, *, image_size: int, min_scale: float, seconds: fl
             try:  # the loader skips and counts undecodable images; so does the benchmark
                 with Image.open(io.BytesIO(s["jpg"])) as im:
                     im.convert("RGB")
-            except Exception:  # noqa: BLE001 - truncated, not an image, ...
+            except Exception:  # truncated, not an image, ...
                 skips["corrupt_image"] += 1
                 continue
             raw.append(s)

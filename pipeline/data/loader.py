@@ -7,10 +7,12 @@
         metrics.update(loader.skip_counts())                # {"laion/corrupt_image": 3, ...}
     ckpt["data"] = loader.state_dict()                      # per rank
 
-Each DataLoader worker runs one *logical worker*: one stream per source (shard sequence → tar samples
-→ shuffle buffer), a seeded RNG per batch for source choice, augmentation, caption and frame choice,
-and yields whole collated batches (tokenisation included). Batch n of logical worker l on rank r is a
-pure function of (seed, rank, l, epoch, n, the per-source stream positions, the mixing shares).
+Each DataLoader worker runs one *logical worker* (worker.py): one stream per source (streams.py:
+shard sequence → tar samples → shuffle buffer), a seeded RNG per batch for source choice,
+augmentation, caption and frame choice, and yields whole collated batches (tokenisation included).
+Batch n of logical worker l on rank r is a pure function of (seed, rank, l, epoch, n, the per-source
+stream positions, the mixing shares). This module is the trainer's side: the DataLoader around the
+workers, the consumed position (resume state), skip counts and adaptive-mixing feedback.
 
 Modes
 - resampled (train, data.resampled=true): shards drawn with replacement, seeded per
@@ -45,405 +47,55 @@ Resume cost: one segment's header scan per stream (4 shards of 10k samples: a fe
 Skips: unreadable_shard, corrupt_tar (samples lost to a damaged archive: a garbled member header is
 skipped and reading resumes after it; a truncated shard keeps the samples before the break),
 corrupt_image, corrupt_video, missing_image, missing_caption, oversized, dead_source — counted per
-source in the
-workers, shipped with each batch, summed in the trainer process over consumed batches
+source in the workers, shipped with each batch, summed in the trainer process over consumed batches
 (`skip_counts()`: a fixed key set per source, so ranks can all-reduce it), restored with the state.
 """
+
 
 from __future__ import annotations
 
 import atexit
-import hashlib
-import io
-import json
 import os
-import random
 import sys
 import time
-import warnings
 import weakref
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
 
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
-from .mixing import AdaptiveMixer, choose, normalize
-from .shards import IMAGE_EXTS, VIDEO_EXTS, iter_tar_samples, resolve_lazy, resolve_spec
-from .transforms import build_transform, normalize_batch, pre_caption, stack_hwc
-from .video import video_frames
+from .formats.shards import resolve_spec
+from .mixing import AdaptiveMixer
+from .streams import Source
+from .worker import MixedStream
+
+
+@runtime_checkable
+class TrainLoader(Protocol):
+    """What the trainer needs of its data (StreamingLoader is one; tests pass smaller ones)."""
+
+    def __iter__(self) -> Iterator[dict]: ...  # batches: pixel_values, input_ids, ..., source
+
+    def state_dict(self) -> dict: ...  # the position after the batches consumed so far
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None: ...
+
+    def skip_counts(self) -> dict[str, int]: ...  # {"<source>/<cause>": n}, the same keys on every rank
+
+    def report_loss(self, losses: dict[str, float]) -> list[float] | None: ...  # adaptive mixing
+
+    @property
+    def arm_names(self) -> list[str]: ...  # what each batch's arm_idx / source_idx indexes
+
+    @property
+    def adaptive(self) -> bool: ...  # whether report_loss must be fed every step
+
 
 SKIP_KINDS = ("unreadable_shard", "corrupt_tar", "corrupt_image", "corrupt_video", "missing_image",
               "missing_caption", "oversized", "dead_source")
 STATE_VERSION = 2
-
-
-def stable_seed(*parts) -> int:
-    """A 63-bit seed from any printable parts, identical in every process (no hash randomisation)."""
-    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") >> 1
-
-
-@dataclass
-class Source:
-    name: str
-    urls: list[str]
-    weight: float
-    kind: str = "image"
-    num_samples: int | None = None
-
-
-class _Dead(Exception):
-    pass
-
-
-SEGMENT_SHARDS = 4  # shards per stream segment: the most a resume has to fast-forward through
-
-
-class SourceStream:
-    """One source's raw samples for one logical worker.
-
-    The shard sequence (resampled: drawn with replacement; epoch/eval: this worker's share of a pass)
-    is cut into *segments* of SEGMENT_SHARDS shards (a pass end also ends a segment). Each segment has
-    its own shuffle-buffer seed and the buffer drains at its end, so a position is (segment, samples
-    emitted in it) and resuming skips whole segments for free (no I/O), then fast-forwards at most one
-    segment by scanning tar headers.
-    """
-
-    def __init__(self, index: int, src: Source, *, seed: int, epoch: int, rank: int, world_size: int,
-                 worker: int, num_workers: int, mode: str, shard_shuffle: bool, buffer: int,
-                 on_skip, start: tuple[int, int] = (0, 0)):
-        self.index, self.src = index, src
-        self.seed, self.epoch, self.rank = seed, epoch, rank
-        self.G = world_size * num_workers
-        self.g = rank * num_workers + worker
-        self.worker = worker
-        self.mode = mode  # resampled | epoch | eval
-        self.shard_shuffle = shard_shuffle
-        self.buffer = buffer if mode != "eval" else 0
-        self.on_skip = on_skip
-        self.seg, self.seg_pos = int(start[0]), 0
-        self.lazy = False
-        self.muted = False
-        self._it = self._stream(self.seg)
-        if start[1]:
-            self.fast_forward(int(start[1]))
-
-    @property
-    def position(self) -> list[int]:
-        return [self.seg, self.seg_pos]
-
-    # -- shard sequences, cut into segments: (list of (url, split), ends_a_pass)
-    def _segments(self):
-        urls, K = self.src.urls, SEGMENT_SHARDS
-        if self.mode == "resampled":
-            rng = random.Random(stable_seed(self.seed, "shards", self.index, self.rank, self.worker,
-                                            self.epoch))
-            while True:
-                yield [(rng.choice(urls), None) for _ in range(K)], False
-        pas = 0
-        while True:
-            order = list(urls)
-            if self.shard_shuffle and self.mode == "epoch":
-                random.Random(stable_seed(self.seed, "perm", self.index, self.epoch, pas)).shuffle(order)
-            if len(order) >= self.G:
-                mine = [(u, None) for u in order[self.g::self.G]]
-                if self.shard_shuffle and self.mode == "epoch":
-                    random.Random(stable_seed(self.seed, "local", self.index, self.g, self.epoch,
-                                              pas)).shuffle(mine)
-            else:  # fewer shards than workers: every worker reads every shard, keeps its samples
-                mine = [(u, (self.G, (self.g + j) % self.G)) for j, u in enumerate(order)]
-            for i in range(0, len(mine), K):
-                yield mine[i:i + K], i + K >= len(mine)
-            if self.mode == "eval":
-                return
-            pas += 1
-
-    def _on_error(self, kind, url, exc):
-        if not self.muted:
-            self.on_skip(self.index, kind)
-
-    def _read(self, shards, counter: dict):
-        lazy = lambda: self.lazy  # noqa: E731
-        always_lazy = lambda: True  # noqa: E731
-        for url, split in shards:
-            got = 0
-            # when splitting by sample, other workers' samples are only header-scanned (local files)
-            for j, sample in enumerate(iter_tar_samples(url, lazy=always_lazy if split else lazy,
-                                                        on_error=self._on_error)):
-                if split is not None and j % split[0] != split[1]:
-                    continue
-                got += 1
-                yield sample
-            counter["got"] += got
-            counter["empty_run"] = 0 if got else counter["empty_run"] + 1
-
-    def _stream(self, start_seg: int):
-        counter = {"got": 0, "empty_run": 0}
-        pass_from_start = start_seg == 0
-        limit = 2 * len(self.src.urls) + 8
-        for seg, (shards, pass_end) in enumerate(self._segments()):
-            if seg < start_seg:
-                pass_from_start = pass_end  # the next segment starts a pass
-                continue
-            rng = random.Random(stable_seed(self.seed, "buffer", self.index, self.rank, self.worker,
-                                            self.epoch, seg))
-            for sample in self._shuffled(self._read(shards, counter), rng):
-                yield seg, sample
-            if self.mode == "resampled" and counter["empty_run"] >= limit:
-                raise _Dead(f"{limit} shards in a row gave no samples")
-            if pass_end:
-                if counter["got"] == 0 and pass_from_start:
-                    raise _Dead(f"a whole pass over {len(self.src.urls)} shards gave no samples")
-                counter["got"], pass_from_start = 0, True
-
-    def _shuffled(self, it, rng: random.Random):
-        """Shuffle buffer (webdataset's algorithm: start emitting at 100, grow to `buffer`), drained at
-        the end of the segment."""
-        size = self.buffer
-        if size <= 1:
-            yield from it
-            return
-        initial = min(100, size)
-        buf: list = []
-
-        def pick():
-            i = rng.randrange(len(buf))
-            buf[i], buf[-1] = buf[-1], buf[i]
-            return buf.pop()
-
-        for s in it:
-            buf.append(s)
-            if len(buf) < size:
-                s2 = next(it, None)
-                if s2 is not None:
-                    buf.append(s2)
-            if len(buf) >= initial:
-                yield pick()
-        while buf:
-            yield pick()
-
-    def next(self) -> dict:
-        """Next raw sample. Raises StopIteration when exhausted (eval) or _Dead when it never yields."""
-        seg, s = next(self._it)
-        if seg != self.seg:
-            self.seg, self.seg_pos = seg, 0
-        self.seg_pos += 1
-        return s
-
-    def fast_forward(self, n: int) -> None:
-        self.lazy, self.muted = True, True
-        try:
-            for _ in range(n):
-                self.next()
-        finally:
-            self.lazy, self.muted = False, False
-
-
-class MixedStream(IterableDataset):
-    """The worker side: yields collated batches with a `_meta` entry the loader strips."""
-
-    def __init__(self, sources: list[Source], *, data_cfg, tokenize, batch_size: int, rank: int,
-                 world_size: int, seed: int, train: bool, epoch_batches: int | None,
-                 shares_tensor: torch.Tensor | None):
-        super().__init__()
-        self.sources = sources
-        self.names = [s.name for s in sources]
-        self.mixing = data_cfg.mixing
-        self.mode = "eval" if not train else ("resampled" if data_cfg.resampled else "epoch")
-        self.shard_shuffle = data_cfg.shard_shuffle
-        self.buffer = data_cfg.shuffle_buffer
-        self.max_words = data_cfg.max_words
-        self.num_frames = data_cfg.num_frames
-        self.frame_sampling = data_cfg.frame_sampling if train else "uniform"
-        self.transform = build_transform(data_cfg.image_size, data_cfg.min_scale, data_cfg.hflip, train)
-        self.tokenize = tokenize
-        self.batch_size = batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.train = train
-        self.epoch_batches = epoch_batches
-        self.static_shares = normalize([s.weight for s in sources])
-        self.shares_tensor = shares_tensor
-        self.salt = 0  # bumped by a non-strict load_state_dict
-        self.start: dict = {"epoch": 0, "offset": 0, "workers": {}}
-
-    # -- per-worker setup
-    def _shares(self) -> list[float]:
-        if self.shares_tensor is not None:
-            return self.shares_tensor.tolist()
-        return self.static_shares
-
-    def __iter__(self):
-        info = get_worker_info()
-        p, W = (info.id, info.num_workers) if info is not None else (0, 1)
-        lw = (p + self.start["offset"]) % W
-        yield from self._batches(lw, W)
-
-    def _quota(self, lw: int, W: int) -> int | None:
-        E = self.epoch_batches
-        if E is None:
-            return None
-        return E // W + (1 if lw < E % W else 0)
-
-    def _batches(self, lw: int, W: int):
-        epoch = self.start["epoch"]
-        st = self.start["workers"].get(str(lw), {})
-        n = int(st.get("batches", 0))
-        pos = [tuple(p) for p in st.get("pos", [(0, 0)] * len(self.sources))]
-        skips: dict = defaultdict(lambda: defaultdict(int))
-
-        def on_skip(i, kind):
-            skips[self.names[i]][kind] += 1
-
-        seed = stable_seed(self.seed, self.salt)
-        streams, alive = [], []
-        for i, (s, start) in enumerate(zip(self.sources, pos)):
-            try:
-                streams.append(SourceStream(i, s, seed=seed, epoch=epoch, rank=self.rank,
-                                            world_size=self.world_size, worker=lw, num_workers=W,
-                                            mode=self.mode, shard_shuffle=self.shard_shuffle,
-                                            buffer=self.buffer, on_skip=on_skip, start=start))
-                alive.append(True)
-            except (StopIteration, _Dead):  # ran out while fast-forwarding
-                streams.append(SourceStream(i, s, seed=seed, epoch=epoch, rank=self.rank,
-                                            world_size=self.world_size, worker=lw, num_workers=W,
-                                            mode=self.mode, shard_shuffle=self.shard_shuffle,
-                                            buffer=self.buffer, on_skip=on_skip))
-                alive.append(False)
-        quota = self._quota(lw, W)
-        if self.mode == "eval":
-            yield from self._eval_batches(streams, lw, epoch, n, skips, on_skip)
-            return
-        while quota is None or n < quota:
-            rng = random.Random(stable_seed(seed, "batch", self.rank, lw, epoch, n))
-            shares = self._shares()
-            items: list = []
-            src = choose(shares, rng, alive) if self.mixing == "batch" else None
-            while len(items) < self.batch_size:
-                if self.mixing != "batch":
-                    src = choose(shares, rng, alive)
-                item = self._next_item(streams[src], rng, on_skip)
-                if item is None:  # source dead
-                    alive[src] = False
-                    skips[self.names[src]]["dead_source"] += 1
-                    warnings.warn(f"data source {self.names[src]!r} gives no samples on rank {self.rank} "
-                                  f"worker {lw}; mixing continues without it", stacklevel=2)
-                    if not any(alive):
-                        raise RuntimeError(f"no data source gives samples on rank {self.rank} worker {lw}: "
-                                           f"check the shards of {self.names}")
-                    if self.mixing == "batch":
-                        src = choose(shares, rng, alive)
-                    continue
-                items.append(item)
-            n += 1
-            yield self._collate(items, lw, epoch, n, streams, skips)
-            skips.clear()
-
-    def _eval_batches(self, streams, lw, epoch, n, skips, on_skip):
-        rng = random.Random(0)
-        items: list = []
-        for stream in streams:
-            while True:
-                try:
-                    raw = stream.next()
-                except (StopIteration, _Dead):
-                    break
-                item = self._decode(raw, stream.index, rng, on_skip)
-                if item is None:
-                    continue
-                items.append(item)
-                if len(items) == self.batch_size:
-                    n += 1
-                    yield self._collate(items, lw, epoch, n, streams, skips)
-                    items = []
-                    skips.clear()
-        if items:
-            n += 1
-            yield self._collate(items, lw, epoch, n, streams, skips)
-        elif skips:  # skips after the last full batch still reach the trainer
-            yield {"_meta": {"worker": lw, "epoch": epoch, "batches": n, "pos": [s.position for s in streams],
-                             "skips": {k: dict(v) for k, v in skips.items()}, "empty": True}}
-
-    def _next_item(self, stream: SourceStream, rng: random.Random, on_skip):
-        while True:
-            try:
-                raw = stream.next()
-            except (StopIteration, _Dead):
-                return None
-            item = self._decode(raw, stream.index, rng, on_skip)
-            if item is not None:
-                return item
-
-    # -- decode one raw sample (never unpickles: only image/video/txt/json members were read)
-    def _caption(self, raw: dict, rng: random.Random) -> str:
-        cap = None
-        js = raw.get("json")
-        if js is not None and (b'"captions"' in js or "txt" not in raw):
-            try:
-                meta = json.loads(js)
-            except ValueError:
-                meta = None
-            if isinstance(meta, dict):
-                caps = meta.get("captions")
-                if isinstance(caps, list):
-                    caps = [c for c in caps if isinstance(c, str) and c.strip()]
-                    if caps:
-                        cap = rng.choice(caps) if self.train else caps[0]
-                if cap is None and isinstance(meta.get("caption"), str):
-                    cap = meta["caption"]
-        if cap is None and "txt" in raw:
-            cap = raw["txt"].decode("utf-8", "replace")
-        return pre_caption(cap, self.max_words) if cap else ""
-
-    def _decode(self, raw: dict, si: int, rng: random.Random, on_skip):
-        try:
-            resolve_lazy(raw)
-        except OSError:
-            on_skip(si, "corrupt_tar")
-            return None
-        kind = self.sources[si].kind
-        damaged = raw.get("__damaged__")  # next to damage in its tar: a loss there is corrupt_tar
-        exts = VIDEO_EXTS if kind == "video" else IMAGE_EXTS
-        ext = next((e for e in exts if e in raw), None)
-        if ext is None:
-            on_skip(si, "corrupt_tar" if damaged else
-                    "oversized" if raw.get("__oversized__") else "missing_image")
-            return None
-        caption = self._caption(raw, rng)
-        if not caption:
-            on_skip(si, "corrupt_tar" if damaged else "missing_caption")
-            return None
-        if kind == "video":
-            try:
-                pixels = video_frames(raw[ext], self.transform, self.num_frames, self.frame_sampling, rng)
-            except Exception:  # noqa: BLE001 - any decoder failure is a corrupt sample
-                on_skip(si, "corrupt_tar" if damaged else "corrupt_video")
-                return None
-        else:
-            try:
-                with Image.open(io.BytesIO(raw[ext])) as im:
-                    img = im.convert("RGB")
-            except Exception:  # noqa: BLE001 - truncated, not an image, decompression bomb, ...
-                on_skip(si, "corrupt_tar" if damaged else "corrupt_image")
-                return None
-            pixels = self.transform.apply(img, self.transform.params(img.width, img.height, rng))
-        return pixels, caption, si, raw["__key__"]
-
-    def _collate(self, items, lw, epoch, n, streams, skips) -> dict:
-        pixels, captions, sis, keys = zip(*items)
-        batch = {"pixel_values": normalize_batch(stack_hwc(pixels))}
-        if self.tokenize is not None:
-            batch.update(self.tokenize(list(captions)))
-        batch.update({
-            "captions": list(captions),
-            "source": [self.names[i] for i in sis],
-            "source_idx": torch.tensor(sis, dtype=torch.long),
-            "keys": list(keys),
-            "_meta": {"worker": lw, "epoch": epoch, "batches": n, "pos": [s.position for s in streams],
-                      "skips": {k: dict(v) for k, v in skips.items()}},
-        })
-        return batch
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -482,7 +134,7 @@ def _stop_workers(it) -> None:
     if shutdown is not None:
         try:
             shutdown()
-        except Exception:  # noqa: BLE001 - killing below is the fallback
+        except Exception:  # killing below is the fallback
             pass
     for w in workers:
         if w.is_alive():
@@ -523,6 +175,14 @@ class StreamingLoader:
         self.batches = 0
 
     @property
+    def arm_names(self) -> list[str]:
+        return list(self.dataset.names)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.mixer is not None
+
+    @property
     def epoch_batches(self) -> int | None:
         return self.dataset.epoch_batches
 
@@ -556,18 +216,16 @@ class StreamingLoader:
             while True:
                 t0 = time.perf_counter()
                 try:
-                    batch = next(it)
+                    meta, batch = next(it)
                 except StopIteration:
                     break
                 self.wait_time += time.perf_counter() - t0
-                meta = batch.pop("_meta")
-                if meta.get("empty"):
-                    self._add_skips(meta["skips"])
+                self._add_skips(meta.skips)
+                if batch is None:  # an eval pass's trailing skips, no batch
                     continue
-                self._state["workers"][str(meta["worker"])] = {
-                    "batches": int(meta["batches"]), "pos": [[int(a), int(b)] for a, b in meta["pos"]]}
+                self._state["workers"][str(meta.worker)] = {
+                    "batches": int(meta.batches), "pos": [[int(a), int(b)] for a, b in meta.positions]}
                 self._state["consumed"] += 1
-                self._add_skips(meta["skips"])
                 self.batches += 1
                 yield batch
         finally:  # an error, or the consumer stopped early (GeneratorExit): workers go now
@@ -702,5 +360,4 @@ def build_loader(data_cfg, *, tokenize, batch_size: int, rank: int = 0, world_si
                            mixer=mixer)
 
 
-__all__ = ["SKIP_KINDS", "Source", "SourceStream", "MixedStream", "StreamingLoader", "build_loader",
-           "resolve_sources", "stable_seed"]
+__all__ = ["SKIP_KINDS", "StreamingLoader", "TrainLoader", "build_loader", "resolve_sources"]

@@ -44,7 +44,7 @@ def pretrain_vit(out: Path, arch_json: Path, steps: int = 600, seed: int = 0, ba
     It learns from images of its own, never the captioned corpus: shapes painted in random RGB colours
     (so it knows a triangle in any colour, as a web-trained ViT does, and no colour word), with heads
     for shape, count, size and position and a regression of the paint colour, on the mean and CLS of
-    its tokens. The heads are dropped. On 2 cores 600 steps of 64 take ~300 s."""
+    its tokens. The heads are dropped. (How long it takes: README, "Measured here".)"""
     import math
 
     import timm
@@ -173,8 +173,7 @@ def minilm_folder() -> Path | None:
 def build_tomeformer_init(out: Path, kind: str = "bert", seed: int = 0) -> str:
     """The TomeFormer's initial weights in `out`: "minilm" copies real MiniLM-L6 weights (if the
     package is installed), "bert" saves a small random BERT (2 x 128). On this corpus and budget the
-    small BERT learns faster per second (0.25 vs 0.73 s per step of 16 on one core, and colour at 94%
-    vs 56% after 100 steps, measured), so it is the demo's default."""
+    small BERT learns faster per second (README, "Measured here"), so it is the demo's default."""
     src = minilm_folder() if kind == "minilm" else None
     out.mkdir(parents=True, exist_ok=True)
     if src is not None:

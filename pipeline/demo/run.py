@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import load_config
+from pipeline.data.formats.manifest import Manifest, read_manifest
 
 log = logging.getLogger("simvlg.demo")
 BROKEN = ["missing/0.png", "missing/1.png", "notanimage.png", "truncated.png"]
@@ -98,13 +99,13 @@ def make_corpus(root: Path, n_train: int, n_heldout: int, seed: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------- stage 2
-def make_shards(corpus_dir: Path, out: Path, rows: list[dict]) -> dict:
+def make_shards(corpus_dir: Path, out: Path, rows: list[dict]) -> Manifest:
     from pipeline.data import prep
     from pipeline.demo.serve import LoopbackServer
 
     manifest = out / "manifest.json"
     if manifest.is_file():  # written last by prep: the shards are complete (and the server's port,
-        return json.loads(manifest.read_text())  # part of every URL, differs from run to run)
+        return read_manifest(manifest)  # part of every URL, differs from run to run)
     with LoopbackServer(corpus_dir) as server:
         url_list = out.parent / "urls.csv"
         out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +121,7 @@ def make_shards(corpus_dir: Path, out: Path, rows: list[dict]) -> dict:
                           "--timeout", "30", "--retries", "0"])
     if code != 0 or not manifest.is_file():
         raise SystemExit(f"simvlg demo: the shards stage failed (prep exit {code}); see above")
-    return json.loads(manifest.read_text())
+    return read_manifest(manifest)
 
 
 # ------------------------------------------------------------------------------------- stage 3
@@ -258,6 +259,10 @@ def side_by_side(curves: dict[str, list[tuple[int, float]]], rows: int = 12) -> 
 
 def print_table(report: dict) -> None:
     rows = [("stage timings (s)", ", ".join(f"{k} {v}" for k, v in report["timings"].items()))]
+    if "shards" in report:  # the failures prep counted, by cause (the demo's list has four on purpose)
+        failed = report["shards"]["counts"]["by_category"]
+        rows.append(("shards", f"{report['shards']['num_samples']} samples; failed URLs: "
+                               + (", ".join(f"{k} {v}" for k, v in failed.items()) or "none")))
     for name, res in report["runs"].items():
         ev = res.get("eval", {})
         acc = ev.get("attribute_accuracy", {})
@@ -340,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         res["steps_to_loss"] = {t: steps_to_loss(res["train"]["curve"], t) for t in targets}
         runs[name] = res
     report = {"timings": stages.timings, "corpus": {k: v for k, v in corpus_info.items() if k != "rows"},
-              "shards": {k: manifest.get(k) for k in ("shards", "num_samples", "counts", "failures")
-                         if k in manifest},
+              "shards": {"shards": manifest.shards, "num_samples": manifest.num_samples,
+                         "counts": manifest.counts.model_dump()},
               "backbones": bb, "runs": runs,
               "attribute_accuracy": runs["tomeformer"]["eval"]["attribute_accuracy"],
               "mlflow_run_id": runs["tomeformer"]["train"]["summary"]["mlflow_run_id"],

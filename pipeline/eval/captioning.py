@@ -3,14 +3,15 @@
 Generation (official caption_coco eval config): beam eval.num_beams (5), max eval.max_new_tokens
 (30), min eval.min_new_tokens (8) new tokens after the prompt eval.caption_prompt (official: "", the
 BOS alone), eval.repetition_penalty; the prediction is the generated continuation (the prompt is not
-part of it), first line, stripped.
+part of it), first line, stripped (evaluate.first_line, for every task).
 Scores: pycocoevalcap after PTB tokenisation, x100 as in the paper tables; NoCaps also per domain
 (CIDEr, SPICE) when the annotations give each image's domain.
 """
 
 from __future__ import annotations
 
-from .datasets import Sample
+from pipeline.data.formats.annotations import Sample
+
 from .metrics import caption_metrics
 
 
@@ -21,11 +22,6 @@ def prompts(samples: list[Sample], eval_cfg) -> list[str]:
 def generation_kwargs(eval_cfg) -> dict:
     return {"num_beams": eval_cfg.num_beams, "max_new_tokens": eval_cfg.max_new_tokens,
             "min_new_tokens": eval_cfg.min_new_tokens, "repetition_penalty": eval_cfg.repetition_penalty}
-
-
-def clean(text: str) -> str:
-    lines = [ln.strip() for ln in str(text).strip().split("\n") if ln.strip()]
-    return lines[0] if lines else ""
 
 
 def record(sample: Sample, prediction: str) -> dict:

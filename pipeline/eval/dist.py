@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from .datasets import EvalDataError
+from .media import EvalDataError
 
 
 def rank_world() -> tuple[int, int]:

@@ -17,7 +17,6 @@ and logs metrics as `eval/<task>/<name>` plus those files as artifacts under `ev
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
@@ -29,13 +28,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from pipeline.data.formats.jsonfile import write_json_atomic
 from pipeline.data.transforms import normalize_batch
 from pipeline.failfast import one_line
 
 from . import captioning, video, vqa
-from .datasets import EvalDataError, EvalDataset, TaskData, collate, load_task
 from .dist import gather_by_id, shard_indices
 from .gallery import save_merge_figure, write_gallery
+from .media import EvalDataError, EvalDataset, collate
+from .tasks import TaskData, load_task
 
 log = logging.getLogger("simvlg.eval")
 
@@ -44,23 +45,27 @@ log = logging.getLogger("simvlg.eval")
 class Kind:
     prompts: Callable
     generation_kwargs: Callable
-    clean: Callable
     record: Callable
     score: Callable
 
 
 KINDS: dict[str, Kind] = {
-    "caption": Kind(captioning.prompts, captioning.generation_kwargs, captioning.clean, captioning.record,
-                    captioning.score),
-    "video_caption": Kind(video.prompts, video.generation_kwargs, video.clean, video.record, video.score),
-    "vqa": Kind(vqa.prompts, vqa.generation_kwargs, vqa.clean, vqa.record, vqa.score_vqa),
-    "gqa": Kind(vqa.prompts, vqa.generation_kwargs, vqa.clean, vqa.record, vqa.score_gqa),
+    "caption": Kind(captioning.prompts, captioning.generation_kwargs, captioning.record, captioning.score),
+    "video_caption": Kind(video.prompts, video.generation_kwargs, video.record, video.score),
+    "vqa": Kind(vqa.prompts, vqa.generation_kwargs, vqa.record, vqa.score_vqa),
+    "gqa": Kind(vqa.prompts, vqa.generation_kwargs, vqa.record, vqa.score_gqa),
 }
 
 
 def _one_line(e: Exception) -> str:
     """A DataLoader worker re-raises with the whole traceback in the message: keep the last line."""
     return re.sub(r"^[\w.]*EvalDataError: ", "", one_line(e))
+
+
+def first_line(text: str) -> str:
+    """A prediction as scored, for every task: its first non-empty line, stripped."""
+    lines = [ln.strip() for ln in str(text).strip().split("\n") if ln.strip()]
+    return lines[0] if lines else ""
 
 
 def predict(model, data: TaskData, cfg, *, rank: int = 0, world_size: int = 1, device="cpu",
@@ -85,7 +90,7 @@ def predict(model, data: TaskData, cfg, *, rank: int = 0, world_size: int = 1, d
                 raise EvalDataError(f"{data.task}: the model returned {len(texts)} texts for "
                                     f"{len(samples)} inputs")
             for s, t in zip(samples, texts):
-                out[s.id] = kind.clean(t)
+                out[s.id] = first_line(t)
             if rank == 0 and (b + 1) % 20 == 0:
                 log.info("%s: batch %d/%d (%.1f s)", data.task, b + 1, n_batches, time.time() - t0)
     except EvalDataError as e:
@@ -130,13 +135,6 @@ def merge_figures(model, data: TaskData, cfg, out_dir: Path, notes: list, device
     return out
 
 
-def write_json(path: Path, obj) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
-
-
 def evaluate_task(model, cfg, task: str, out_dir: str | Path, *, rank: int = 0, world_size: int = 1,
                   device="cpu", tracker=None, step: int = 0, checkpoint: str | None = None,
                   num_workers: int | None = None) -> dict | None:
@@ -148,7 +146,7 @@ def evaluate_task(model, cfg, task: str, out_dir: str | Path, *, rank: int = 0, 
                                num_workers=num_workers), None
     except EvalDataError as e:
         local, error = {}, str(e)
-    except Exception as e:  # noqa: BLE001 - e.g. generate() crashed: the peers must hear of it, not
+    except Exception as e:  # e.g. generate() crashed: the peers must hear of it, not
         # wait in the gather below forever; the traceback goes to the log, the cause to every rank
         log.error("%s: prediction failed on rank %d", task, rank, exc_info=True)
         local, error = {}, f"prediction failed on rank {rank}: {_one_line(e)}"
@@ -164,7 +162,7 @@ def evaluate_task(model, cfg, task: str, out_dir: str | Path, *, rank: int = 0, 
     metrics = kind.score(records, notes)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"predictions": write_json(out_dir / "predictions.json", records)}
+    files = {"predictions": write_json_atomic(out_dir / "predictions.json", records)}
     figs = merge_figures(model, data, cfg, out_dir, notes, device)
     if cfg.eval.gallery_size:
         ds = EvalDataset(data, cfg.model.vision.image_size, cfg.data.num_frames)
@@ -184,7 +182,7 @@ def evaluate_task(model, cfg, task: str, out_dir: str | Path, *, rank: int = 0, 
               "world_size": world_size, "seconds": round(time.time() - t0, 1), "notes": notes,
               "annotations": data.files,
               "files": {k: str(v) for k, v in files.items()} | {"merge": [str(p) for p in figs.values()]}}
-    files["metrics"] = write_json(out_dir / "metrics.json", report)
+    files["metrics"] = write_json_atomic(out_dir / "metrics.json", report)
     if tracker is not None:
         tracker.log(step, {f"eval/{task}/{k}": float(v) for k, v in metrics.items()}
                     | {f"eval/{task}/num_samples": float(len(records))})

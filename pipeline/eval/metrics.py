@@ -5,8 +5,9 @@ Stanford CoreNLP jars are installed) after the standard PTB tokenisation (Stanfo
 lower-cased, punctuation tokens removed), exactly what the COCO caption server runs. The PTB step is
 the same Java command as `pycocoevalcap.tokenizer.PTBTokenizer`, but its temp file goes to the system
 temp dir (pycocoevalcap writes into site-packages, often read-only) and line counts are checked.
-METEOR's JVM (~10 s to start) is kept for the process and reused. Values are pycocoevalcap's
-fractions (BLEU-4 of identical captions = 1.0); the eval tasks report them x100 as the paper tables.
+METEOR's JVM (slow to start: README, "Measured here") is kept for the process and reused. Values
+are pycocoevalcap's fractions (BLEU-4 of identical captions = 1.0); the eval tasks report them x100
+as the paper tables.
 
 VQA (`vqa_accuracy`): the official VQA evaluation as LAVIS copies it (lavis/common/vqa_tools/
 vqa_eval.py, the 2017 script that BLIP-2-era papers report): the prediction is cleaned (newlines and
@@ -206,7 +207,7 @@ def _close_meteor() -> None:
             m.meteor_p.stdin.close()
             m.meteor_p.kill()
             m.meteor_p.wait(timeout=10)
-        except Exception:  # noqa: BLE001 - best effort at exit
+        except Exception:  # best effort at exit
             pass
 
 
@@ -300,7 +301,7 @@ def caption_metrics(preds: Mapping[object, str], refs: Mapping[object, Iterable[
                 from pycocoevalcap.spice.spice import Spice
 
                 out["SPICE"] = float(Spice().compute_score(gts, res)[0])
-            except Exception as e:  # noqa: BLE001 - SPICE's Java side fails in many ways
+            except Exception as e:  # SPICE's Java side fails in many ways
                 why = f"SPICE skipped: it failed ({type(e).__name__}: {str(e)[:200]})"
                 if spice is True:
                     raise MetricError(why) from None

@@ -34,8 +34,8 @@ import torch.distributed as dist
 
 from pipeline.config import ConfigError, load_config
 
-from .datasets import EvalDataError, check_task_files
 from .metrics import MetricError
+from .tasks import EvalDataError, check_task_files
 
 log = logging.getLogger("simvlg.eval")
 
@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _load_states(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - DeepSpeed may pickle objects the safe loader refuses
+    except Exception as e:  # DeepSpeed may pickle objects the safe loader refuses
         warnings.warn(f"{path}: safe load failed ({type(e).__name__}); loading it as a trusted training "
                       "checkpoint of this run", stacklevel=2)
         return torch.load(path, map_location="cpu", weights_only=False)
@@ -157,7 +157,7 @@ def _device() -> torch.device:
 
 
 def _update_report(path: Path, report: dict) -> None:
-    from .evaluate import write_json
+    from pipeline.data.formats.jsonfile import write_json_atomic
 
     try:
         all_reports = json.loads(path.read_text()) if path.is_file() else {}
@@ -165,7 +165,7 @@ def _update_report(path: Path, report: dict) -> None:
         all_reports = {}
     all_reports[report["task"]] = {k: report[k] for k in ("metrics", "num_samples", "partial", "step",
                                                           "checkpoint", "notes")}
-    write_json(path, all_reports)
+    write_json_atomic(path, all_reports)
 
 
 def run(args, *, model=None) -> int:

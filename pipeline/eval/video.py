@@ -16,7 +16,6 @@ import torch
 from . import captioning
 
 prompts = captioning.prompts
-clean = captioning.clean
 record = captioning.record
 score = captioning.score
 

@@ -19,7 +19,8 @@ import logging
 import re
 from collections import defaultdict
 
-from .datasets import Sample
+from pipeline.data.formats.annotations import Sample
+
 from .metrics import MetricError, gqa_accuracy, vqa_accuracy
 
 log = logging.getLogger("simvlg.eval")
@@ -61,7 +62,7 @@ def lemmatizer():
         nlp = spacy.blank("en")
         nlp.add_pipe("lemmatizer", config={"mode": "lookup"})
         nlp.initialize()
-    except Exception as e:  # noqa: BLE001 - spaCy raises its own kinds when the tables are missing
+    except Exception as e:  # spaCy raises its own kinds when the tables are missing
         raise MetricError(f"no spaCy lemmatiser: en_core_web_sm is not installed and the lookup tables "
                           f"fail ({type(e).__name__}: {e}); pip install spacy-lookups-data") from None
 
@@ -69,11 +70,6 @@ def lemmatizer():
         return " ".join(t.lemma_ or t.text for t in nlp(answer))
     return apply, ("lemmatiser: spacy-lookups-data English lookup table on every word (en_core_web_sm "
                    "not installed; the official code lemmatises nouns and verbs only)")
-
-
-def clean(text: str) -> str:
-    lines = [ln.strip() for ln in str(text).strip().split("\n") if ln.strip()]
-    return lines[0] if lines else ""
 
 
 def record(sample: Sample, prediction: str) -> dict:

@@ -188,7 +188,7 @@ def blip2_stage1(model_cfg: ModelConfig, vit_fwd: int, n_visual: int, width: int
         lm_head = nn.Sequential(nn.Linear(C, C), nn.LayerNorm(C), nn.Linear(C, V))  # BertLMPredictionHead
     img = torch.empty(1, n_visual, width, device="meta")  # frozen ViT output: no grad
     params = list(qf.parameters()) + [queries]
-    text = lambda n: torch.empty(n, L, C, device="meta", requires_grad=True)  # noqa: E731 word+pos emb
+    text = lambda n: torch.empty(n, L, C, device="meta", requires_grad=True)  # word+pos emb
 
     def itc():
         zq = qf(query_embeds=queries, encoder_hidden_states=img).last_hidden_state

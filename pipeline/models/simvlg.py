@@ -48,12 +48,13 @@ class TomeConnector(nn.Module):
         self.proj2 = nn.Linear(tomeformer.hidden_size, llm_width)
         self.temporal = temporal  # nn.ModuleList, one per ViT block, or None
 
-    def forward(self, feats, return_sources=False):
-        x = self.proj1(self.ln_vision(feats))  # [B, N, C]
-        if return_sources:
-            x, sources = self.tomeformer(x, return_sources=True)
-            return self.proj2(x), sources
-        return self.proj2(self.tomeformer(x))  # [B, N', D_llm]
+    def forward(self, feats):
+        return self.proj2(self.tomeformer(self.proj1(self.ln_vision(feats))))  # [B, N', D_llm]
+
+    def forward_with_sources(self, feats):
+        """(soft prompt, per TomeFormer layer [B, N_l, N] 0/1: which visual tokens each token holds)."""
+        x, sources = self.tomeformer.forward_with_sources(self.proj1(self.ln_vision(feats)))
+        return self.proj2(x), sources
 
 
 class QFormerConnector(nn.Module):
@@ -67,9 +68,10 @@ class QFormerConnector(nn.Module):
         self.proj2 = nn.Linear(qformer.config.hidden_size, llm_width)
         self.temporal = temporal
 
-    def forward(self, feats, return_sources=False):
-        if return_sources:
-            raise ValueError("the Q-Former connector does not merge tokens: no merge sources")
+    def forward_with_sources(self, feats):
+        raise ValueError("the Q-Former connector does not merge tokens: no merge sources")
+
+    def forward(self, feats):
         q = self.query_tokens.expand(feats.shape[0], -1, -1)  # [B, Q, C]
         out = self.qformer(query_embeds=q, encoder_hidden_states=self.ln_vision(feats)).last_hidden_state
         return self.proj2(out.to(self.proj2.weight.dtype))  # [B, Q, D_llm]
@@ -100,7 +102,7 @@ class SimVLG(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def parameter_counts(self) -> dict[str, int]:
-        count = lambda m, t: sum(p.numel() for p in m.parameters() if p.requires_grad == t)  # noqa: E731
+        count = lambda m, t: sum(p.numel() for p in m.parameters() if p.requires_grad == t)
         return {"trainable": count(self, True), "frozen": count(self, False),
                 "vision": count(self.vision, False), "llm": count(self.llm, False),
                 "connector": sum(p.numel() for p in self.connector.parameters())}
@@ -129,23 +131,27 @@ class SimVLG(nn.Module):
         temporal = self.connector.temporal
         return self.vision(pixel_values, temporal=temporal if pixel_values.dim() == 5 else None)
 
-    def soft_prompt(self, pixel_values: torch.Tensor, return_sources: bool = False):
+    def soft_prompt(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pixels -> soft prompt [B, P, D_llm] in the LLM's dtype."""
+        return self._soft_prompt(pixel_values, lambda feats: (self.connector(feats), None))[0]
+
+    def soft_prompt_with_sources(self, pixel_values: torch.Tensor):
+        """(soft prompt, per TomeFormer layer which visual tokens each soft token holds)."""
+        return self._soft_prompt(pixel_values, self.connector.forward_with_sources)
+
+    def _soft_prompt(self, pixel_values: torch.Tensor, connect):
+        """connect: connector features -> (soft prompt, merge sources or None)."""
         feats = self.visual_features(pixel_values).to(self.connector_dtype)
         if feats.dim() == 4 and self.cfg.video.temporal_pool == "concat":  # [B, T, N, D]
             B, T = feats.shape[:2]
-            out = self.connector(feats.flatten(0, 1), return_sources)  # per frame [B*T, P, D]
-            soft = out[0] if return_sources else out
+            soft, sources = connect(feats.flatten(0, 1))  # per frame [B*T, P, D]
             soft = soft.reshape(B, T * soft.shape[1], soft.shape[2])  # [B, T*P, D_llm]
-            out = (soft, out[1]) if return_sources else soft
         else:
             if feats.dim() == 4:  # [B, T, N, D] -> [B, N, D]: mean over time, as the official code;
                 # written as frame 0 + mean offset so identical frames give frame 0 bit for bit
                 feats = feats[:, 0] + (feats - feats[:, :1]).mean(1)
-            out = self.connector(feats, return_sources)
-        if return_sources:
-            return out[0].to(self.llm_dtype), out[1]
-        return out.to(self.llm_dtype)
+            soft, sources = connect(feats)
+        return soft.to(self.llm_dtype), sources
 
     @torch.no_grad()
     def merge_info(self, pixel_values: torch.Tensor, layers: list[int] | None = None
@@ -155,7 +161,7 @@ class SimVLG(nn.Module):
         was = self.training
         self.eval()
         try:
-            _, sources = self.soft_prompt(pixel_values, return_sources=True)
+            _, sources = self.soft_prompt_with_sources(pixel_values)
         finally:
             self.train(was)
         layers = list(range(len(sources))) if layers is None else layers

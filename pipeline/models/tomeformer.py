@@ -2,7 +2,7 @@
 
     tf = build_tomeformer(cfg.tomeformer)              # bert-base-uncased weights (first num_layers layers)
     y = tf(x)                                          # [B, 257, 768] -> [B, 29, 768] with r = 19 x 12
-    y, sources = tf(x, return_sources=True)            # + per layer [B, N_l, N0] 0/1: tokens -> patches
+    y, sources = tf.forward_with_sources(x)            # + per layer [B, N_l, N0] 0/1: tokens -> patches
 
 One layer (BERT is post-LN):
     q, k, v = Wq x, Wk x, Wv x                                     [B, h, N, d]
@@ -16,7 +16,7 @@ attention.self.query, ...), so any BERT-family checkpoint loads directly. Word e
 pooler are not built (the inputs are visual tokens: the official code comments word embeddings out);
 position and token-type embeddings + LayerNorm are applied to the inputs, as in the official code.
 
-Three explicit choices (the config resolves `official: true` into them, see pipeline/config.py):
+Three explicit choices (the config resolves `official: true` into them, see pipeline/schema.py):
     merge_mode   "wavg" size-weighted average of a group | "mean" plain mean (official)
     prop_attn    + log(size) on every key (proportional attention) | off (official)
     token_order  "original": kept tokens in original order, a merged group at its B token's place |
@@ -189,19 +189,25 @@ class TomeFormer(nn.Module):
     def token_counts(self, n: int) -> list[int]:
         return token_counts(n, self.rs)
 
-    def forward(self, x: torch.Tensor, return_sources: bool = False):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._layers(x, track_sources=False)[0]  # [B, N', C]
+
+    def forward_with_sources(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(y [B, N', C], per layer [B, N_l, N0] 0/1: which input tokens each token holds)."""
+        return self._layers(x, track_sources=True)
+
+    def _layers(self, x: torch.Tensor, track_sources: bool):
         x = self.embeddings(x)  # [B, N0, C]
         size = None  # all ones, created by the merge (float32)
-        source = True if return_sources else None
-        sources = []
+        source, sources = None, []
+        if track_sources:  # identity before the first merge
+            B, N0 = x.shape[:2]
+            source = torch.eye(N0, device=x.device).expand(B, N0, N0)
         for layer in self.encoder.layer:
-            if source is True:  # identity before the first merge
-                B, N0 = x.shape[:2]
-                source = torch.eye(N0, device=x.device).expand(B, N0, N0)
             x, size, source = layer(x, size, source)
-            if return_sources:
+            if track_sources:
                 sources.append(source)
-        return (x, sources) if return_sources else x  # [B, N', C]
+        return x, sources
 
 
 # ------------------------------------------------------------------------------------ loading

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.data.formats.jsonfile import write_json_atomic
+
 PREFIX = "step_"
 
 
@@ -57,15 +59,6 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _file_sizes(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_size
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "COMPLETE.json"}
@@ -80,11 +73,11 @@ def save(engine, root: Path, step: int, rank_state: dict, *, rank: int, world_si
         shutil.rmtree(tmp)
     barrier()
     engine.save_checkpoint(str(tmp), tag="ds", exclude_frozen_parameters=True)
-    _write_json_atomic(tmp / f"rank{rank}.json", {"step": step, **rank_state})
+    write_json_atomic(tmp / f"rank{rank}.json", {"step": step, **rank_state}, indent=None)  # RNG states
     barrier()
     if rank == 0:
-        _write_json_atomic(tmp / "COMPLETE.json",
-                           {"step": step, "world_size": world_size, "files": _file_sizes(tmp)})
+        write_json_atomic(tmp / "COMPLETE.json",
+                          {"step": step, "world_size": world_size, "files": _file_sizes(tmp)})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -19,6 +19,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,9 @@ from pipeline.train.mfu import mfu_metrics, peak_flops
 from pipeline.train.schedule import lr_at, param_groups
 from pipeline.train.signals import StopFlag, requeue_slurm_job
 from pipeline.train.tracking import Tracker
+
+if TYPE_CHECKING:
+    from pipeline.data.loader import TrainLoader
 
 log = logging.getLogger("simvlg.train")
 DS_OVERRIDDEN = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -118,7 +122,7 @@ class StepSums:
     named parts of the loss the model reports in out["losses"] (e.g. lm, align)."""
 
     def __init__(self, arms: int, device):
-        z = lambda n: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
+        z = lambda n: torch.zeros(n, dtype=torch.float64, device=device)
         self.loss, self.micro, self.tokens = z(()), z(()), z(())
         self.arm_loss, self.arm_count = z(arms), z(arms)
         self.parts: dict[str, torch.Tensor] = {}
@@ -151,7 +155,8 @@ def _to_device(batch: dict, device) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, *, model=None, loader=None, guard=None):
+    def __init__(self, cfg: Config, run_dir: Path, *, model=None, loader: TrainLoader | None = None,
+                 guard=None):
         import deepspeed
 
         from pipeline.data import build_loader
@@ -170,7 +175,7 @@ class Trainer:
             torch.cuda.set_device(device)
         self.model = model if model is not None else build_model(cfg.model, device=device)
         tokenize = CaptionTokenizer.from_config(cfg.model.llm)
-        self.loader = loader if loader is not None else build_loader(
+        self.loader: TrainLoader = loader if loader is not None else build_loader(
             cfg.data, tokenize=tokenize, batch_size=cfg.train.micro_batch, rank=self.rank,
             world_size=self.world, seed=cfg.run.seed, train=True)
         _exclude_frozen_from_state_dict(self.model)
@@ -187,9 +192,9 @@ class Trainer:
         self.checkpoints = True  # `simvlg bench step` turns them off
         # what the loader's batches are labelled by for loss feedback: its arms (data sources, or
         # source/task pairs), each batch carrying arm_idx (or source_idx) per sample
-        self.arm_names = list(getattr(self.loader, "arm_names", [s.name for s in cfg.data.sources]))
+        self.arm_names = list(self.loader.arm_names)
         self.model_inputs = model_inputs(self.model)
-        self.adaptive = getattr(self.loader, "mixer", None) is not None
+        self.adaptive = self.loader.adaptive
         self.flops_per_sample: float | None = None  # counted on the first micro-batch
         self.peak_flops = peak_flops(self.device, t.precision)
         self.step = 0

@@ -41,7 +41,7 @@ class Tracker:
         try:
             fn()
             return True
-        except Exception as e:  # noqa: BLE001 - tracking must never stop training
+        except Exception as e:  # tracking must never stop training
             self.failures += 1
             self._last_failure = time.time()
             log.warning("MLflow %s failed (%s: %s); will retry later", what, type(e).__name__,

@@ -1,18 +1,21 @@
-"""Shard specs, manifests and a safe tar reader.
+"""WebDataset tar shards: names, specs, reading and writing, in one place.
+
+Names: img2dataset's layout, `NNNNN.tar` (+ `NNNNN_stats.json`, `NNNNN.parquet`) with 5 digits; a
+merged SLURM run numbers its shards with 6. Sample keys inside a shard are the shard name + 4 digits.
 
 Shard specs are brace patterns (`dir/{00000..01255}.tar`), several joined with `::`, or the path of a
 `manifest.json` written by `simvlg prep` (its shard pattern is resolved next to it and its sample
-count is used for epoch sizing).
+count is used for epoch sizing; the manifest's schema is in manifest.py).
 
 The reader groups tar members into samples the WebDataset way (key = path up to the first dot of the
 basename, extension = the rest, lower-cased). Shards come from the internet: only the extensions in
 `ALLOWED_EXTS` are ever read; everything else (`.pyd`, `.pickle`, `.pth`, ...) is skipped without
-reading its bytes, and nothing is ever unpickled.
+reading its bytes, and nothing is ever unpickled. The writer (ShardWriter, write_shard) writes to a
+temporary name and renames a finished tar into place, so a reader never sees half a shard.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -24,6 +27,9 @@ from pathlib import Path
 
 import braceexpand
 
+from .manifest import read_manifest
+
+# media extensions, of tar members and of files (prep's video recipes, eval's media folders)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
 TEXT_EXTS = ("txt", "json")
@@ -31,20 +37,32 @@ ALLOWED_EXTS = frozenset(IMAGE_EXTS + VIDEO_EXTS + TEXT_EXTS)
 MAX_MEMBER_BYTES = 512 * 2**20  # a member above this is skipped unread (counted as oversized)
 
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
+SHARD_WIDTH = 5  # digits of a shard name (img2dataset's)
+_SHARD_FILE_RE = re.compile(r"^(\d+)(?:_stats\.json|\.tar)$")
 
 
-# ------------------------------------------------------------------------------- specs/manifests
-def read_manifest(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read shard manifest ({e})") from None
-    if "shards_relative" not in m and "shards" not in m:
-        raise ValueError(f"{path}: not a simvlg manifest (no 'shards' key)")
-    return m
+# -------------------------------------------------------------------------------------- names
+def shard_name(sid: int, width: int = SHARD_WIDTH) -> str:
+    """12 -> "00012" (the tar is "00012.tar", its samples "000120000", "000120001", ...)."""
+    return f"{sid:0{width}d}"
 
 
+def shard_id(filename: str) -> int | None:
+    """"00012.tar" or "00012_stats.json" -> 12; None for any other name."""
+    m = _SHARD_FILE_RE.match(filename)
+    return int(m.group(1)) if m else None
+
+
+def local_path(url: str) -> str | None:
+    """The file path of a local shard url (a path, or file://PATH); None for pipe: and other schemes."""
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    if "://" in url or url.startswith("pipe:"):
+        return None
+    return url
+
+
+# -------------------------------------------------------------------------------- specs
 def resolve_spec(spec: str) -> tuple[list[str], int | None]:
     """A shard spec -> (list of shard urls, total samples if a manifest says so).
 
@@ -61,13 +79,8 @@ def resolve_spec(spec: str) -> tuple[list[str], int | None]:
         if part.endswith(".json") or (p.is_dir() and (p / "manifest.json").is_file()):
             mpath = p if part.endswith(".json") else p / "manifest.json"
             m = read_manifest(mpath)
-            rel = m.get("shards_relative")
-            pattern = str(mpath.parent / rel) if rel else m["shards"]
-            urls += list(braceexpand.braceexpand(pattern)) if m.get("num_shards", 1) else []
-            if total is not None and m.get("num_samples") is not None:
-                total += int(m["num_samples"])
-            else:
-                total = None
+            urls += list(braceexpand.braceexpand(m.pattern(next_to=mpath))) if m.num_shards else []
+            total = None if total is None else total + m.num_samples
         else:
             urls += list(braceexpand.braceexpand(part))
             total = None
@@ -76,7 +89,7 @@ def resolve_spec(spec: str) -> tuple[list[str], int | None]:
     return urls, total
 
 
-def brace_pattern(folder: str, ids: list[int], width: int = 5, ext: str = ".tar") -> str:
+def brace_pattern(folder: str, ids: list[int], width: int = SHARD_WIDTH, ext: str = ".tar") -> str:
     """Compact brace pattern for shard ids: `f/{00000..00009}.tar`, or `f/{{00000..00003},{00007..00009}}.tar`
     when there are gaps. braceexpand() of the result gives back exactly the ids, in order."""
     ids = sorted(set(ids))
@@ -125,29 +138,17 @@ def resolve_lazy(sample: dict) -> dict:
     return sample
 
 
-def _local_path(url: str) -> str | None:
-    if url.startswith("file://"):
-        return url[len("file://"):]
-    if "://" in url or url.startswith("pipe:"):
-        return None
-    return url
-
-
 def _open_stream(url: str):
     """(fileobj, closer) for pipe: and http(s):// shards (read sequentially)."""
     if url.startswith("pipe:"):
-        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, bufsize=1 << 20)  # noqa: S602
+        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, bufsize=1 << 20)
 
         def close():
             proc.stdout.close()
             proc.wait()
         return proc.stdout, close
-    r = urllib.request.urlopen(url, timeout=60)  # noqa: S310 - shard urls are configured by the user
+    r = urllib.request.urlopen(url, timeout=60)  # shard urls are configured by the user
     return r, r.close
-
-
-class ShardReadError(Exception):
-    """Raised inside iter_tar_samples' error callback path; never escapes it."""
 
 
 def _members(tar: tarfile.TarFile, path: str | None, size: int | None):
@@ -181,13 +182,13 @@ def iter_tar_samples(url: str, *, lazy=lambda: False, on_error=None,
     "unreadable_shard" (cannot open) or "corrupt_tar" (damage no sample carries: the archive broke
     off between samples). Members whose extension is not in `allowed` are never read.
     """
-    path = _local_path(url)
+    path = local_path(url)
     closer = None
     current: dict | None = None
     try:
         if path is not None:
             size = os.path.getsize(path)
-            fileobj = open(path, "rb")  # noqa: SIM115
+            fileobj = open(path, "rb")
             closer = fileobj.close
             tar = tarfile.open(fileobj=fileobj, mode="r:", ignore_zeros=True)
         else:
@@ -285,21 +286,46 @@ def count_tar_samples(path: str, image_exts=IMAGE_EXTS + VIDEO_EXTS) -> int:
     return n
 
 
+class ShardWriter:
+    """Writes one WebDataset tar, sample by sample, under `path.tmp`; renamed to `path` when the block
+    ends without an error (removed if it raises), so a reader never sees half a shard.
+
+        with ShardWriter(dir / "00003.tar") as w:
+            w.add("000030000", {"jpg": data, "txt": "a caption", "json": b'{...}'})
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.tar: tarfile.TarFile | None = None
+
+    def __enter__(self) -> ShardWriter:
+        self.tar = tarfile.open(self.tmp, "w")
+        return self
+
+    def add(self, key: str, members: dict) -> None:
+        """One sample: {ext: bytes | str}; keys starting with "__" are not written."""
+        import io
+
+        for ext, data in members.items():
+            if ext.startswith("__"):
+                continue
+            if isinstance(data, str):
+                data = data.encode()
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            self.tar.addfile(info, io.BytesIO(data))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.tar.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
 def write_shard(path: str | Path, samples: list[dict]) -> None:
     """Write samples `{"__key__": k, ext: bytes | str}` as a WebDataset tar (atomic rename)."""
-    import io
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w") as tar:
+    with ShardWriter(path) as w:
         for s in samples:
-            key = s["__key__"]
-            for ext, data in s.items():
-                if ext.startswith("__"):
-                    continue
-                if isinstance(data, str):
-                    data = data.encode()
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o444
-                tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
+            w.add(s["__key__"], s)

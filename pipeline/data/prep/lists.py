@@ -25,7 +25,7 @@ def open_text(path: str | Path):
     try:
         if path.suffix == ".gz":
             return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
-        return open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
+        return open(path, encoding="utf-8", errors="replace")
     except OSError as e:
         raise PrepInputError(f"{path}: cannot read input ({e.strerror or e})") from None
 
@@ -114,7 +114,7 @@ def iter_table(path: str | Path, fmt: str | None = None, batch_rows: int = 65536
             pf = pq.ParquetFile(path)
             for batch in pf.iter_batches(batch_size=batch_rows):
                 yield from batch.to_pylist()
-        except Exception as e:  # noqa: BLE001 - pyarrow raises many kinds
+        except Exception as e:  # pyarrow raises many kinds
             raise PrepInputError(f"{path}: cannot read parquet ({e})") from None
     elif fmt in ("csv", "tsv"):
         with open_text(path) as f:
@@ -174,15 +174,21 @@ def rename_columns(rows: Iterator[dict], url_col: str, caption_col: str, path) -
 
 @dataclass
 class Args:
-    """The subset of `simvlg prep` flags the readers use."""
+    """The `simvlg prep` flags the readers use (cli.py makes one flag per field, with this help)."""
 
-    inputs: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list, metadata=dict(
+        flag="--input", action="append", metavar="FILE",
+        help="input list(s) as published; repeat for recipes with two files (sbu)"))
+    image_root: str | None = field(default=None, metadata=dict(
+        help="coco_karpathy: local COCO 2014 image folder (else --base-url)"))
+    base_url: str = field(default="http://images.cocodataset.org/", metadata=dict(
+        help="coco_karpathy image host"))
+    video_root: str | None = field(default=None, metadata=dict(
+        help="msrvtt/msvd: folder holding the video files"))
+    split: str = field(default="train", metadata=dict(
+        help="the standard split to read (coco_karpathy, flickr30k, msrvtt, msvd): train, val or test"))
     url_col: str = "url"
     caption_col: str = "caption"
-    image_root: str | None = None
-    video_root: str | None = None
-    base_url: str = "http://images.cocodataset.org/"
-    split: str = "train"
 
 
 def need_inputs(args: Args, n: int, recipe: str, what: str) -> list[Path]:

@@ -26,16 +26,21 @@ lists of 10^8 rows never sit in memory. `validate_rows` checks them before anyth
 | urls              | any parquet/csv/tsv/json/jsonl list with --url-col and --caption-col      |
 
 The list readers are in lists.py; the datasets with standard evaluation splits (COCO, Flickr30K,
-MSR-VTT, MSVD) are read in splits.py, which keeps every split but --split out of the shards.
+MSR-VTT, MSVD) keep every split but --split out of the shards (the rules: formats/splits.py).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..formats.annotations import AnnotationError, Sample, read_captions
+from ..formats.annotations import read_msrvtt as read_msrvtt_annotations
+from ..formats.annotations import read_msvd as read_msvd_annotations
+from ..formats.shards import VIDEO_EXTS
+from ..formats.splits import SPLITS, split_in_name
 from .lists import (
     Args,
     PrepInputError,
@@ -47,11 +52,8 @@ from .lists import (
     open_text,
     rename_columns,
 )
-from .splits import read_coco_karpathy, read_flickr30k, read_msrvtt, read_msvd
 
-_check_readable = check_readable  # the name prep.py imports
-__all__ = ["RECIPES", "Args", "PrepInputError", "Recipe", "RowValidator", "iter_json_list", "iter_table"]
-
+__all__ = ["RECIPES", "Args", "PrepInputError", "Recipe", "iter_json_list", "iter_table"]
 
 
 def read_urls(args: Args) -> Iterator[dict]:
@@ -107,6 +109,132 @@ def _read_capfilt(name: str, expected: str):
     return read
 
 
+# ------------------------------------------- datasets with standard splits (formats/annotations.py)
+@contextmanager
+def _as_input_error():
+    """An annotation file the shared readers refuse is bad input here (exit 2, nothing downloaded)."""
+    try:
+        yield
+    except AnnotationError as e:
+        raise PrepInputError(str(e)) from None
+
+
+def check_split_file(path: Path, split: str, recipe: str) -> None:
+    named = split_in_name(path)
+    if named is not None and named != split:
+        raise PrepInputError(f"{path}: a {named} split file, but --split is {split}; pass the {split} file "
+                             f"(recipe {recipe}) or --split {named}")
+
+
+def _check_split_arg(args: Args) -> str:
+    if args.split not in SPLITS:
+        raise PrepInputError(f"--split {args.split!r}: expected one of {', '.join(SPLITS)}")
+    return args.split
+
+
+def _image_location(args: Args, recipe: str, need_root: bool) -> Path | None:
+    root = Path(args.image_root).resolve() if args.image_root else None
+    if root is not None and not root.is_dir():
+        raise PrepInputError(f"--image-root {root}: not a folder")
+    if root is None and need_root:
+        raise PrepInputError(f"recipe {recipe} needs --image-root (the folder holding the images)")
+    return root
+
+
+def _image_rows(samples: list[Sample], root: Path | None, base_url: str) -> Iterator[dict]:
+    missing = 0
+    for n, s in enumerate(samples):
+        if root is not None:
+            f = root / s.media
+            if n < 200 and not f.is_file():
+                missing += 1
+            url = f.as_uri()
+        else:
+            url = base_url.rstrip("/") + "/" + s.media.lstrip("/")
+        if n == 199 and missing > 100:
+            raise PrepInputError(f"--image-root {root}: {missing} of the first 200 images are missing "
+                                 f"(e.g. {root / s.media}); point it at the folder holding them")
+        yield {"url": url, "caption": s.references[0] if s.references else "", "captions": s.references}
+
+
+def _read_image_captions(args: Args, recipe: str, expected: str, need_root: bool, folder: str = ""):
+    (p,) = need_inputs(args, 1, recipe, expected)
+    split = _check_split_arg(args)
+    root = _image_location(args, recipe, need_root)
+    check_split_file(p, split, recipe)  # a per-split file must be the split asked for
+    with _as_input_error():
+        samples = read_captions(p, split, folder)  # a Karpathy file holds every split: only `split`
+    yield from _image_rows(samples, root, args.base_url)
+
+
+def read_coco_karpathy(args: Args) -> Iterator[dict]:
+    return _read_image_captions(args, "coco_karpathy", "dataset_coco.json (Karpathy) or "
+                                "coco_karpathy_{train,val,test}.json (LAVIS/BLIP)", need_root=False)
+
+
+def read_flickr30k(args: Args) -> Iterator[dict]:  # no public image URLs: --image-root
+    return _read_image_captions(args, "flickr30k", "dataset_flickr30k.json (Karpathy) or "
+                                "flickr30k_{train,val,test}.json (BLIP)", need_root=True,
+                                folder="flickr30k-images")
+
+
+def _video_root(args: Args, recipe: str) -> Path:
+    if not args.video_root:
+        raise PrepInputError(f"recipe {recipe} needs --video-root (the folder holding the video files)")
+    root = Path(args.video_root)
+    if not root.is_dir():
+        raise PrepInputError(f"--video-root {root}: not a folder")
+    return root
+
+
+def _find_video(root: Path, name: str) -> Path:
+    """root/name if it has a video extension, else the first root/name.EXT that exists (else .mp4)."""
+    exts = tuple("." + e for e in VIDEO_EXTS)
+    p = root / name
+    if p.suffix.lower() in exts:
+        return p
+    return next((root / (name + e) for e in exts if (root / (name + e)).exists()), root / (name + exts[0]))
+
+
+def _video_rows(samples: list[Sample], root: Path) -> Iterator[dict]:
+    for s in samples:
+        yield {"video": str(_find_video(root, s.media)), "video_id": Path(s.media).stem,
+               "caption": s.references[0] if s.references else "", "captions": s.references}
+
+
+def read_msrvtt(args: Args) -> Iterator[dict]:
+    (p,) = need_inputs(args, 1, "msrvtt", "train_val_videodatainfo.json / test_videodatainfo.json, or "
+                       "LAVIS msrvtt_{split}.json / cap_{split}.json")
+    split = _check_split_arg(args)
+    root = _video_root(args, "msrvtt")
+    with _as_input_error():
+        samples = read_msrvtt_annotations(p, split)
+    yield from _video_rows(samples, root)
+
+
+def read_msvd(args: Args) -> Iterator[dict]:
+    """AllVideoDescriptions.txt + youtube_mapping.txt (the standard split needs the clip -> vidN map),
+    or a LAVIS msvd_{split}.json (+ the mapping, or checked by its file name)."""
+    what = "AllVideoDescriptions.txt (or LAVIS msvd_{split}.json) and youtube_mapping.txt"
+    if len(args.inputs) not in (1, 2):
+        raise PrepInputError(f"recipe msvd needs 1 or 2 --input files: {what}; got {len(args.inputs)}")
+    paths = need_inputs(args, len(args.inputs), "msvd", what)
+    split = _check_split_arg(args)
+    root = _video_root(args, "msvd")
+    p, mapping = paths[0], (paths[1] if len(paths) == 2 else None)
+    if mapping is None and p.suffix != ".json":
+        raise PrepInputError(f"recipe msvd: {p.name} holds every split; pass youtube_mapping.txt as a "
+                             "second --input so only the --split clips are read")
+    if mapping is None:  # a LAVIS list without the map: its name must say which split it holds
+        if split_in_name(p) is None:
+            raise PrepInputError(f"{p}: cannot tell which MSVD split it holds; pass youtube_mapping.txt "
+                                 "as a second --input (the standard split is by vidN)")
+        check_split_file(p, split, "msvd")
+    with _as_input_error():
+        samples = read_msvd_annotations(p, split, mapping)
+    yield from _video_rows(samples, root)
+
+
 @dataclass
 class Recipe:
     name: str
@@ -139,54 +267,3 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("urls", "image", read_urls, "--input LIST.{parquet,csv,tsv,json,jsonl} [--url-col url] "
            "[--caption-col caption]"),
 ]}
-
-
-# -------------------------------------------------------------------------------- validation
-class RowValidator:
-    """Passes rows through, checking url/video and caption. Problems are collected; `finish()` (called
-    after conversion, before any download) raises a PrepInputError summarising them, unless
-    drop_invalid, in which case bad rows were dropped and are counted in `stats`."""
-
-    def __init__(self, *, kind: str, drop_invalid: bool, source: str):
-        self.kind, self.drop_invalid, self.source = kind, drop_invalid, source
-        self.field = "video" if kind == "video" else "url"
-        self.bad: dict[str, list] = {}
-        self.rows = 0
-
-    def __call__(self, rows: Iterator[dict]) -> Iterator[dict]:
-        f = self.field
-        for row in rows:
-            self.rows += 1
-            url, cap = row.get(f), row.get("caption")
-            problem = None
-            if not isinstance(url, str) or not url.strip():
-                problem = f"empty {f}"
-            elif self.kind == "video" and not Path(url).is_file():
-                problem = "missing video file"
-            elif not isinstance(cap, str) or not cap.strip():
-                problem = "empty caption"
-            if problem:
-                self.bad.setdefault(problem, []).append((self.rows, url))
-                continue
-            row[f] = url.strip()
-            row["caption"] = " ".join(cap.split())
-            yield row
-
-    @property
-    def stats(self) -> dict:
-        return {"rows": self.rows, "dropped": {k: len(v) for k, v in self.bad.items()}}
-
-    def finish(self, log=None) -> None:
-        if self.rows == 0:
-            raise PrepInputError(f"{self.source}: no rows")
-        if not self.bad:
-            return
-        summary = "; ".join(f"{len(v)} row(s) with {k} (first: row {v[0][0]}, {self.field}={v[0][1]!r})"
-                            for k, v in self.bad.items())
-        total = sum(len(v) for v in self.bad.values())
-        if not self.drop_invalid:
-            raise PrepInputError(f"{self.source}: {total} of {self.rows} rows are unusable: {summary}. "
-                                 "Fix the list or pass --drop-invalid to skip them")
-        if total == self.rows:
-            raise PrepInputError(f"{self.source}: all {self.rows} rows are unusable: {summary}")
-        print(f"prep: dropped {total} of {self.rows} rows: {summary}", file=log or sys.stderr)
