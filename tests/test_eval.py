@@ -336,9 +336,9 @@ class ColourCaptioner(torch.nn.Module):
         names = list(COLORS)
         if pixel_values.dim() == 5:  # video [B, T, 3, H, W]
             self.frames = pixel_values.shape[1]
-            pixel_values = pixel_values.mean(1)
-        # normalised pixels: the dominant channel still has the largest mean
-        colours = [names[int(px.mean(dim=(1, 2)).argmax())] for px in pixel_values]
+            pixel_values = pixel_values.float().mean(1)
+        # uint8 pixels as the loader delivers them: the dominant channel has the largest mean
+        colours = [names[int(px.float().mean(dim=(1, 2)).argmax())] for px in pixel_values]
         return [f"{c.capitalize()}.\nQuestion: more" if q.startswith("Question:") else
                 f" a {c} square on a plain background with a white patch\nignored line"
                 for c, q in zip(colours, prompt)]

@@ -29,7 +29,6 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from pipeline.data.formats.jsonfile import write_json_atomic
-from pipeline.data.transforms import normalize_batch
 from pipeline.failfast import one_line
 
 from . import captioning, video, vqa
@@ -84,7 +83,7 @@ def predict(model, data: TaskData, cfg, *, rank: int = 0, world_size: int = 1, d
     try:
         for b, (ids, pixels) in enumerate(loader):
             samples = [data.samples[i] for i in ids]
-            texts = model.generate(normalize_batch(pixels).to(device), prompt=kind.prompts(samples, cfg.eval),
+            texts = model.generate(pixels.to(device), prompt=kind.prompts(samples, cfg.eval),  # uint8
                                    **gen)
             if len(texts) != len(samples):
                 raise EvalDataError(f"{data.task}: the model returned {len(texts)} texts for "
@@ -116,7 +115,7 @@ def merge_figures(model, data: TaskData, cfg, out_dir: Path, notes: list, device
     ds = EvalDataset(data, cfg.model.vision.image_size, cfg.data.num_frames)
     pixels = torch.stack([ds[i][1] for i in range(n)])  # uint8 [n, 3, H, W]
     try:
-        info = model.merge_info(normalize_batch(pixels).to(device), layers=None)
+        info = model.merge_info(pixels.to(device), layers=None)  # uint8: the tower normalises
     except ValueError as e:  # e.g. the Q-Former connector: no merging
         notes.append(f"merge figures skipped: {e}")
         return {}
