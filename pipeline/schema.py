@@ -187,7 +187,12 @@ class TrainConfig(Section):
     # the DeepSpeed engine: bf16, or fp16 with dynamic loss scaling (the official run: fp16 + GradScaler);
     # the frozen ViT/LLM keep their own precision and their loaded weights either way
     precision: Precision = "bf16"
-    zero_stage: Literal[0, 1, 2] = 2
+    # 1 or 2: ZeRO's optimizer is what detects non-finite gradients and skips that step on every rank
+    zero_stage: Literal[1, 2] = 2
+    # cosine: warm-up then a cosine over every step; lavis: the official LAVIS schedule, warm-up inside
+    # the first inner epoch, then the cosine evaluated once per inner epoch of iters_per_inner_epoch
+    lr_schedule: Literal["cosine", "lavis"] = "cosine"
+    iters_per_inner_epoch: PositiveInt | None = None
     ds_config: str = "ds_configs/zero2_bf16.json"
     log_every: PositiveInt = 50
     ckpt_every: PositiveInt = 5000
@@ -198,6 +203,13 @@ class TrainConfig(Section):
     def _lr_order(self):
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) is above lr ({self.lr})")
+        if self.lr_schedule == "lavis":
+            ipe = self.iters_per_inner_epoch
+            if ipe is None:
+                raise ValueError("lr_schedule: lavis needs iters_per_inner_epoch (official: 5000)")
+            if self.warmup_steps > ipe:
+                raise ValueError(f"lr_schedule: lavis warms up inside the first inner epoch: "
+                                 f"warmup_steps ({self.warmup_steps}) is above iters_per_inner_epoch ({ipe})")
         return self
 
 

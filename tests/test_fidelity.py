@@ -69,6 +69,8 @@ OPT = {
     "train.min_lr": (1e-5, "min_lr"),
     "train.warmup_steps": (5000, "warmup_steps"),
     "train.warmup_start_lr": (1e-6, "warmup_lr"),
+    "train.lr_schedule": ("lavis", "lr_sched: linear_warmup_cosine_lr, runner_iter"),
+    "train.iters_per_inner_epoch": (5000, "iters_per_inner_epoch: 5000"),
     "eval.repetition_penalty": (1.0, "liptome_opt.generate repetition_penalty=1.0"),
     "eval.tasks": (["coco_karpathy_val", "vqav2_val", "gqa_testdev", "okvqa_test"],
                    "Table 1 columns; caption_coco eval test_splits: ['val']"),
@@ -111,6 +113,8 @@ OFFICIAL_VIDEO = {  # caption_msrvtt_opt2.7b_ft.yaml / _eval.yaml, liptome_video
     "train.min_lr": (1e-6, "min_lr"),
     "train.warmup_steps": (1000, "warmup_steps"),
     "train.warmup_start_lr": (1e-8, "warmup_lr"),
+    "train.lr_schedule": ("lavis", "lr_sched: linear_warmup_cosine_lr, runner_iter"),
+    "train.iters_per_inner_epoch": (1000, "iters_per_inner_epoch: 1000"),
     "train.weight_decay": (0.05, "weight_decay"),
     "train.precision": ("fp16", "amp: True"),
     "train.grad_clip": (0.0, "no clipping"),
@@ -127,7 +131,7 @@ VARIANT = {
     "model.tomeformer.prop_attn": True, "model.tomeformer.token_order": "original",
     "model.llm.precision": "bf16", "model.llm.prompt": "a photo of", "model.llm.truncation": "caption",
     "model.llm.bos_target": False, "train.precision": "bf16", "train.grad_clip": 1.0,
-    "eval.caption_prompt": "a photo of",
+    "train.lr_schedule": "cosine", "eval.caption_prompt": "a photo of",
 }
 
 

@@ -19,8 +19,9 @@ from pipeline.train.schedule import lr_at, param_groups
 from pipeline.train.tracking import Tracker
 
 
-def test_lr_schedule_matches_paper():
-    t = load_config("simvlg_opt2.7b").train
+def test_cosine_schedule_of_the_variant():
+    t = load_config("simvlg_opt2.7b_variant").train  # the paper's run itself: test below (lavis)
+    assert t.lr_schedule == "cosine"
     assert lr_at(0, t) == pytest.approx(1e-6)
     assert lr_at(2500, t) == pytest.approx(1e-6 + (1e-4 - 1e-6) / 2)
     assert lr_at(5000, t) == pytest.approx(1e-4)
@@ -156,3 +157,22 @@ def test_tracking_local_sqlite_has_params_metrics_artifacts(tmp_path):
     assert {"config.yaml", "config.json", "note.txt", "captions.json"} <= names
     assert run.info.status == "FINISHED"
     assert math.isclose(client.get_metric_history(tracker.run_id, "lr")[0].value, 1e-3)
+
+
+def test_lavis_schedule_is_the_official_staircase():
+    from pipeline.config import TrainConfig
+    from pipeline.train.schedule import lr_at
+
+    t = load_config("simvlg_opt2.7b").train
+    assert (t.lr_schedule, t.iters_per_inner_epoch, t.steps) == ("lavis", 5000, 250_000)
+    assert lr_at(0, t) == pytest.approx(1e-6)
+    assert lr_at(2500, t) == pytest.approx(1e-6 + (1e-4 - 1e-6) / 2)
+    assert lr_at(4999, t) < 1e-4
+    cos = lambda e: 1e-5 + 0.9e-4 * 0.5 * (1 + math.cos(math.pi * e / 50))
+    assert lr_at(5000, t) == pytest.approx(cos(1)) and lr_at(9999, t) == lr_at(5000, t)  # flat per epoch
+    assert lr_at(10_000, t) == pytest.approx(cos(2)) and lr_at(249_999, t) == pytest.approx(cos(49))
+    short = TrainConfig(steps=10, lr=1e-4, min_lr=1e-5, warmup_steps=2, warmup_start_lr=0.0,
+                        lr_schedule="lavis", iters_per_inner_epoch=5)
+    assert [round(lr_at(s, short) / 1e-4, 3) for s in range(10)] == [0, 0.5, 1, 1, 1] + [0.55] * 5
+    with pytest.raises(ValueError, match="iters_per_inner_epoch"):
+        TrainConfig(lr_schedule="lavis")
