@@ -69,17 +69,19 @@ def make_synthetic_shards(folder: str | Path, n: int, per_shard: int = 500, size
     return str(folder / f"{{00000..{n_shards - 1:05d}}}.tar")
 
 
+def _one_source(pattern: str):
+    from pipeline.config import DataConfig, SourceConfig
+
+    return DataConfig(sources=[SourceConfig(name="bench", shards=pattern)])
+
+
 def bench_decode(pattern: str, *, image_size: int, min_scale: float, seconds: float) -> dict:
     """One process: decode + RandomResizedCrop + to-uint8 on samples already in memory."""
     from .formats.shards import iter_tar_samples
     from .loader import resolve_sources
     from .transforms import TrainTransform
 
-    class _Cfg:  # just what resolve_sources reads
-        sources = [type("S", (), {"name": "b", "shards": pattern, "weight": 1.0, "kind": "image",
-                                  "num_samples": None})()]
-
-    urls = resolve_sources(_Cfg).pop().urls
+    urls = resolve_sources(_one_source(pattern)).pop().urls
     skips: Counter = Counter()
     t0 = time.perf_counter()
     raw = []
@@ -120,17 +122,20 @@ def bench_decode(pattern: str, *, image_size: int, min_scale: float, seconds: fl
 
 
 def bench_loader(pattern: str, *, workers: int, batch_size: int, image_size: int, min_scale: float,
-                 seconds: float, step_ms: float, warmup_batches: int = 3) -> dict:
+                 seconds: float, step_ms: float, warmup_batches: int = 3, float32: bool = False) -> dict:
     from pipeline.config import DataConfig, SourceConfig
 
+    from .bench_vs import Float32Stream, batch_bytes_per_sample
     from .loader import build_loader
 
     cfg = DataConfig(sources=[SourceConfig(name="bench", shards=pattern)], num_workers=workers,
                      image_size=image_size, min_scale=min_scale, shuffle_buffer=500)
     loader = build_loader(cfg, tokenize=None, batch_size=batch_size, seed=0)
+    if float32:  # the worker stage as it was (see bench_vs)
+        loader.dataset.__class__ = Float32Stream
     it = iter(loader)
     for _ in range(warmup_batches):
-        next(it)
+        bytes_per_sample = batch_bytes_per_sample(next(it))
     w0 = loader.wait_time
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -143,7 +148,8 @@ def bench_loader(pattern: str, *, workers: int, batch_size: int, image_size: int
     it.close()  # stops the workers now
     skipped = loader.skip_counts(nested=True).get("bench", {})
     return {"workers": workers, "samples_per_s": n / dt, "wait_fraction": wait / dt,
-            "wait_ms_per_batch": 1000 * wait / max(1, n // batch_size), "skipped": skipped}
+            "wait_ms_per_batch": 1000 * wait / max(1, n // batch_size), "skipped": skipped,
+            "bytes_per_sample": bytes_per_sample}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,8 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-scale", type=float, default=0.5)
     p.add_argument("--seconds", type=float, default=8.0, help="per measurement")
     p.add_argument("--step-ms", type=float, default=0.0, help="simulated trainer step per batch")
+    p.add_argument("--vs", default="", metavar="OTHER[,OTHER]",
+                   help="also measure, side by side: webdataset (an open_clip-style webdataset pipeline, "
+                        "same decode and augmentation) and/or float32 (our loader as it was, float32 "
+                        "through the worker queue)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
+    others = [v for v in args.vs.split(",") if v]
+    if set(others) - {"webdataset", "float32"}:
+        p.error(f"--vs takes webdataset and/or float32, got {args.vs!r}")
     tmp = None
     if args.synthetic:
         tmp = tempfile.TemporaryDirectory(prefix="simvlg-bench-")
@@ -171,10 +184,20 @@ def main(argv: list[str] | None = None) -> int:
     out["decode"] = bench_decode(args.shards, image_size=args.image_size, min_scale=args.min_scale,
                                  seconds=args.seconds)
     out["loader"] = []
+    kw = dict(batch_size=args.batch_size, image_size=args.image_size, min_scale=args.min_scale,
+              seconds=args.seconds, step_ms=args.step_ms)
     for k in [int(x) for x in args.workers.split(",") if x.strip()]:
-        r = bench_loader(args.shards, workers=k, batch_size=args.batch_size, image_size=args.image_size,
-                         min_scale=args.min_scale, seconds=args.seconds, step_ms=args.step_ms)
+        r = bench_loader(args.shards, workers=k, **kw)
         r["samples_per_s_per_core"] = r["samples_per_s"] / max(1, min(k, cores))
+        r["vs"] = {}
+        if "float32" in others:
+            r["vs"]["float32"] = bench_loader(args.shards, workers=k, float32=True, **kw)
+        if "webdataset" in others:
+            from .bench_vs import bench_webdataset
+            from .loader import resolve_sources
+
+            urls = resolve_sources(_one_source(args.shards))[0].urls
+            r["vs"]["webdataset"] = bench_webdataset(urls, workers=k, **kw)
         out["loader"].append(r)
     if args.json:
         print(json.dumps(out, indent=1))
@@ -184,10 +207,15 @@ def main(argv: list[str] | None = None) -> int:
               f"stored {d['image_wh'][0]}x{d['image_wh'][1]})")
         print(f"decode+augment, one process: {d['decode_augment_per_s']:8.1f} samples/s   "
               f"(tar read {d['tar_read_samples_per_s'] or 0:.0f} samples/s)")
-        print(f"{'workers':>8} {'samples/s':>10} {'per core':>9} {'data wait':>10} {'wait/batch':>11}")
+        print(f"{'workers':>8} {'samples/s':>10} {'per core':>9} {'data wait':>10} {'wait/batch':>11} "
+              f"{'bytes/sample':>13}" + "".join(f" {'vs ' + o + ' samples/s':>26}" for o in others))
         for r in out["loader"]:
+            cells = "".join(f" {v['samples_per_s']:>17.1f} ({v['samples_per_s'] / r['samples_per_s']:.2f}x)"
+                            + (f" {v['bytes_per_sample']}B" if o == "float32" else "")
+                            for o, v in ((o, r["vs"][o]) for o in others))
             print(f"{r['workers']:>8} {r['samples_per_s']:>10.1f} {r['samples_per_s_per_core']:>9.1f} "
-                  f"{100 * r['wait_fraction']:>9.1f}% {r['wait_ms_per_batch']:>9.1f}ms")
+                  f"{100 * r['wait_fraction']:>9.1f}% {r['wait_ms_per_batch']:>9.1f}ms "
+                  f"{r['bytes_per_sample']:>12}B{cells}")
         for where, counts in [("reading for decode", d["skipped"])] + [
                 (f"loader, {r['workers']} workers", r["skipped"]) for r in out["loader"]]:
             if counts:

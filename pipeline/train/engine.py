@@ -177,7 +177,8 @@ class Trainer:
         tokenize = CaptionTokenizer.from_config(cfg.model.llm)
         self.loader: TrainLoader = loader if loader is not None else build_loader(
             cfg.data, tokenize=tokenize, batch_size=cfg.train.micro_batch, rank=self.rank,
-            world_size=self.world, seed=cfg.run.seed, train=True)
+            world_size=self.world, seed=cfg.run.seed, train=True,
+            pin_memory=device.type == "cuda")  # pinned uint8 batches: non-blocking copies to the GPU
         _exclude_frozen_from_state_dict(self.model)
         t = cfg.train
         optimizer = torch.optim.AdamW(param_groups(self.model.named_parameters(), t.weight_decay),
