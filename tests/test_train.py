@@ -237,7 +237,7 @@ def test_sigterm_checkpoints_and_exits_zero_with_mlflow_down(setup):
 def test_global_batch_mismatch_is_a_clear_error(setup):
     with pytest.raises(ConfigError, match=r"train.global_batch: expected .* = 16, got 8"):
         load_config(setup["config"], ["train.micro_batch=8"])
-    from pipeline.train.engine import check_world
+    from pipeline.train.deepspeed_setup import check_world
 
     cfg = load_config(setup["config"])
     with pytest.raises(SystemExit, match="global_batch is 8 but micro_batch 4 x grad_accum 1 x 1 "

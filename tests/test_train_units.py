@@ -14,7 +14,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.train import checkpoint
-from pipeline.train.engine import deepspeed_config
+from pipeline.train.deepspeed_setup import deepspeed_config
 from pipeline.train.schedule import lr_at, param_groups
 from pipeline.train.tracking import Tracker
 
