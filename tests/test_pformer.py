@@ -4,6 +4,7 @@ real OPT (with a word-level tokenizer), both saved with save_pretrained and load
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from pipeline.models.pformer import (
     load_pformer_tokenizer,
     mask_tokens,
     nearest_rows,
+    prefix_lm_loss,
     save_pformer,
     vq_loss,
 )
@@ -149,6 +151,19 @@ def test_each_loss_falls_when_optimised(folders, term, views):
         assert torch.equal(p, before[n]) and p.grad is None
 
 
+def test_prefix_lm_loss_equals_the_llms_own_loss_with_ignored_prefix(folders):
+    stage0, batcher = make(folders)
+    batch = batcher(SENTENCES[:4])
+    soft = torch.randn(4, N, 48)
+    ours = prefix_lm_loss(stage0.llm, soft, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    embeds = torch.cat([soft, stage0.llm.get_input_embeddings()(batch["input_ids"])], 1)
+    mask = torch.cat([torch.ones(4, N, dtype=torch.long), batch["attention_mask"]], 1)
+    labels = torch.cat([torch.full((4, N), -100), batch["labels"]], 1)
+    ref = stage0.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(ours["loss"], ref)
+    assert ours["num_tokens"] == int((batch["labels"] != -100).sum())
+
+
 def test_views_must_match_the_batch(folders):
     stage0, batcher = make(folders)
     batch = batcher(SENTENCES[:2])
@@ -254,6 +269,8 @@ def test_masking_spares_special_tokens_and_is_reproducible(folders):
     # the collate: an explicit seed gives the same batch; successive calls differ; two batchers agree
     first, again = (batcher(SENTENCES, seed=5)["bert_input_ids"] for _ in range(2))
     assert torch.equal(first, again)
+    copy = pickle.loads(pickle.dumps(batcher))  # a DataLoader worker's copy builds the same batch
+    assert torch.equal(copy(SENTENCES, seed=5)["bert_input_ids"], first)
     _, fresh = make(folders)
     a, b = fresh(SENTENCES * 4), fresh(SENTENCES * 4)
     assert not torch.equal(a["bert_input_ids"], b["bert_input_ids"])
@@ -395,6 +412,11 @@ def test_paper_size_stage0_on_meta():
     ids = torch.zeros(1, 32, dtype=torch.long, device="meta")
     out = stage0(ids, None, ids[:, :33], None, ids[:, :33])
     assert out["loss"].is_meta and pf(ids).shape == (1, 29, 2560)
+
+
+def test_config_refuses_a_temperature_outside_its_range():
+    with pytest.raises(ValueError, match="temp_init 0.9 is outside"):
+        PFormerConfig(temp_init=0.9)
 
 
 def test_build_llm_and_pformer_widths_must_agree(folders):

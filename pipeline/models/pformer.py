@@ -52,7 +52,7 @@ from typing import Annotated, Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from pipeline.config import LLMConfig, NonNegFloat, PositiveFloat, PositiveInt, Section
@@ -81,6 +81,13 @@ class PFormerConfig(Section):
     contrastive_weight: NonNegFloat = 1.0
     vq_weight: NonNegFloat = 1.0
     vq_chunk: PositiveInt = 8192  # codebook rows per distance block (8192 x B*N fp32 at a time)
+
+    @model_validator(mode="after")
+    def _temperature_range(self):
+        if not self.temp_min <= self.temp_init <= self.temp_max:
+            raise ValueError(f"temp_init {self.temp_init} is outside [temp_min {self.temp_min}, "
+                             f"temp_max {self.temp_max}]")
+        return self
 
 
 # ------------------------------------------------------------------------------------- the model
