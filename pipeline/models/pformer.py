@@ -26,9 +26,10 @@ What the official code (yiren-jian/BLIText, pformer_opt.py) does, and where this
   possible) and gives no gradient through the normalised feature; the term only pushes sentences apart
   (and tunes the temperature). `views: 1` reproduces that. `views: 2` (ours, a labelled variant) masks
   the sentence twice and makes the other view the positive (SimCSE-like), at the cost of a second BERT pass.
-- Across ranks it gathers without gradient (BLIP-2's concat_all_gather) and crashes on one process
-  (dist.get_rank()); here the other ranks' rows are detached and this rank's rows keep their gradient
-  (open_clip's way), which on one process is exactly the official single-GPU computation.
+- Across ranks it gathers without gradient (BLIP-2's concat_all_gather: the keys get none, only the
+  queries) and crashes on one process (dist.get_rank()); here the other ranks' rows are detached and this
+  rank's rows keep their gradient (open_clip's way), which on one process is exactly the official code's
+  single-GPU computation.
 - Its temperature is never clamped; here the value used is clamped to [temp_min, temp_max] (BLIP-2's
   range), with a straight-through gradient so that the parameter can come back from a bound.
 - N is taken from BERT's padded length (32 = max_txt_len); here from the config, and BERT pads to the
