@@ -13,6 +13,10 @@ vector by an optimal one-to-one assignment per sample (minimum total squared dis
 linear_sum_assignment on the [P, N] cost, computed without gradient), then takes the same MSE. The
 assignment is piecewise constant in the inputs, so the gradient is the MSE's for the chosen pairing.
 It costs one device-to-host copy of [B, P, N] per step and B small assignments (29 x 29: ~10 us each).
+
+The targets come from the paired caption: the collate (CaptionsWithTargets, in the loader's workers)
+adds the caption's P-Former tokens (unmasked, the P-Former's own tokenizer and length cap) to the LLM's
+caption tokens, and the model runs its frozen P-Former on them (SimVLG.align_to).
 """
 
 from __future__ import annotations
@@ -60,3 +64,19 @@ def alignment_loss(student: torch.Tensor, target: torch.Tensor, match: Match = "
     elif match != "position":
         raise ValueError(f"align_match must be 'position' or 'assignment', got {match!r}")
     return F.mse_loss(student.float(), target.float())
+
+
+class CaptionsWithTargets:
+    """Captions -> the LLM's caption tokens (a CaptionTokenizer) + the same captions as the P-Former's
+    input, unmasked: bert_input_ids, bert_attention_mask [B, Lb], padded to the longest, at most
+    max_text_tokens. Picklable (the loader's workers run it)."""
+
+    def __init__(self, caption_tokenizer, bert_tokenizer, max_text_tokens: int):
+        self.caption_tokenizer, self.bert_tokenizer = caption_tokenizer, bert_tokenizer
+        self.max_text_tokens = max_text_tokens
+
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        from .pformer import pformer_inputs
+
+        return self.caption_tokenizer(captions) | pformer_inputs(self.bert_tokenizer, captions,
+                                                                 self.max_text_tokens)

@@ -4,19 +4,24 @@ learned from text alone; later the target a vision-language connector is aligned
     pformer = build_pformer(cfg, llm_width=2560)          # BERT weights from cfg.init, new heads random
     prompts = pformer(bert_ids, bert_mask)                # [B, L] -> [B, N, D_llm]; N = cfg.num_prompts
     stage0 = PFormerStage0(cfg, pformer, llm)             # the text-only pre-training model
-    out = stage0(**SentenceBatcher(bert_tok, caption_tok, cfg)(sentences))   # loss, loss_lm, ...
+    out = stage0(**SentenceBatcher(bert_tok, caption_tok, cfg)(sentences))   # loss, losses{lm, ...}
     save_pformer(pformer, folder, cfg); pformer = load_pformer(folder)     # strict, frozen
+
+`simvlg train` runs stage 0 when `model.kind: pformer` (pipeline/models/training.py builds the model and
+the collate) and ends by writing RUN_DIR/pformer/ (save_pformer, tokenizer included), the folder that
+`model.pformer_checkpoint` names for the alignment loss.
 
 Shapes (official run: bert-base-uncased, OPT-2.7b, N = 32):
     [CLS] of BERT [B, H=768] -> Linear(H, N*H) -> [B, N, H] -> Linear(H, H), tanh -> Linear(H, D=2560)
 
 Stage 0 (text only; each loss weighted by cfg, default 1):
-  (a) loss_lm: the frozen LLM reads [prompts | BOS sentence end] and predicts the sentence and its end
-      token (CaptionTokenizer's layout, prompt ""); prompt and BOS positions carry no loss.
-  (b) loss_contrastive: [CLS] -> Linear(H, 256), L2-normalised; similarities against the batch gathered
+  (a) lm: the frozen LLM reads [prompts | BOS prompt-text sentence end] and predicts the sentence and its
+      end token (CaptionTokenizer's layout from model.llm; the official run: prompt "", cut at 32 tokens,
+      BOS a target as well, as in the official code: llm.truncation sequence, llm.bos_target true).
+  (b) contrastive: [CLS] -> Linear(H, 256), L2-normalised; similarities against the batch gathered
       over ranks (the local batch on one process) / a learnable temperature (0.07 at start, kept in
       [temp_min, temp_max]); cross-entropy with label smoothing 0.1, the positive being the sentence itself.
-  (c) loss_vq: MSE between every prompt vector and its nearest row of the LLM's input embeddings (that row
+  (c) vq: MSE between every prompt vector and its nearest row of the LLM's input embeddings (that row
       detached), searched in chunks of codebook rows.
   BERT sees the sentence with 25 % of its tokens (never [CLS], [SEP] or padding) replaced by [MASK].
 
@@ -34,9 +39,9 @@ What the official code (yiren-jian/BLIText, pformer_opt.py) does, and where this
   range), with a straight-through gradient so that the parameter can come back from a bound.
 - N is taken from BERT's padded length (32 = max_txt_len); here from the config, and BERT pads to the
   longest sentence (the [CLS] output does not depend on padding).
-- [SEP] may be masked there; not here. Its masks come from the global RNG; here from a seeded generator
-  in the collate (SentenceBatcher), so a batch is the same batch wherever and whenever it is built.
-- Its LM labels include BOS (the last prompt vector predicts BOS); here BOS carries no loss, as in SimVLG.
+- [SEP] may be masked there; not here. Its masks come from the global RNG; here from a generator seeded
+  by the run seed and the batch's sentences (SentenceBatcher), so a batch is the same batch wherever and
+  whenever it is built: a resumed run masks exactly as the uninterrupted one.
 - The frozen P-Former of stages 1-2 is put in eval() once, then the trainer's model.train() turns its
   dropout back on, and its checkpoint loads with strict=False. Here freeze() holds through any parent's
   .train(), forward runs under no_grad, and load_pformer refuses missing or unexpected keys.
@@ -44,51 +49,23 @@ What the official code (yiren-jian/BLIText, pformer_opt.py) does, and where this
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
-from pipeline.config import LLMConfig, NonNegFloat, PositiveFloat, PositiveInt, Section
+from pipeline.schema import LLMConfig, PFormerConfig
 
 from .llm import IGNORE, CaptionTokenizer, build_llm, freeze, hf_config_from_json
 
 PFORMER_WEIGHTS, PFORMER_CONFIG, PFORMER_TOKENIZER = "model.safetensors", "config.json", "tokenizer"
 PFORMER_FORMAT = "simvlg-pformer"
-
-
-class PFormerConfig(Section):
-    """`model.pformer` (to move into pipeline/config.py). Defaults are the official stage-0 run."""
-
-    init: str = "bert-base-uncased"  # HF id or folder of a BERT-family encoder
-    arch_config: str | None = None  # its config.json, for meta-device construction
-    num_prompts: PositiveInt = 32  # N soft prompts (official: 32 = BLIP-2's queries; SimVLG: 29)
-    max_text_tokens: PositiveInt = 32  # BERT input length cap, [CLS] and [SEP] included
-    mask_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.25
-    views: Literal[1, 2] = 1  # contrastive views: 1 = official (the sentence with itself), 2 = ours
-    contrast_dim: PositiveInt = 256
-    temp_init: PositiveFloat = 0.07
-    temp_min: PositiveFloat = 1e-3
-    temp_max: PositiveFloat = 0.5
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    lm_weight: NonNegFloat = 1.0
-    contrastive_weight: NonNegFloat = 1.0
-    vq_weight: NonNegFloat = 1.0
-    vq_chunk: PositiveInt = 8192  # codebook rows per distance block (8192 x B*N fp32 at a time)
-
-    @model_validator(mode="after")
-    def _temperature_range(self):
-        if not self.temp_min <= self.temp_init <= self.temp_max:
-            raise ValueError(f"temp_init {self.temp_init} is outside [temp_min {self.temp_min}, "
-                             f"temp_max {self.temp_max}]")
-        return self
 
 
 # ------------------------------------------------------------------------------------- the model
@@ -169,7 +146,7 @@ def prefix_lm_loss(llm: nn.Module, soft: torch.Tensor, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor | None, labels: torch.Tensor) -> dict:
     """Next-token cross-entropy of a frozen causal LM on [soft | text] (SimVLG.forward's computation).
     soft [B, P, D]; input_ids, attention_mask, labels [B, L] (labels -100 where no loss).
-    -> loss (mean over labelled tokens of the batch), per_sample_loss [B], num_tokens."""
+    -> loss (mean over labelled tokens of the batch), per_sample_loss [B], num_tokens (0-d tensor)."""
     emb = llm.get_input_embeddings()
     soft = soft.to(emb.weight.dtype)
     embeds = torch.cat([soft, emb(input_ids).to(soft.dtype)], dim=1)  # [B, P+L, D]
@@ -187,7 +164,7 @@ def prefix_lm_loss(llm: nn.Module, soft: torch.Tensor, input_ids: torch.Tensor,
                           reduction="none").view_as(labels)  # [B, L]
     n = (labels != IGNORE).sum(1)  # [B]
     return {"loss": tok.sum() / n.sum().clamp(min=1), "per_sample_loss": tok.sum(1) / n.clamp(min=1),
-            "num_tokens": -1 if n.is_meta else int(n.sum())}
+            "num_tokens": n.sum()}
 
 
 def gather_with_local_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -247,13 +224,15 @@ def vq_loss(prompts: torch.Tensor, codebook: torch.Tensor, chunk: int = 8192) ->
 class PFormerStage0(nn.Module):
     """P-Former (trainable) + frozen LLM: the model `simvlg train` runs on text-only batches."""
 
-    def __init__(self, cfg: PFormerConfig, pformer: PFormer, llm: nn.Module):
+    def __init__(self, cfg: PFormerConfig, pformer: PFormer, llm: nn.Module, *, tokenizer=None,
+                 llm_name: str | None = None):
         super().__init__()
         width = llm.get_input_embeddings().weight.shape[1]
         if pformer.llm_width != width:
             raise ValueError(f"the P-Former makes prompts of width {pformer.llm_width}, "
                              f"the LLM is {width} wide")
         self.cfg, self.pformer, self.llm = cfg, pformer, freeze(llm)
+        self.tokenizer, self.llm_name = tokenizer, llm_name  # saved with the P-Former (save_trained)
         self.train(True)
 
     def train(self, mode: bool = True) -> PFormerStage0:
@@ -268,8 +247,8 @@ class PFormerStage0(nn.Module):
                 bert_input_ids_2=None) -> dict:
         """bert_input_ids [B, Lb] (masked), bert_attention_mask [B, Lb], bert_input_ids_2 [B, Lb] (the second
         masked view, views=2 only); input_ids, attention_mask, labels [B, L] for the LLM (CaptionTokenizer).
-        -> loss (weighted sum), loss_lm / loss_contrastive / loss_vq (those with weight > 0),
-        per_sample_loss [B] and num_tokens of the LM term."""
+        -> loss (the weighted sum), losses {lm, contrastive, vq} (those with weight > 0, unweighted),
+        per_sample_loss [B] and num_tokens (0-d tensor) of the LM term."""
         c = self.cfg
         if (bert_input_ids_2 is not None) != (c.views == 2):
             raise ValueError(f"model.pformer.views is {c.views} but the batch has "
@@ -280,7 +259,7 @@ class PFormerStage0(nn.Module):
         out = {"per_sample_loss": lm["per_sample_loss"], "num_tokens": lm["num_tokens"]}
         terms = {}
         if c.lm_weight > 0:
-            terms["loss_lm"] = (c.lm_weight, lm["loss"])
+            terms["lm"] = (c.lm_weight, lm["loss"])
         if c.contrastive_weight > 0:
             temp = self.pformer.temperature(c.temp_min, c.temp_max)
             f1 = self.pformer.text_features(cls)  # [B, 256]
@@ -290,15 +269,28 @@ class PFormerStage0(nn.Module):
                 f2 = self.pformer.text_features(self.pformer.encode(bert_input_ids_2, bert_attention_mask))
                 loss_c = (contrastive_loss(f1, f2, temp, c.label_smoothing)
                           + contrastive_loss(f2, f1, temp, c.label_smoothing)) / 2
-            terms["loss_contrastive"] = (c.contrastive_weight, loss_c)
+            terms["contrastive"] = (c.contrastive_weight, loss_c)
         if c.vq_weight > 0:
             codebook = self.llm.get_input_embeddings().weight  # [V, D]
-            terms["loss_vq"] = (c.vq_weight, vq_loss(prompts, codebook, c.vq_chunk))
+            terms["vq"] = (c.vq_weight, vq_loss(prompts, codebook, c.vq_chunk))
         if not terms:
             raise ValueError("model.pformer: every loss weight is 0")
         out["loss"] = sum(w * v for w, v in terms.values())
-        out.update({k: v for k, (_, v) in terms.items()})
+        out["losses"] = {k: v for k, (_, v) in terms.items()}
         return out
+
+    def save_trained(self, run_dir: str | Path, step: int | None = None) -> Path:
+        """What a finished run leaves: RUN_DIR/pformer/ (save_pformer, with the BERT tokenizer), written
+        beside and renamed into place."""
+        import shutil
+
+        path = Path(run_dir) / "pformer"
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_pformer(self.pformer, tmp, self.cfg, tokenizer=self.tokenizer, llm_name=self.llm_name, step=step)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        return path
 
 
 def build_stage0(cfg: PFormerConfig, llm_cfg: LLMConfig, *, device="cpu",
@@ -324,14 +316,15 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, mask_i
 
 
 class SentenceBatcher:
-    """Sentences -> one stage-0 batch (a picklable collate). Masks come from a generator seeded per call:
-    `seed` given -> that seed (the loader can derive it from run seed, rank and step, so a resumed run
-    masks the same way); else from the batcher's seed and its call count."""
+    """Sentences -> one stage-0 batch (a picklable collate, run in the loader's workers). The masks come
+    from a generator seeded by `seed` when given, else by the batcher's seed (the run seed) and the
+    sentences themselves: a batch is a function of its data and the seed, never of the process or of
+    how many batches came before, so a resumed run masks exactly as the uninterrupted one."""
 
     def __init__(self, bert_tokenizer, caption_tokenizer: CaptionTokenizer, cfg: PFormerConfig,
                  seed: int = 0):
         self.bert_tokenizer, self.caption_tokenizer, self.cfg = bert_tokenizer, caption_tokenizer, cfg
-        self.seed, self.calls = seed, 0
+        self.seed = seed
         t = bert_tokenizer
         if t.mask_token_id is None:
             raise ValueError(f"the P-Former tokenizer ({type(t).__name__}) has no [MASK] token")
@@ -340,14 +333,11 @@ class SentenceBatcher:
     def bert_inputs(self, sentences: list[str]) -> dict[str, torch.Tensor]:
         """Unmasked P-Former inputs (also the alignment targets' inputs): [CLS] words [SEP], padded to the
         longest, at most cfg.max_text_tokens -> bert_input_ids, bert_attention_mask [B, Lb]."""
-        enc = self.bert_tokenizer([s.strip() for s in sentences], padding="longest", truncation=True,
-                                  max_length=self.cfg.max_text_tokens, return_tensors="pt")
-        return {"bert_input_ids": enc["input_ids"], "bert_attention_mask": enc["attention_mask"]}
+        return pformer_inputs(self.bert_tokenizer, sentences, self.cfg.max_text_tokens)
 
     def __call__(self, sentences: list[str], seed: int | None = None) -> dict[str, torch.Tensor]:
         if seed is None:
-            seed = self.seed * 1_000_003 + self.calls
-            self.calls += 1
+            seed = sentence_seed(self.seed, sentences)
         g = torch.Generator().manual_seed(seed)
         out = self.bert_inputs(sentences)
         ids, att = out["bert_input_ids"], out["bert_attention_mask"]
@@ -359,9 +349,23 @@ class SentenceBatcher:
         return out | self.caption_tokenizer(sentences)
 
 
+def pformer_inputs(bert_tokenizer, sentences: list[str], max_text_tokens: int) -> dict[str, torch.Tensor]:
+    """[CLS] words [SEP], padded to the longest, at most max_text_tokens -> bert_input_ids,
+    bert_attention_mask [B, Lb] (unmasked: stage 0 masks them; the alignment targets read them as is)."""
+    enc = bert_tokenizer([s.strip() for s in sentences], padding="longest", truncation=True,
+                         max_length=max_text_tokens, return_tensors="pt")
+    return {"bert_input_ids": enc["input_ids"], "bert_attention_mask": enc["attention_mask"]}
+
+
+def sentence_seed(seed: int, sentences: list[str]) -> int:
+    """A 63-bit seed from a seed and a batch of sentences, the same in every process."""
+    h = hashlib.blake2b(repr((int(seed), list(sentences))).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
 # ------------------------------------------------------------------------------------------ files
 def save_pformer(pformer: PFormer, path: str | Path, cfg: PFormerConfig, *, tokenizer=None,
-                 llm_name: str | None = None) -> Path:
+                 llm_name: str | None = None, step: int | None = None) -> Path:
     """An HF-style folder: model.safetensors (every P-Former weight), config.json (all that rebuilds it:
     the encoder's config, N, widths, the stage-0 config) and, if given, the BERT tokenizer in tokenizer/.
     Each file is written under a temporary name and renamed into place."""
@@ -375,7 +379,7 @@ def save_pformer(pformer: PFormer, path: str | Path, cfg: PFormerConfig, *, toke
     os.replace(tmp, path / PFORMER_WEIGHTS)
     meta = {"format": PFORMER_FORMAT, "version": 1, "num_prompts": pformer.num_prompts,
             "llm_width": pformer.llm_width, "contrast_dim": pformer.text_proj.out_features, "llm": llm_name,
-            "encoder": pformer.encoder.config.to_dict(), "pformer": cfg.model_dump(mode="json"),
+            "step": step, "encoder": pformer.encoder.config.to_dict(), "pformer": cfg.model_dump(mode="json"),
             "parameters": sum(v.numel() for v in sd.values())}
     tmp = path / f".{PFORMER_CONFIG}.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
