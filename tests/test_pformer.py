@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import LLMConfig
-from pipeline.schema import PFormerConfig
 from pipeline.models.align import alignment_loss, optimal_assignment
 from pipeline.models.llm import CaptionTokenizer, build_llm
 from pipeline.models.pformer import (
@@ -30,6 +29,7 @@ from pipeline.models.pformer import (
     save_pformer,
     vq_loss,
 )
+from pipeline.schema import PFormerConfig
 
 SENTENCES = ["a red circle", "two small blue squares on the left of a green triangle",
              "a big yellow star", "three green circles at the top", "a small red triangle on the right",
@@ -56,7 +56,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("pformer")
     words = sorted({w for s in SENTENCES for w in s.split()})
     (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
-    bert_tok = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    bert_tok = BertTokenizerFast(str(root / "vocab.txt"))  # transformers 5 ignores vocab_file=: all [UNK]
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=len(bert_tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=64, max_position_embeddings=64)).save_pretrained(root / "bert")

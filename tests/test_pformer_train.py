@@ -67,7 +67,8 @@ def model_section(f: Path, **pformer) -> dict:
             "pformer": {"init": str(f / "bert"), "num_prompts": 29, "max_text_tokens": 16, **pformer}}
 
 
-def write_config(root: Path, f: Path, *, kind: str, steps: int = 4) -> Path:
+def write_config(root: Path, f: Path, *, kind: str, steps: int = 4, micro: int = 4, lr: float = 3e-3,
+                 ckpt_every: int = 2) -> Path:
     """A 2-rank config inheriting the demo's, on the sentence shards (pformer) or image shards."""
     text = f'[{{name: sentences, shards: "{f}/sentences/manifest.json", kind: text}}]'
     images = f'[{{name: shapes, shards: "{root}/images/{{00000..00001}}.tar"}}]'
@@ -77,8 +78,9 @@ def write_config(root: Path, f: Path, *, kind: str, steps: int = 4) -> Path:
 run: {{name: pformer-test, seed: 3}}
 data: {{sources: {sources}, num_workers: 1, shuffle_buffer: 16}}
 model: {json.dumps({"kind": kind, **model_section(f)})}
-train: {{steps: {steps}, global_batch: 8, micro_batch: 4, grad_accum: 1, lr: 3.0e-3, min_lr: 3.0e-4,
-         warmup_steps: 1, log_every: 1, ckpt_every: 2, keep_ckpts: 2, precision: fp32}}
+train: {{steps: {steps}, global_batch: {2 * micro}, micro_batch: {micro}, grad_accum: 1, lr: {lr},
+         min_lr: {lr / 10}, warmup_steps: 5, log_every: 1, ckpt_every: {ckpt_every}, keep_ckpts: 2,
+         precision: fp32}}
 """)
     return cfg
 
@@ -285,7 +287,7 @@ def test_preflight_refuses_what_training_would(folders, tmp_path):
 
 
 # ------------------------------------------------------------------------ stage 0 through simvlg train
-STEPS = 12
+STEPS = 120  # batches of 32: the P-Former (a random BERT here) needs ~100 to beat the no-prompt level
 
 
 def part_losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
@@ -307,7 +309,7 @@ def test_pformer_trains_through_simvlg_train_and_resumes_bit_identically(folders
     from pipeline.models.pformer import load_pformer
     from pipeline.train import checkpoint
 
-    cfg = write_config(tmp_path, folders, kind="pformer", steps=STEPS)
+    cfg = write_config(tmp_path, folders, kind="pformer", steps=STEPS, micro=16, lr=1e-3, ckpt_every=20)
     ref = tmp_path / "reference"
     proc = simvlg_train(cfg, ref)
     out, _ = proc.communicate(timeout=600)
@@ -315,20 +317,22 @@ def test_pformer_trains_through_simvlg_train_and_resumes_bit_identically(folders
     lm = part_losses(ref, "lm_loss")
     assert sorted(lm) == list(range(1, STEPS + 1))
     assert len(part_losses(ref, "contrastive_loss")) == len(part_losses(ref, "vq_loss")) == STEPS
-    first, last = sum(lm[s] for s in (1, 2, 3)) / 3, sum(lm[s] for s in (STEPS - 2, STEPS - 1, STEPS)) / 3
-    assert last < 0.8 * first, lm  # the frozen LLM reconstructs the sentences better from the prompts
+    first = sum(lm[s] for s in range(1, 11)) / 10
+    last = sum(lm[s] for s in range(STEPS - 9, STEPS + 1)) / 10
+    print(f"P-Former reconstruction (LM) loss, mean of 10 steps: {first:.3f} -> {last:.3f}")
+    assert last < 0.9 * first, lm  # the frozen LLM reconstructs the sentences better from the prompts
     module = torch.load(next((ref / "checkpoints" / f"step_{STEPS:08d}" / "ds").glob("mp_rank_00_model*.pt")),
                         map_location="cpu", weights_only=False)["module"]
     assert module and all(k.startswith("pformer.") for k in module)  # the frozen LLM is not checkpointed
     pf = load_pformer(ref / "pformer", llm_width=128)  # strict, and usable as the alignment target
     assert pf.num_prompts == 29 and json.loads((ref / "pformer" / "config.json").read_text())["step"] == STEPS
 
-    # killed (the whole process group) after step 7, restarted: the same losses from the checkpoint on
+    # killed (the whole process group) after step 70, restarted: the same losses from the checkpoint on
     run = tmp_path / "killed"
     proc = simvlg_train(cfg, run, start_new_session=True)
     deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline:
-        if (run / "metrics.jsonl").exists() and max(part_losses(run), default=0) >= 7:
+        if (run / "metrics.jsonl").exists() and max(part_losses(run), default=0) >= 70:
             break
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)

@@ -45,7 +45,7 @@ def build_bert(out: Path, words: list[str], seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(words))
     (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(out / "vocab.txt"))
+    tok = BertTokenizerFast(str(out / "vocab.txt"))  # the vocab path (transformers 5 ignores vocab_file=)
     torch.manual_seed(seed)
     BertModel(BertConfig(vocab_size=len(vocab), hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=256, max_position_embeddings=64)).save_pretrained(out)

@@ -81,7 +81,8 @@ class PFormer(nn.Module):
         self.prompt_head = nn.Sequential(nn.Linear(H, H), nn.Tanh())  # official name: Pformer.pooler
         self.llm_proj = nn.Linear(H, llm_width)
         self.text_proj = nn.Linear(H, contrast_dim)  # stage 0's contrastive head only
-        self.temp = nn.Parameter(torch.tensor(float(temp_init)))
+        # [1], not 0-d: DeepSpeed broadcasts every parameter as bytes, which a 0-d tensor cannot be viewed as
+        self.temp = nn.Parameter(torch.full((1,), float(temp_init)))
         self.num_prompts, self.llm_width, self.hidden_size = num_prompts, llm_width, H
         self.frozen = False
 
@@ -99,7 +100,7 @@ class PFormer(nn.Module):
 
     def temperature(self, lo: float, hi: float) -> torch.Tensor:
         """The temperature clamped to [lo, hi], its gradient passed straight through."""
-        return self.temp + (self.temp.clamp(lo, hi) - self.temp).detach()
+        return (self.temp + (self.temp.clamp(lo, hi) - self.temp).detach()).squeeze(0)  # 0-d
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[B, L] -> soft prompts [B, N, D_llm] (without autograd once frozen)."""
