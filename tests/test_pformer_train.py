@@ -286,6 +286,34 @@ def test_preflight_refuses_what_training_would(folders, tmp_path):
     refused(simvlg_cfg, aligned(broken), r"does not match its config.json: missing \['llm_proj.bias'\]")
 
 
+def test_demo_compares_runs_on_their_lm_loss(tmp_path, capsys):
+    """An aligned run logs loss = lm + w * align: the demo's table and curves must use the LM part."""
+    from pipeline.demo import pformer as pformer_demo
+
+    (tmp_path / "pformer" / "train").mkdir(parents=True)
+    (tmp_path / "pformer" / "train" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 2.0, "lm_loss": lm, "contrastive_loss": 0.7, "vq_loss": 0.01}) + "\n"
+        for s, lm in ((1, 0.9), (2, 0.2))))
+    curves = {"tomeformer": [(s, {"loss": 1 / s}) for s in range(1, 11)],
+              "align_position": [(s, {"loss": 1 / s + 50 * 0.01, "lm_loss": 1 / s, "align_loss": 0.01})
+                                 for s in range(1, 11)]}
+    runs = {}
+    for name, rows in curves.items():
+        (tmp_path / "train" / name).mkdir(parents=True)
+        (tmp_path / "train" / name / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": s, **r}) + "\n" for s, r in rows))
+        runs[name] = {"train": {"curve": [(s, r["loss"]) for s, r in rows]},
+                      "eval": {"attribute_accuracy": {"shape": 0.9}, "exact_caption_match": 0.8}}
+    cmp = pformer_demo.compare(tmp_path, runs, [0.3])
+    assert runs["align_position"]["train"]["curve"] == runs["tomeformer"]["train"]["curve"]  # LM part
+    assert cmp["runs"]["align_position"]["steps_to_lm_loss"] == cmp["runs"]["tomeformer"]["steps_to_lm_loss"]
+    assert cmp["runs"]["align_position"]["align_loss"] == (0.01, 0.01)
+    assert cmp["pformer"]["lm_loss"] == (0.9, 0.2)
+    pformer_demo.print_comparison(cmp)
+    out = capsys.readouterr().out
+    assert "lm_loss 0.9 -> 0.2" in out and "held-out shape" in out and "90.0%" in out
+
+
 # ------------------------------------------------------------------------ stage 0 through simvlg train
 STEPS = 120  # batches of 32: the P-Former (a random BERT here) needs ~100 to beat the no-prompt level
 

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 REPEAT = 4  # copies of each grammar sentence among the P-Former's sentences
-ALIGN_WEIGHT = 1.0  # the demo's omega (README: "Measured here" for how it was chosen)
+ALIGN_WEIGHT = 100.0  # omega: the paper's for BLIP-2's LM stage (poster Table 4), as simvlg_opt2.7b_pformer
 PFORMER_STEPS = 800
 MATCHES = ("position", "assignment")
 
