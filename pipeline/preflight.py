@@ -246,6 +246,9 @@ def check_for_training(cfg: Config, source: str, *, files: bool = True) -> dict:
 
 
 def check_for_eval(cfg: Config, source: str) -> dict:
+    if cfg.model.kind == "pformer":
+        raise ConfigError(f"{source}: model.kind: pformer: a P-Former has no image to caption; its pformer/ "
+                          "folder is what model.pformer_checkpoint of a SimVLG config takes")
     check_model_files(cfg, source)
     return {"tokens": token_plan(cfg, source=source)}
 
