@@ -49,6 +49,7 @@ setup(
         "pillow>=13.0",
         "numpy>=2.4",
         "safetensors>=0.8",
+        "scipy>=1.17",  # the P-Former alignment's optimal assignment (linear_sum_assignment)
         "pyyaml>=6.0",
         "pydantic>=2.14",
         "mlflow>=3.17",

@@ -51,7 +51,8 @@ class ConfigError(ValueError):
 # Fields that name files which must exist when set; relative paths resolve as resolve_file says (the
 # config file's folder, the packaged configs, the working directory, then the package: ds_configs/...).
 FILE_FIELDS = ["model.init_connector", "model.vision.arch_config", "model.tomeformer.arch_config",
-               "model.qformer.arch_config", "model.llm.arch_config", "train.ds_config"]
+               "model.qformer.arch_config", "model.llm.arch_config", "model.pformer.arch_config",
+               "train.ds_config"]
 
 
 # ------------------------------------------------------------------------------------- loading

@@ -7,7 +7,10 @@
 Here: data sources exist (non-empty, every local shard of every pattern or manifest is a file), the
 weights each model part loads from exist (a local folder/file, or a hub id that can be fetched), and
 the TomeFormer's `r` leaves the number of tokens it promises: ToMe merges at most half of a layer's
-tokens (CLS kept), and a larger r would be clamped silently to a shorter soft prompt.
+tokens (CLS kept), and a larger r would be clamped silently to a shorter soft prompt. A P-Former run
+(`model.kind: pformer`) needs its BERT, the LLM and text sources; SimVLG with `train.align_weight > 0`
+needs a P-Former folder that loads strictly, with its tokenizer, and N prompts of the soft prompt's
+length and the LLM's width.
 `files=False` skips the file-system checks and keeps the ones that need only the config.
 """
 
@@ -61,6 +64,10 @@ def check_weights(value: str | None, key: str, source: str, *, what: str) -> Non
 
 def check_model_files(cfg: Config, source: str) -> None:
     m = cfg.model
+    if m.kind == "pformer":  # stage 0: BERT + the frozen LLM, no vision
+        check_weights(m.pformer.init, "model.pformer.init", source, what="BERT checkpoint and tokenizer")
+        check_weights(m.llm.name, "model.llm.name", source, what="language model (an HF folder or id)")
+        return
     v = m.vision
     if v.loader == "timm":
         if v.checkpoint is None:
@@ -134,7 +141,7 @@ def vision_tokens(cfg: Config, *, files: bool = True) -> int | None:
 
 def token_plan(cfg: Config, *, files: bool = True, source: str = "config") -> list[int] | None:
     """Visual tokens entering the TomeFormer, then after each layer; raises if an r would be clamped."""
-    if cfg.model.connector != "tomeformer":
+    if cfg.model.connector != "tomeformer" or cfg.model.kind != "simvlg":
         return None
     from pipeline.models.tomeformer import layer_r
 
@@ -155,16 +162,93 @@ def token_plan(cfg: Config, *, files: bool = True, source: str = "config") -> li
     return counts
 
 
+def check_source_kinds(cfg: Config, source: str) -> None:
+    """A P-Former reads sentences (kind text); SimVLG reads images or video."""
+    for i, s in enumerate(cfg.data.sources):
+        if cfg.model.kind == "pformer" and s.kind != "text":
+            raise ConfigError(f"{source}: data.sources.{i}.kind: a P-Former trains on sentences, got "
+                              f"{s.kind!r}; set kind: text (an image shard's captions are read, its "
+                              "images never)")
+        if cfg.model.kind == "simvlg" and s.kind == "text":
+            raise ConfigError(f"{source}: data.sources.{i}.kind: text sources have no images to train "
+                              "SimVLG on; use them with model.kind: pformer")
+
+
+def check_alignment(cfg: Config, source: str, tokens: list[int] | None, *, files: bool = True) -> dict | None:
+    """train.align_weight > 0: the P-Former folder exists, loads strictly (every key, every shape, its
+    tokenizer) and makes N prompts of the soft prompt's length; None when the weight is 0."""
+    t, m = cfg.train, cfg.model
+    if t.align_weight == 0:
+        return None
+    key = "model.pformer_checkpoint"
+    if m.kind == "pformer":
+        raise ConfigError(f"{source}: train.align_weight: {t.align_weight} applies to SimVLG training; a "
+                          "model.kind: pformer run trains the P-Former itself (set it to 0)")
+    if m.pformer_checkpoint is None:
+        raise ConfigError(f"{source}: {key}: not set, but train.align_weight is {t.align_weight}; "
+                          "name the pformer/ folder of a model.kind: pformer run "
+                          "(e.g. runs/pformer_opt2.7b/pformer)")
+    if not files:
+        return {"folder": m.pformer_checkpoint}
+    from pipeline.models.pformer import load_pformer, load_pformer_tokenizer, read_pformer_config
+
+    folder = Path(m.pformer_checkpoint).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"{source}: {key}: not found: {folder} (relative paths are taken from "
+                          f"{Path.cwd()})")
+    try:
+        meta = read_pformer_config(folder)
+        load_pformer(folder)  # strict: a wrong folder never leaves the targets random
+        load_pformer_tokenizer(folder)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{source}: {key}: {e}") from None
+    prompt = tokens[-1] if tokens else (m.qformer.num_queries if m.connector == "qformer" else None)
+    if m.video.enabled and m.video.temporal_pool == "concat" and prompt is not None:
+        prompt *= cfg.data.num_frames
+    if prompt is not None and meta["num_prompts"] != prompt:
+        raise ConfigError(f"{source}: {key}: the P-Former makes {meta['num_prompts']} prompts, the "
+                          f"{m.connector} connector's soft prompt has {prompt} tokens; pre-train a P-Former "
+                          f"with model.pformer.num_prompts={prompt}")
+    width = _llm_width(m.llm.arch_config or m.llm.name)
+    if width is not None and meta["llm_width"] != width:
+        raise ConfigError(f"{source}: {key}: the P-Former's prompts are {meta['llm_width']} wide (LLM "
+                          f"{meta.get('llm')}), model.llm {m.llm.name} takes {width}; pre-train it against "
+                          "this LLM")
+    return {"folder": str(folder), "num_prompts": meta["num_prompts"], "llm_width": meta["llm_width"],
+            "llm": meta.get("llm"), "match": t.align_match, "weight": t.align_weight}
+
+
+def _llm_width(name: str) -> int | None:
+    """The LLM's input-embedding width from its config (a folder, an arch JSON or a cached hub id)."""
+    try:
+        if name.endswith(".json"):
+            from pipeline.models.llm import hf_config_from_json
+
+            c = hf_config_from_json(name)
+        else:
+            from transformers import AutoConfig
+
+            c = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError):
+        return None  # unknown here; the trainer checks again when it loads the model
+    return getattr(c, "word_embed_proj_dim", None) or c.hidden_size
+
+
 def check_for_training(cfg: Config, source: str, *, files: bool = True) -> dict:
     """Raises ConfigError (one line) on anything training would refuse; returns what it found."""
     if files:
         check_model_files(cfg, source)
+    check_source_kinds(cfg, source)
     report = {"sources": check_sources(cfg, source, files=files)}
     report["tokens"] = token_plan(cfg, files=files, source=source)
+    report["alignment"] = check_alignment(cfg, source, report["tokens"], files=files)
     return report
 
 
 def check_for_eval(cfg: Config, source: str) -> dict:
+    if cfg.model.kind == "pformer":
+        raise ConfigError(f"{source}: model.kind: pformer: a P-Former has no image to caption; its pformer/ "
+                          "folder is what model.pformer_checkpoint of a SimVLG config takes")
     check_model_files(cfg, source)
     return {"tokens": token_plan(cfg, source=source)}
 
@@ -177,4 +261,8 @@ def describe(report: dict) -> list[str]:
     if report.get("tokens"):
         t = report["tokens"]
         lines.append(f"  tomeformer tokens: {' -> '.join(map(str, t))} (soft prompt of {t[-1]})")
+    a = report.get("alignment")
+    if a and "num_prompts" in a:
+        lines.append(f"  p-former alignment: {a['folder']} ({a['num_prompts']} prompts x {a['llm_width']}, "
+                     f"LLM {a['llm']}), weight {a['weight']}, match {a['match']}")
     return lines

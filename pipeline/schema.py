@@ -37,7 +37,8 @@ class SourceConfig(Section):
     name: str
     shards: str  # brace pattern, e.g. /data/laion/{00000..11500}.tar
     weight: PositiveFloat = 1.0
-    kind: Literal["image", "video"] = "image"
+    # text: sentences only (P-Former pre-training): the txt/json members of each sample, never its media
+    kind: Literal["image", "video", "text"] = "image"
     num_samples: PositiveInt | None = None  # from the manifest; needed for epoch sizing
 
 
@@ -159,7 +160,37 @@ class VideoConfig(Section):
     temporal_heads: PositiveInt = 8  # must divide temporal_dim and the ViT width (official: 8)
 
 
+class PFormerConfig(Section):
+    """The P-Former (pipeline/models/pformer.py). Defaults are the official stage-0 run (BLIText)."""
+
+    init: str = "bert-base-uncased"  # HF id or folder of a BERT-family encoder (and its tokenizer)
+    arch_config: str | None = None  # its config.json, for meta-device construction
+    num_prompts: PositiveInt = 32  # N soft prompts (official: 32 = BLIP-2's queries; SimVLG: 29)
+    max_text_tokens: PositiveInt = 32  # BERT input length cap, [CLS] and [SEP] included
+    mask_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.25
+    views: Literal[1, 2] = 1  # contrastive views: 1 = official (the sentence with itself), 2 = ours
+    contrast_dim: PositiveInt = 256
+    temp_init: PositiveFloat = 0.07
+    temp_min: PositiveFloat = 1e-3
+    temp_max: PositiveFloat = 0.5
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    lm_weight: NonNegFloat = 1.0
+    contrastive_weight: NonNegFloat = 1.0
+    vq_weight: NonNegFloat = 1.0
+    vq_chunk: PositiveInt = 8192  # codebook rows per distance block (8192 x B*N fp32 at a time)
+
+    @model_validator(mode="after")
+    def _temperature_range(self):
+        if not self.temp_min <= self.temp_init <= self.temp_max:
+            raise ValueError(f"temp_init {self.temp_init} is outside [temp_min {self.temp_min}, "
+                             f"temp_max {self.temp_max}]")
+        return self
+
+
 class ModelConfig(Section):
+    # what `simvlg train` trains: simvlg = the connector of a ViT -> connector -> LLM model; pformer = a
+    # P-Former, from sentences alone (data.sources of kind text), against the frozen LLM
+    kind: Literal["simvlg", "pformer"] = "simvlg"
     connector: Literal["tomeformer", "qformer"] = "tomeformer"
     # a connector folder (SimVLG.save_connector) to start from, e.g. the image-pretrained connector
     # the video run fine-tunes; its temporal modules start at gate 0
@@ -169,6 +200,9 @@ class ModelConfig(Section):
     qformer: QFormerConfig = Field(default_factory=QFormerConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
+    pformer: PFormerConfig = Field(default_factory=PFormerConfig)
+    # a P-Former folder (a `kind: pformer` run's pformer/): the frozen targets of train.align_weight
+    pformer_checkpoint: str | None = None
 
 
 # -------------------------------------------------------------------------------------- train
@@ -198,6 +232,11 @@ class TrainConfig(Section):
     ckpt_every: PositiveInt = 5000
     keep_ckpts: PositiveInt = 3
     max_nan_in_row: PositiveInt = 20
+    # P-Former alignment (issue 15): loss = LM + align_weight * MSE(soft prompt, the frozen P-Former's
+    # prompts for the caption); 0 = SimVLG as published. position: slot i to prompt i (official);
+    # assignment: each soft token to one prompt by an optimal one-to-one match per sample (ours)
+    align_weight: NonNegFloat = 0.0
+    align_match: Literal["position", "assignment"] = "position"
 
     @model_validator(mode="after")
     def _lr_order(self):

@@ -332,8 +332,8 @@ def build_loader(data_cfg, *, tokenize, batch_size: int, rank: int = 0, world_si
     sources = resolve_sources(data_cfg)
     kinds = {s.kind for s in sources}
     if len(kinds) > 1 and data_cfg.mixing != "batch" and train:
-        raise ValueError("image and video sources can only be mixed with data.mixing: batch "
-                         "(a batch holds one kind)")
+        raise ValueError(f"sources of different kinds ({', '.join(sorted(kinds))}) can only be mixed with "
+                         "data.mixing: batch (a batch holds one kind)")
     if train and not data_cfg.resampled and epoch_batches is None:
         if any(s.num_samples is None for s in sources):
             missing = [s.name for s in sources if s.num_samples is None]

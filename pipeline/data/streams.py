@@ -12,7 +12,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from .formats.shards import iter_tar_samples
+from .formats.shards import ALLOWED_EXTS, TEXT_EXTS, iter_tar_samples
 
 SEGMENT_SHARDS = 4  # shards per stream segment: the most a resume has to fast-forward through
 
@@ -103,11 +103,12 @@ class SourceStream:
     def _read(self, shards, counter: dict):
         lazy = lambda: self.lazy
         always_lazy = lambda: True
+        allowed = frozenset(TEXT_EXTS) if self.src.kind == "text" else ALLOWED_EXTS  # text: no media read
         for url, split in shards:
             got = 0
             # when splitting by sample, other workers' samples are only header-scanned (local files)
             for j, sample in enumerate(iter_tar_samples(url, lazy=always_lazy if split else lazy,
-                                                        on_error=self._on_error)):
+                                                        on_error=self._on_error, allowed=allowed)):
                 if split is not None and j % split[0] != split[1]:
                     continue
                 got += 1

@@ -200,6 +200,12 @@ class MixedStream(IterableDataset):
             return None
         kind = self.sources[si].kind
         damaged = raw.get("__damaged__")  # next to damage in its tar: a loss there is corrupt_tar
+        if kind == "text":  # a sentence: its txt/json only (the stream never read any media)
+            caption = self._caption(raw, rng)
+            if not caption:
+                on_skip(si, "corrupt_tar" if damaged else "missing_caption")
+                return None
+            return None, caption, si, raw["__key__"]
         exts = VIDEO_EXTS if kind == "video" else IMAGE_EXTS
         ext = next((e for e in exts if e in raw), None)
         if ext is None:
@@ -234,8 +240,8 @@ class MixedStream(IterableDataset):
     def _collate(self, items, lw, epoch, n, streams, skips) -> tuple[BatchMeta, dict]:
         pixels, captions, sis, keys = zip(*items)
         # uint8 across the process boundary (a quarter of float32's bytes); the vision tower
-        # normalises on the training device
-        batch = {"pixel_values": stack_hwc(pixels)}
+        # normalises on the training device. Text sources have no pixels (a batch is one kind).
+        batch = {} if pixels[0] is None else {"pixel_values": stack_hwc(pixels)}
         if self.tokenize is not None:
             batch.update(self.tokenize(list(captions)))
         batch.update({

@@ -12,7 +12,8 @@
     6 report     summary table, report.json, how to open MLflow
 
 `--compare qformer` trains the Q-Former connector with the same budget and compares the learning
-curves; `--sweep-r` trains with several r (Fig. 3 in miniature).
+curves; `--sweep-r` trains with several r (Fig. 3 in miniature); `--pformer` pre-trains a P-Former on
+text and trains the TomeFormer with its alignment loss beside the baseline (pipeline/demo/pformer.py).
 """
 
 from __future__ import annotations
@@ -306,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="also train the Q-Former connector with the same budget and compare")
     p.add_argument("--sweep-r", default=None, metavar="R,R,...",
                    help="also train with these per-layer merge counts (Fig. 3 in miniature)")
+    p.add_argument("--pformer", action="store_true",
+                   help="also pre-train a P-Former on the captions and sentences never seen with an image, "
+                        "then train the TomeFormer with its alignment loss (position and assignment match) "
+                        "with the same budget and compare (pipeline/demo/pformer.py)")
     p.add_argument("--loss-targets", default="0.5,0.2,0.1", metavar="L,L,...",
                    help="losses for 'steps to reach a loss' (mean of 5 logged points)")
     args = p.parse_args(argv)
@@ -336,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         variants["qformer"] = ["model.connector=qformer"]
     for r in (args.sweep_r.split(",") if args.sweep_r else []):
         variants[f"tomeformer_r{r}"] = [f"model.tomeformer.r={int(r)}"]
+    if args.pformer:
+        from pipeline.demo import pformer as pformer_demo
+
+        variants |= stages.run("pformer", pformer_demo.pretrain, run_dir, config, args.overrides, corpus_info)
     runs = {}
     for name, extra in variants.items():
         vdir = run_dir / "train" / name
@@ -352,8 +361,12 @@ def main(argv: list[str] | None = None) -> int:
               "mlflow_run_id": runs["tomeformer"]["train"]["summary"]["mlflow_run_id"],
               "mlflow_db": str(run_dir / "train" / "tomeformer" / "mlflow.db"),
               "report": str(run_dir / "report.json"), "config": str(config)}
+    if args.pformer:  # compared on the LM loss (an aligned run's loss adds the alignment term)
+        report["pformer"] = pformer_demo.compare(run_dir, runs, targets)
     (run_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
     print_table(report)
+    if args.pformer:
+        pformer_demo.print_comparison(report["pformer"])
     return 0
 
 

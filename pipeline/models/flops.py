@@ -126,16 +126,24 @@ def pixel_shape(cfg: Config) -> tuple:
     return (1, cfg.data.num_frames, 3, s, s) if cfg.model.video.enabled else (1, 3, s, s)
 
 
-def measure_model(model_cfg: ModelConfig, px_shape: tuple, L: int) -> dict:
-    """One training sample of a SimVLG (or Q-Former-connector) model on the meta device."""
+def measure_model(model_cfg: ModelConfig, px_shape: tuple, L: int, align_weight: float = 0.0) -> dict:
+    """One training sample of a SimVLG (or Q-Former-connector) model on the meta device; with
+    align_weight > 0 also the frozen P-Former's forward on the caption (flops_pformer.py)."""
     from .simvlg import build_model
 
     model = build_model(model_cfg, meta=True)
     px = torch.empty(px_shape, device="meta")
     ids = torch.zeros(1, L, dtype=torch.long, device="meta")
     mask = torch.ones(1, L, dtype=torch.long, device="meta")
-    c, f, b = count_step(lambda: model(px, ids, mask, ids)["loss"], list(model.parameters()))
-    for name in ("vision", "connector", "llm"):
+    extra = ()
+    if align_weight > 0:  # position match: the assignment's FLOPs are a [29, 29] problem on the host
+        from .flops_pformer import bert_ids, frozen_pformer
+
+        width = model.llm.get_input_embeddings().weight.shape[1]
+        model.align_to(frozen_pformer(model_cfg, width), align_weight, "position")
+        extra = (bert_ids(model_cfg), None)
+    c, f, b = count_step(lambda: model(px, ids, mask, ids, *extra)["loss"], list(model.parameters()))
+    for name in ("vision", "connector", "llm") + (("pformer",) if extra else ()):
         c.parts[name] = (_module_flops(f, f"SimVLG.{name}"), _module_flops(b, f"SimVLG.{name}"))
     # the module tracker keeps the LLM "active" in backward until the gradient has flowed through
     # the connector too, so the LLM's backward is what the others leave over
@@ -215,8 +223,13 @@ def blip2_stage1(model_cfg: ModelConfig, vit_fwd: int, n_visual: int, width: int
 
 
 def report(cfg: Config, vs: str | None = None, text_tokens: int | None = None) -> dict:
+    if cfg.model.kind == "pformer":  # P-Former stage 0 (flops_pformer.py)
+        from .flops_pformer import measure_stage0
+
+        return {"config": cfg.run.name, "pformer_stage0": measure_stage0(cfg, text_tokens)}
     L = text_length(cfg.model, text_tokens)
-    out = {"config": cfg.run.name, "simvlg": measure_model(cfg.model, pixel_shape(cfg), L)}
+    out = {"config": cfg.run.name,
+           "simvlg": measure_model(cfg.model, pixel_shape(cfg), L, cfg.train.align_weight)}
     if cfg.model.video.enabled and cfg.model.connector == "tomeformer":
         ck = out["vit_checkpointing"] = checkpointing_memory(cfg.model, pixel_shape(cfg), L)
         if cfg.model.vision.grad_checkpointing:  # the hook missed what the checkpointed blocks keep
@@ -260,10 +273,17 @@ def _print_model(title: str, m: dict, micro_batch: int, precision: str = "bf16")
 
 
 def print_report(cfg: Config, r: dict) -> None:
+    if "pformer_stage0" in r:
+        from .flops_pformer import print_stage0
+
+        return print_stage0(cfg, r)
     t = cfg.train
     print(f"simvlg bench flops: {r['config']} (meta device; FLOPs from torch.utils.flop_counter)")
     s = r["simvlg"]
     _print_model(f"SimVLG ({cfg.model.connector})", s, t.micro_batch, t.precision)
+    if t.align_weight > 0:
+        print(f"  with the P-Former alignment loss (train.align_weight {t.align_weight}): row pformer is the "
+              "frozen P-Former's forward on the caption; its weights are among the frozen ones")
     ck = r.get("vit_checkpointing")
     if ck:
         mb, on = t.micro_batch, cfg.model.vision.grad_checkpointing

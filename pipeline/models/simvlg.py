@@ -28,6 +28,7 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 
+from .align import alignment_loss
 from .llm import IGNORE, CaptionTokenizer, attn_implementation, build_llm, flash_attn_available
 from .qformer import build_qformer
 from .temporal import build_temporal
@@ -89,6 +90,7 @@ class SimVLG(nn.Module):
             p.requires_grad_(False)
         for p in self.llm.parameters():
             p.requires_grad_(False)
+        self.pformer, self.align_weight, self.align_match = None, 0.0, "position"  # see align_to
         self.train(True)
 
     # ---------------------------------------------------------------------------- parameters
@@ -190,12 +192,15 @@ class SimVLG(nn.Module):
         ones = torch.ones(soft.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
         return embeds, torch.cat([ones, attention_mask], dim=1)  # [B, P+L]
 
-    def forward(self, pixel_values, input_ids, attention_mask, labels) -> dict:
+    def forward(self, pixel_values, input_ids, attention_mask, labels, bert_input_ids=None,
+                bert_attention_mask=None) -> dict:
         """Next-token cross-entropy on caption tokens only (labels: -100 on prompt and padding).
         pixel_values [B, 3, H, W] or [B, T, 3, H, W]; input_ids, attention_mask, labels [B, L]
         (attention_mask None: no padding). -> loss (mean over caption tokens of the batch),
         per_sample_loss [B] (mean over each sample's caption tokens), num_tokens (a 0-d tensor: reading
-        it is the caller's choice, so a training step never has to wait for the device)."""
+        it is the caller's choice, so a training step never has to wait for the device). With a P-Former
+        (align_to): bert_input_ids, bert_attention_mask [B, Lb] are the captions' P-Former tokens, and
+        loss = LM + align_weight * alignment, both in losses {lm, align}."""
         self._select_attention(input_ids.device)
         soft = self.soft_prompt(pixel_values)  # [B, P, D]
         embeds, mask = self._inputs(soft, input_ids, attention_mask)
@@ -211,7 +216,33 @@ class SimVLG(nn.Module):
         n = (labels != IGNORE).sum(1)  # [B]
         per_sample = tok.sum(1) / n.clamp(min=1)
         loss = tok.sum() / n.sum().clamp(min=1)
-        return {"loss": loss, "per_sample_loss": per_sample, "num_tokens": n.sum()}
+        out = {"loss": loss, "per_sample_loss": per_sample, "num_tokens": n.sum()}
+        if self.pformer is not None:
+            out = self._with_alignment(out, soft, bert_input_ids, bert_attention_mask)
+        return out
+
+    # --------------------------------------------------------------------- P-Former alignment
+    def align_to(self, pformer: nn.Module, weight: float, match: str = "position", num_frames: int = 1):
+        """Train with L_LM + weight * L_align (align.py) against a frozen P-Former, held as a child whose
+        parameters are all frozen (so a trainer keeps it out of its engine and its checkpoints) and which
+        stays in eval mode through .train(). Its N prompts must match the soft prompt's length."""
+        P, width = self.soft_prompt_length(num_frames), self.llm.get_input_embeddings().weight.shape[1]
+        if pformer.num_prompts != P or pformer.llm_width != width:
+            raise ValueError(f"model.pformer_checkpoint: the P-Former makes {pformer.num_prompts} prompts of "
+                             f"width {pformer.llm_width}, this {self.cfg.connector} model's soft prompt is "
+                             f"{P} x {width}; pre-train a P-Former with model.pformer.num_prompts={P} "
+                             "against this LLM")
+        self.pformer = pformer.freeze()
+        self.align_weight, self.align_match = float(weight), match
+
+    def _with_alignment(self, out: dict, soft, bert_input_ids, bert_attention_mask) -> dict:
+        if bert_input_ids is None:
+            raise ValueError("P-Former alignment: the batch has no bert_input_ids (the captions' P-Former "
+                             "tokens); build the collate with pipeline.models.training_tokenizer")
+        target = self.pformer(bert_input_ids, bert_attention_mask)  # [B, N, D], frozen: no autograd
+        align = alignment_loss(soft, target, self.align_match)
+        return {**out, "loss": out["loss"] + self.align_weight * align,
+                "losses": {"lm": out["loss"], "align": align}}
 
     @torch.no_grad()
     def generate(self, pixel_values, prompt: str | list[str] | None = None, num_beams: int = 5,
@@ -241,6 +272,10 @@ class SimVLG(nn.Module):
         return self.tokenizer.decode(out)
 
     # ------------------------------------------------------------------------- connector files
+    def save_trained(self, run_dir: str | Path, step: int | None = None) -> Path:
+        """What a finished training run leaves: RUN_DIR/connector/ (save_connector)."""
+        return self.save_connector(Path(run_dir) / "connector", step=step)
+
     def connector_state_dict(self) -> dict[str, torch.Tensor]:
         return self.connector.state_dict()
 

@@ -96,7 +96,7 @@ class Trainer:
         import deepspeed
 
         from pipeline.data import build_loader
-        from pipeline.models import CaptionTokenizer, build_model
+        from pipeline.models import build_training_model, training_tokenizer
 
         self.cfg, self.run_dir = cfg, run_dir
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -109,8 +109,9 @@ class Trainer:
                   if torch.cuda.is_available() else torch.device("cpu"))
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        self.model = model if model is not None else build_model(cfg.model, device=device)
-        tokenize = CaptionTokenizer.from_config(cfg.model.llm)
+        # SimVLG (with a frozen P-Former under train.align_weight) or a P-Former (model.kind: pformer)
+        self.model = model if model is not None else build_training_model(cfg, device=device)
+        tokenize = training_tokenizer(cfg)
         self.loader: TrainLoader = loader if loader is not None else build_loader(
             cfg.data, tokenize=tokenize, batch_size=cfg.train.micro_batch, rank=self.rank,
             world_size=self.world, seed=cfg.run.seed, train=True,
@@ -365,8 +366,8 @@ def run(cfg: Config, run_dir: Path, guard=None) -> dict:
     t0 = time.time()
     result = trainer.fit()
     if trainer.rank == 0:
-        if result["step"] >= cfg.train.steps:  # the trained connector, for `simvlg eval` and as
-            trainer.model.save_connector(run_dir / "connector", step=result["step"])  # init_connector
+        if result["step"] >= cfg.train.steps:  # the trained connector/ (for `simvlg eval` and as
+            trainer.model.save_trained(run_dir, step=result["step"])  # init_connector) or pformer/
         losses = [loss for _, loss in result["history"]]
         summary = {"steps": result["step"], "stopped_by_signal": result["stopped"],
                    "first_loss": losses[0] if losses else None,

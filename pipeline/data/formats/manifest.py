@@ -63,7 +63,7 @@ class ShardEntry(_Strict):
 class Manifest(_Strict):
     version: Literal[2] = MANIFEST_VERSION
     recipe: str  # the recipe, or "merge" for a merged SLURM run
-    kind: Literal["image", "video"]
+    kind: Literal["image", "video", "text"]  # text: sentences only (the `sentences` recipe)
     created: str  # local time, ISO 8601
     complete: bool  # every expected shard (every part) is finished
     shards: str  # brace pattern of the shards with samples, absolute ("" if there are none)

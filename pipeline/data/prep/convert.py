@@ -126,7 +126,7 @@ def convert(recipe_name: str, rargs: Args, input_dir: Path, *, samples_per_shard
         for row in rows:
             buf.append(row)
             total += 1
-            key = (row.get("url") or row.get("video") or "").encode()
+            key = (row.get("url") or row.get("video") or row.get("caption") or "").encode()  # text: sentence
             key_hashes.append(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little"))
             if len(buf) == per_file:
                 flush()
@@ -188,7 +188,7 @@ class RowValidator:
 
     def __init__(self, *, kind: str, drop_invalid: bool, source: str):
         self.kind, self.drop_invalid, self.source = kind, drop_invalid, source
-        self.field = "video" if kind == "video" else "url"
+        self.field = {"video": "video", "text": "caption"}.get(kind, "url")
         self.bad: dict[str, list] = {}
         self.rows = 0
 
@@ -199,7 +199,7 @@ class RowValidator:
             url, cap = row.get(f), row.get("caption")
             problem = None
             if not isinstance(url, str) or not url.strip():
-                problem = f"empty {f}"
+                problem = f"empty {f}"  # text: f is the caption
             elif self.kind == "video" and not Path(url).is_file():
                 problem = "missing video file"
             elif not isinstance(cap, str) or not cap.strip():

@@ -63,7 +63,7 @@ def build_manifest(out: Path, *, recipe: str, kind: str, settings: dict | None =
                 stats[sid] = json.loads(f.read_text())
             except ValueError:
                 pass
-    verified = (verify_shards(shards_dir, cached_shard_list(out), processes)
+    verified = (verify_shards(shards_dir, cached_shard_list(out), processes, kind=kind)
                 if shards_dir.is_dir() else {})
     expected_ids = set(range(expected)) if expected is not None else set(stats) | set(verified)
 

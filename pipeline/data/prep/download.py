@@ -28,7 +28,7 @@ def _opt(default, help: str | None = None, **argparse_kw):
 @dataclass(frozen=True)
 class DownloadOptions:
     # conversion (part of the input fingerprint: another value refuses a re-run into the same --out)
-    samples_per_shard: int | None = _opt(None, "default: 10000 images, 500 videos")
+    samples_per_shard: int | None = _opt(None, "default: 10000 images, 500 videos, 50000 sentences")
     drop_invalid: bool = _opt(False, "drop rows with an empty url/caption instead of failing (they are "
                                      "counted)")
     drop_duplicates: bool = _opt(False, "drop rows whose URL appeared earlier in the list (always counted)")

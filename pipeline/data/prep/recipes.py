@@ -1,7 +1,8 @@
 """Recipes: what each dataset's published list looks like, read as rows of url + caption.
 
-Every reader yields plain dicts `{"url": str, "caption": str, ...}` (image recipes) or
-`{"video": path, "caption": str, "captions": [...], "video_id": str}` (video recipes), streaming, so
+Every reader yields plain dicts `{"url": str, "caption": str, ...}` (image recipes),
+`{"video": path, "caption": str, "captions": [...], "video_id": str}` (video recipes) or
+`{"caption": str}` (sentences: text-only shards, pipeline/data/prep/text_shards.py), streaming, so
 lists of 10^8 rows never sit in memory. `validate_rows` checks them before anything is downloaded.
 
 | recipe            | --input (as published)                                                   |
@@ -24,6 +25,10 @@ lists of 10^8 rows never sit in memory. `validate_rows` checks them before anyth
 |                   | or LAVIS msvd_{split}.json; videos from --video-root (YouTubeClips/*.avi);|
 |                   | only --split (vid1-1200 / 1201-1300 / 1301-1970)                           |
 | urls              | any parquet/csv/tsv/json/jsonl list with --url-col and --caption-col      |
+| sentences         | text only (P-Former pre-training): caption lists, one per line (.txt,     |
+|                   | .txt.gz), BLIP JSON lists (objects whose --caption-col is a string or a   |
+|                   | list of strings, or plain strings), parquet/csv/tsv/jsonl (--caption-col);|
+|                   | any number of --input, read in order; one sentence per sample             |
 
 The list readers are in lists.py; the datasets with standard evaluation splits (COCO, Flickr30K,
 MSR-VTT, MSVD) keep every split but --split out of the shards (the rules: formats/splits.py).
@@ -235,10 +240,37 @@ def read_msvd(args: Args) -> Iterator[dict]:
     yield from _video_rows(samples, root)
 
 
+def read_sentences(args: Args) -> Iterator[dict]:
+    """Sentences from caption lists and BLIP JSON lists (one row per sentence; a list of captions gives
+    one row each). An empty or non-string caption is passed on for the validator to count."""
+    if not args.inputs:
+        raise PrepInputError("recipe sentences needs --input FILE (.txt one sentence per line, a BLIP "
+                             ".json list, or parquet/csv/tsv/jsonl with --caption-col)")
+    for p in args.inputs:
+        path = check_readable(p)
+        if path.name.lower().removesuffix(".gz").endswith(".txt"):
+            with open_text(path) as f:
+                for line in f:
+                    if line.strip():
+                        yield {"caption": line.strip()}
+            continue
+        rows = iter_json_list(path) if path.name.lower().endswith(".json") else iter_table(path)
+        for i, row in enumerate(rows):
+            if isinstance(row, str):
+                yield {"caption": row}
+                continue
+            if not isinstance(row, dict) or args.caption_col not in row:
+                raise PrepInputError(f"{path}: row {i + 1} has no {args.caption_col!r} "
+                                     f"({type(row).__name__}); pass --caption-col")
+            caption = row[args.caption_col]
+            for c in caption if isinstance(caption, list) else [caption]:
+                yield {"caption": c}
+
+
 @dataclass
 class Recipe:
     name: str
-    kind: str  # image | video
+    kind: str  # image | video | text
     read: Callable[[Args], Iterator[dict]]
     inputs: str
     samples_per_shard: int = 10_000
@@ -266,4 +298,6 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            "[--split train]", 500),
     Recipe("urls", "image", read_urls, "--input LIST.{parquet,csv,tsv,json,jsonl} [--url-col url] "
            "[--caption-col caption]"),
+    Recipe("sentences", "text", read_sentences, "--input captions.txt | BLIP.json | LIST.{parquet,csv,"
+           "tsv,jsonl} [--input ...] [--caption-col caption]", 50_000),
 ]}

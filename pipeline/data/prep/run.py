@@ -19,6 +19,7 @@ from .counts import build_manifest
 from .download import DEFAULT_OPTIONS, DownloadOptions, run_img2dataset
 from .lists import Args
 from .recipes import RECIPES
+from .text_shards import write_text_shards
 from .verify import cached_shard_list, finished_shards, previous_manifest, reset_unfinished
 from .video_shards import write_video_shards
 
@@ -45,7 +46,7 @@ def run_recipe(recipe_name: str, out: Path, rargs: Args, opts: DownloadOptions =
     processes = opts.processes or (os.cpu_count() or 1)
     info = convert_input(recipe_name, out, rargs, opts, log)
     shards_dir = out / "shards"
-    reset_unfinished(shards_dir, log, cache=cached_shard_list(out))
+    reset_unfinished(shards_dir, log, cache=cached_shard_list(out), kind=recipe.kind)
     before = finished_shards(shards_dir)
     todo = sorted(set(range(info["expected_shards"])) - set(before))
     t0 = time.time()
@@ -53,6 +54,9 @@ def run_recipe(recipe_name: str, out: Path, rargs: Args, opts: DownloadOptions =
         print(f"prep: all {info['expected_shards']} shards already finished", file=log or sys.stderr)
         old = previous_manifest(out)
         settings = old.settings if old else {}
+    elif recipe.kind == "text":
+        write_text_shards(out / "input", shards_dir, info, samples_per_shard=sps, log=log)
+        settings = {"samples_per_shard": sps}
     elif recipe.kind == "video":
         write_video_shards(out / "input", shards_dir, info, samples_per_shard=sps, processes=processes,
                            log=log)

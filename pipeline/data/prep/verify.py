@@ -11,17 +11,23 @@ import tarfile
 from pathlib import Path
 
 from ..formats.manifest import Manifest, read_manifest
-from ..formats.shards import count_tar_samples, shard_id
+from ..formats.shards import IMAGE_EXTS, VIDEO_EXTS, count_tar_samples, shard_id
 
 
-def _verify_one(path: str) -> dict:
+def sample_exts(kind: str) -> tuple[str, ...]:
+    """The member that makes a sample of a shard of this kind (a text shard's samples are sentences)."""
+    return ("txt",) if kind == "text" else IMAGE_EXTS + VIDEO_EXTS
+
+
+def _verify_one(path: str, exts: tuple[str, ...] = IMAGE_EXTS + VIDEO_EXTS) -> dict:
     try:
-        return {"samples": count_tar_samples(path), "ok": True}
+        return {"samples": count_tar_samples(path, exts), "ok": True}
     except (OSError, tarfile.TarError, EOFError) as e:
         return {"samples": 0, "ok": False, "error": str(e)}
 
 
-def verify_shards(shards_dir: Path, cache: dict | None = None, processes: int = 1) -> dict[int, dict]:
+def verify_shards(shards_dir: Path, cache: dict | None = None, processes: int = 1,
+                  kind: str = "image") -> dict[int, dict]:
     """{id: {"file", "samples", "size", "mtime", "ok", "error"}} for every NNNNN.tar; sample counts
     from the tar headers (cached by size + mtime; uncached shards are scanned in `processes`)."""
     cache = cache or {}
@@ -41,9 +47,10 @@ def verify_shards(shards_dir: Path, cache: dict | None = None, processes: int = 
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
         with ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn")) as ex:
-            results = list(ex.map(_verify_one, [p for _, p in todo], chunksize=4))
+            results = list(ex.map(_verify_one, [p for _, p in todo], [sample_exts(kind)] * len(todo),
+                                  chunksize=4))
     else:
-        results = [_verify_one(p) for _, p in todo]
+        results = [_verify_one(p, sample_exts(kind)) for _, p in todo]
     for (sid, _), r in zip(todo, results):
         out[sid].update(r)
     return out
@@ -65,14 +72,14 @@ def _tar_looks_complete(path: Path) -> str | None:
     return None
 
 
-def reset_unfinished(shards_dir: Path, log=None, cache: dict | None = None) -> list[int]:
+def reset_unfinished(shards_dir: Path, log=None, cache: dict | None = None, kind: str = "image") -> list[int]:
     """Remove the stats (and status parquet, and tar) of shards that are not whole, so img2dataset's
     incremental mode redoes them: the tar is missing, not a closed tar, unreadable (a garbled member
     header included), or holds another number of samples than its stats file says were written.
     Whole shards are not touched; tar scans are cached by size + mtime in the manifest."""
     if not shards_dir.is_dir():
         return []
-    verified = verify_shards(shards_dir, cache)
+    verified = verify_shards(shards_dir, cache, kind=kind)
     redo = []
     for stats_file in sorted(shards_dir.glob("*_stats.json")):
         sid = shard_id(stats_file.name)
