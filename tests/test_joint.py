@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.models.joint import JointConnector
+from pipeline.models.joint import JointConnector, text_input_mask
 
 DV, DL = 24, 40  # vision width, LLM width
 
@@ -170,3 +170,46 @@ def test_gate_init(one_thread):
         blind, curve = toy_fit(gate, steps=140)
         steps[gate] = next(i for i, x in enumerate(curve) if x < 0.5 * blind)
     assert steps[1.0] < 0.9 * steps[0.0], steps
+
+
+# ------------------------------------------------------------------------------ with a frozen LM
+def test_plugs_into_a_frozen_causal_lm_reading_only_the_text_input(one_thread):
+    """The SimVLG wiring: text side = the LM's input embeddings of the rows' text-input tokens
+    (attended, no loss); [soft prompt, text input, target] into the LM; loss on the target only."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    lm = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=DL, num_hidden_layers=2, ffn_dim=64,
+                                  num_attention_heads=4, max_position_embeddings=64,
+                                  word_embed_proj_dim=DL, init_std=0.3)).eval().requires_grad_(False)
+    m = tiny()
+    # two rows: BOS + 3 text-input tokens + 2 target tokens; BOS + 2 + 1, right padded
+    ids = torch.tensor([[2, 10, 11, 12, 40, 41], [2, 13, 14, 42, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    labels = torch.tensor([[-100, -100, -100, -100, 40, 41], [-100, -100, -100, 42, -100, -100]])
+    text_mask = text_input_mask(mask, labels)
+    assert text_mask.tolist() == [[True] * 4 + [False] * 2, [True] * 3 + [False] * 3]
+    feats = torch.randn(2, 9, DV)
+    embed = lm.get_input_embeddings()
+
+    def loss_of(ids, labels):
+        soft = m(feats, text_embeds=embed(ids), text_mask=text_input_mask(mask, labels))  # [2, 6, DL]
+        x = torch.cat([soft, embed(ids)], 1)
+        full = torch.cat([torch.ones(2, soft.shape[1], dtype=mask.dtype), mask], 1)
+        logits = lm(inputs_embeds=x, attention_mask=full).logits[:, soft.shape[1] - 1:-1]
+        return F.cross_entropy(logits.reshape(-1, 64), labels.reshape(-1), ignore_index=-100), soft
+
+    loss, soft = loss_of(ids, labels)
+    other = ids.clone()
+    other[0, 4:] = torch.tensor([50, 51])  # another target: the soft prompt must not change
+    assert torch.equal(loss_of(other, labels.where(labels < 0, other))[1], soft)
+    loss.backward()
+    assert m.text_resampler.latents.grad.abs().sum() > 0 and all(p.grad is None for p in lm.parameters())
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    first = loss.item()
+    for _ in range(30):
+        opt.zero_grad()
+        loss = loss_of(ids, labels)[0]
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.25 * first  # (init_std 0.3: at 0.02 a random LM hardly reads its context)

@@ -41,6 +41,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def text_input_mask(attention_mask: torch.Tensor, labels: torch.Tensor, ignore: int = -100) -> torch.Tensor:
+    """[B, L] bool: the tokens of a training row (CaptionTokenizer's layout: BOS, text input | target |
+    padding) that are the task's text input: attended and without loss. The connector must never see
+    the target it is trained to make the LLM produce."""
+    return attention_mask.bool() & (labels == ignore)
+
+
 class Attention(nn.Module):
     """Multi-head attention of queries x [B, Nq, D] over context [B, Nk, D]; mask [B, Nk] bool (True:
     attend)."""
