@@ -115,8 +115,9 @@ class FusionLayer(nn.Module):
         self.ln_query, self.ln_image = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.cross_attn = Attention(dim, heads, dropout)
         self.mlp = MLP(dim, mlp_ratio, dropout)
-        self.alpha = nn.Parameter(torch.full((), float(gate_init)))
-        self.beta = nn.Parameter(torch.full((), float(gate_init)))
+        # scalar gates, kept as [1] (not 0-dim) for the optimizers and ZeRO that flatten parameters
+        self.alpha = nn.Parameter(torch.full((1,), float(gate_init)))
+        self.beta = nn.Parameter(torch.full((1,), float(gate_init)))
         self.block = TransformerLayer(dim, heads, mlp_ratio, dropout)
 
     def forward(self, x, f_n):  # x: t_N or F_i + t_N [B, N, D]; f_n [B, N, D]
