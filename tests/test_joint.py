@@ -213,3 +213,28 @@ def test_plugs_into_a_frozen_causal_lm_reading_only_the_text_input(one_thread):
         loss.backward()
         opt.step()
     assert loss.item() < 0.25 * first  # (init_std 0.3: at 0.02 a random LM hardly reads its context)
+
+
+def test_paper_size_flops_beside_tomeformer_and_qformer():
+    """One sample's connector forward + backward at paper size (EVA ViT-g 257 x 1408 -> OPT-2.7b width
+    2560), on the meta device: joint (N 32, 4 iterations, 4 text tokens) 15.6 GFLOP, Q-Former (32
+    queries, 12 layers) 38.6, TomeFormer (12 layers, r = 19) 76.3."""
+    from pipeline.config import load_config
+    from pipeline.models.flops import count_step
+    from pipeline.models.qformer import build_qformer
+    from pipeline.models.simvlg import QFormerConnector, TomeConnector
+    from pipeline.models.tomeformer import build_tomeformer
+
+    m = load_config("simvlg_opt2.7b.yaml").model
+    qcfg = m.qformer.model_copy(update={"arch_config": m.qformer.arch_config or m.tomeformer.arch_config})
+    with torch.device("meta"):
+        tome = TomeConnector(1408, build_tomeformer(m.tomeformer, meta=True), 2560)
+        qformer = QFormerConnector(1408, *build_qformer(qcfg, 1408, meta=True), 2560)
+        joint = JointConnector(1408, 2560, width=768, heads=12, num_latents=32, iterations=4)
+        feats, text = torch.empty(1, 257, 1408), torch.empty(1, 4, 2560)
+    gflop = {}
+    for name, run, conn in (("tome", lambda: tome(feats), tome), ("qformer", lambda: qformer(feats), qformer),
+                            ("joint", lambda: joint(feats, text_embeds=text), joint)):
+        c, _, _ = count_step(lambda run=run: run().sum(), list(conn.parameters()))
+        gflop[name] = round(c.total / 1e9, 1)
+    assert gflop == {"tome": 76.3, "qformer": 38.6, "joint": 15.6}
