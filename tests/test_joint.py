@@ -37,16 +37,23 @@ def test_interface_matches_the_other_connectors():
     m = tiny()
     assert isinstance(m.ln_vision, torch.nn.LayerNorm) and m.temporal is None
     x = torch.randn(2, 9, DV)
-    assert torch.equal(m(x, False), m(x))  # SimVLG.soft_prompt calls connector(feats, return_sources)
-    with pytest.raises(ValueError, match="no merge sources"):
-        m(x, True)
+    assert m(x).shape == (2, 6, DL)  # connector(feats), as SimVLG calls the others
+    with pytest.raises(ValueError, match="no merge sources"):  # what eval's merge figures catch
+        m.forward_with_sources(x)
 
 
 def test_bad_sizes_fail_with_one_line():
     with pytest.raises(ValueError, match="width 30 is not a multiple of heads 4"):
         tiny(width=30)
-    with pytest.raises(ValueError, match="17 tokens; the joint connector has max_text_len 16"):
-        tiny()(torch.randn(1, 4, DV), text_embeds=torch.randn(1, 17, DL))
+
+
+def test_a_text_longer_than_max_text_len_is_read_up_to_it():
+    m = tiny().eval()
+    x, text = torch.randn(1, 4, DV), torch.randn(1, 20, DL)
+    assert torch.allclose(m(x, text_embeds=text), m(x, text_embeds=text[:, :16]), atol=1e-6)
+    left = torch.cat([torch.randn(1, 3, DL), text], 1)  # left padded: the same first 16 tokens
+    mask = torch.tensor([[0] * 3 + [1] * 20])
+    assert torch.allclose(m(x, text_embeds=left, text_mask=mask), m(x, text_embeds=text[:, :16]), atol=1e-5)
 
 
 # -------------------------------------------------------------------------------------- gates

@@ -1,24 +1,14 @@
 """pipeline.data.tasks: each pre-training task's (text input, target) from fixed samples and seeded
-RNGs, and the adaptive task-sampling rule (shares, floor, per-batch minimum, state round trip)."""
+RNGs (drawing tasks: tests/test_mixing.py)."""
 
 from __future__ import annotations
 
-import json
 import random
 import re
 
 import pytest
 
-from pipeline.data.tasks import (
-    MASK,
-    TASKS,
-    TaskSampler,
-    draw_tasks,
-    make_example,
-    objects_from_labels,
-    pair_name,
-    task_shares,
-)
+from pipeline.data.tasks import MASK, TASKS, make_example, objects_from_labels
 
 CAPTION = "two small red triangles on the right"
 PROMPT = "a photo of"
@@ -103,7 +93,7 @@ def oracle(question: str, labels: dict) -> str:
         return any(o["name"] == name and set(attrs) <= set(o["attributes"]) for o in objs)
 
     q = re.fullmatch(r"Question: (.*) Short answer:", question).group(1)
-    if q == "list all objects.":
+    if q == "list all objects":
         return ", ".join(" ".join([*o["attributes"], o["name"]]) for o in objs)
     if m := re.fullmatch(r"how many (.*?)s are there\?", q):
         *attrs, name = m.group(1).split()
@@ -135,7 +125,7 @@ def test_demo_questions_read_as_asked():
     assert texts["Question: is there a red triangle? Short answer:"] == "yes"
     assert texts["Question: how many triangles are there? Short answer:"] == "two"
     assert texts["Question: how many circles are there? Short answer:"] == "zero"
-    assert texts["Question: list all objects. Short answer:"] == "small red triangle"
+    assert texts["Question: list all objects Short answer:"] == "small red triangle"
     # hard negatives: the colour of another sample on this image's shape
     assert texts.get("Question: is there a green triangle? Short answer:", "no") == "no"
     assert any(re.search(r"is there an? (blue|green) triangle\?", t) for t in texts)
@@ -161,67 +151,3 @@ def test_same_seed_same_examples_and_the_global_rng_is_not_used():
     random.seed(2)
     assert [examples(t, 7) for t in TASKS] == a
     assert [examples(t, 8) for t in TASKS] != a
-
-
-# ------------------------------------------------------------------------ adaptive sampling
-def test_shares_follow_the_losses_by_the_papers_formula():
-    losses = [2.0, 1.0, 3.0, 4.0]
-    assert task_shares(losses, floor=0.05) == pytest.approx([0.2, 0.1, 0.3, 0.4], abs=1e-15)
-    assert task_shares(losses, floor=0.0, weights=[1, 2, 1, 1]) == pytest.approx([2 / 11, 2 / 11, 3 / 11,
-                                                                                   4 / 11])
-
-
-def test_shares_respect_the_floor_and_sum_to_one():
-    losses = [0.01, 0.02, 4.0, 6.0]  # raw shares 0.001, 0.002, 0.398, 0.599
-    s = task_shares(losses, floor=0.1)
-    assert s[:2] == [0.1, 0.1] and sum(s) == pytest.approx(1.0, abs=1e-12)
-    assert s[2:] == pytest.approx([0.8 * 0.4, 0.8 * 0.6])  # the rest still in proportion to the losses
-    # pinning one can push another below the floor: all are held
-    s = task_shares([1.0, 1.2, 100.0], floor=0.2)
-    assert s == pytest.approx([0.2, 0.2, 0.6]) and min(s) >= 0.2
-    for losses in ([5.0, None, float("nan"), 1.0], [None, None]):
-        s = task_shares(losses, floor=0.05)
-        assert sum(s) == pytest.approx(1.0) and min(s) >= 0.05
-    assert task_shares([None] * 4, floor=0.05) == [0.25] * 4  # no losses yet: uniform
-    assert task_shares([1.0, 9.0, 90.0], floor=0.5) == [1 / 3] * 3  # n·floor >= 1
-    with pytest.raises(ValueError, match="task weights"):
-        task_shares([1.0, 2.0], 0.1, weights=[1.0, 0.0])
-
-
-def test_a_batch_holds_the_minimum_of_every_task_and_follows_the_shares():
-    shares = [0.7, 0.2, 0.1]
-    counts = [0, 0, 0]
-    for i in range(400):
-        slots = draw_tasks(shares, 16, random.Random(i), minimum=1)
-        assert len(slots) == 16 and all(slots.count(t) >= 1 for t in range(3))
-        for t in slots:
-            counts[t] += 1
-    expected = [(1 + 13 * s) / 16 for s in shares]
-    assert [c / sum(counts) for c in counts] == pytest.approx(expected, abs=0.02)
-    assert draw_tasks(shares, 16, random.Random(3)) == draw_tasks(shares, 16, random.Random(3))
-    with pytest.raises(ValueError, match="a batch of 4 cannot hold task_minimum=2 samples of each of 3"):
-        draw_tasks(shares, 4, random.Random(0), minimum=2)
-
-
-def test_sampler_windows_losses_and_its_state_round_trips():
-    names = [pair_name("shapes", t) for t in TASKS]
-    s = TaskSampler(names, floor=0.05, window=3, minimum=1)
-    assert s.shares() == [0.2] * 5
-    for step in range(5):
-        s.report_loss({n: (i + 1) * (1 + step) for i, n in enumerate(names)})
-    s.report_loss({names[0]: float("nan")})  # a non-finite loss is not history
-    assert s.mean_losses() == [4.0, 8.0, 12.0, 16.0, 20.0]  # mean of the last 3 of 1..5 x (i + 1)
-    assert s.shares() == pytest.approx([4 / 60, 8 / 60, 12 / 60, 16 / 60, 20 / 60])
-    with pytest.raises(KeyError, match="unknown"):
-        s.report_loss({"shapes/vqa": 1.0})
-
-    state = json.loads(json.dumps(s.state_dict()))  # as a checkpoint stores it
-    t = TaskSampler(names, floor=0.05, window=3, minimum=1)
-    assert t.load_state_dict(state) == ([], [])
-    assert t.shares() == s.shares()  # bit for bit
-    assert t.draw(16, random.Random(9)) == s.draw(16, random.Random(9))
-    s.report_loss({names[1]: 0.5})
-    t.report_loss({names[1]: 0.5})
-    assert t.shares() == s.shares()
-    u = TaskSampler(names[:3] + ["cc3m/captioning"], window=3)
-    assert u.load_state_dict(state) == (["cc3m/captioning"], names[3:])

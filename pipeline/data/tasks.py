@@ -1,4 +1,4 @@
-"""Pre-training tasks as data, and adaptive task sampling (compact-representations paper §4, §4.1, A.3).
+"""Pre-training tasks as data (compact-representations paper §4, A.3); sampling them: mixing.py.
 
 A task turns one image-text sample into (text input, target text); every task is then trained with the
 same per-token cross-entropy on the target. Randomness comes only from the `random.Random` passed in
@@ -38,9 +38,7 @@ different objects are present, so that its answer is not always no.
 
 from __future__ import annotations
 
-import math
 import random
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -126,7 +124,7 @@ def object_question(objects: Sequence[LabeledObject], rng: random.Random,
     kind = rng.choice(usable)
     pool = list(objects) + list(others)
     if kind == "list":
-        return Example("objects", template.format(q="list all objects."),
+        return Example("objects", template.format(q="list all objects"),
                        ", ".join(_unique(_phrase(o.name, o.attributes) for o in objects)), kind)
     if kind == "count":
         name, attrs = _true_phrase(objects, rng) if rng.random() < 0.75 else _false_phrase(objects, pool, rng)
@@ -154,7 +152,8 @@ def object_question(objects: Sequence[LabeledObject], rng: random.Random,
 
 def make_example(task: str, caption: str, labels: dict | None, rng: random.Random, *,
                  pool: Sequence[tuple[str, dict | None]] = (), prompt: str = "",
-                 question_template: str = QUESTION, kinds: Sequence[str] = QUESTION_KINDS) -> Example:
+                 question_template: str = QUESTION, kinds: Sequence[str] = QUESTION_KINDS,
+                 mask_rate: float = 0.15) -> Example:
     """One sample's (text input, target) for `task`; `pool` holds the (caption, labels) of the other
     samples of the batch: matching's negative captions and the object questions' negatives."""
     if task == "captioning":
@@ -162,7 +161,7 @@ def make_example(task: str, caption: str, labels: dict | None, rng: random.Rando
     if task == "completion":
         return completion(caption, rng, prompt)
     if task == "masked":
-        return masked(caption, rng, prompt=prompt)
+        return masked(caption, rng, mask_rate, prompt=prompt)
     if task == "matching":
         return matching(caption, rng, [c for c, _ in pool], question_template)
     if task == "objects":
@@ -248,99 +247,7 @@ def _yes_no(objects, phrases, test) -> str:
     return "yes" if test(any(_matches(o, n, a) for o in objects) for n, a in phrases) else "no"
 
 
-# ------------------------------------------------------------------------- adaptive task sampling
+# -------------------------------------------------------------------------------------- arms
 def pair_name(source: str, task: str) -> str:
+    """The name of a (source, task) mixing arm, as losses are logged: "coco/captioning"."""
     return f"{source}/{task}"
-
-
-def task_shares(losses: Sequence[float | None], floor: float,
-                weights: Sequence[float] | None = None) -> list[float]:
-    """Paper Eq. 4: share_S = L_S / Σ_s L_s (times a configured weight w_S, 1 by default), then every
-    share raised to at least `floor` with the others kept proportional to w·L among themselves
-    (so shares equal the formula exactly while none is below the floor). L_S is None, non-finite or
-    <= 0 before a task has a loss: it counts as the mean of the known ones (1 if none), so training
-    starts uniform. n·floor >= 1 gives uniform shares."""
-    n = len(losses)
-    weights = [1.0] * n if weights is None else list(weights)
-    if len(weights) != n or not all(w > 0 for w in weights):
-        raise ValueError(f"task weights must be {n} positive numbers, got {weights}")
-    ok = lambda x: x is not None and math.isfinite(x) and x > 0  # noqa: E731
-    known = [x for x in losses if ok(x)]
-    fill = sum(known) / len(known) if known else 1.0
-    if n * floor >= 1.0:
-        return [1.0 / n] * n
-    raw = [w * (x if ok(x) else fill) for w, x in zip(weights, losses)]
-    pinned = [False] * n
-    while True:  # at most n rounds: each pins at least one more share at the floor
-        free = 1.0 - floor * sum(pinned)
-        rest = sum(r for r, p in zip(raw, pinned) if not p)
-        shares = [floor if p else free * r / rest for r, p in zip(raw, pinned)]
-        low = [i for i, (s, p) in enumerate(zip(shares, pinned)) if not p and s < floor]
-        if not low:
-            return shares
-        for i in low:
-            pinned[i] = True
-
-
-def draw_tasks(shares: Sequence[float], batch_size: int, rng: random.Random, minimum: int = 0) -> list[int]:
-    """Task index for each slot of a batch: `minimum` of every task first (the paper's minimum number
-    of samples per task, so every task's loss is seen in every batch), the rest drawn by `shares`;
-    in a shuffled order."""
-    n = len(shares)
-    if minimum * n > batch_size:
-        raise ValueError(f"a batch of {batch_size} cannot hold task_minimum={minimum} samples of each of "
-                         f"{n} (source, task) pairs")
-    slots = [i for i in range(n) for _ in range(minimum)]
-    cum, total = [], 0.0
-    for s in shares:
-        total += s
-        cum.append(total)
-    for _ in range(batch_size - len(slots)):
-        r = rng.random() * total
-        slots.append(next((i for i, c in enumerate(cum) if r < c), n - 1))
-    rng.shuffle(slots)
-    return slots
-
-
-class TaskSampler:
-    """Shares over (source, task) pairs from their recent training losses (mean of the last `window`
-    reports each), with a floor and a per-batch minimum. The shape of data/mixing.py's AdaptiveMixer."""
-
-    def __init__(self, names: Sequence[str], floor: float = 0.05, window: int = 200, minimum: int = 0,
-                 weights: Sequence[float] | None = None):
-        if len(set(names)) != len(names):
-            raise ValueError(f"(source, task) pairs repeat: {list(names)}")
-        self.names, self.floor, self.window, self.minimum = list(names), floor, window, minimum
-        self.weights = None if weights is None else list(weights)
-        self.history: dict[str, deque] = {n: deque(maxlen=window) for n in self.names}
-        task_shares([None] * len(self.names), floor, self.weights)  # bad weights fail here
-
-    def report_loss(self, losses: dict[str, float]) -> list[float]:
-        for name, value in losses.items():
-            if name not in self.history:
-                raise KeyError(f"unknown (source, task) pair {name!r}; known: {self.names}")
-            if math.isfinite(float(value)):
-                self.history[name].append(float(value))
-        return self.shares()
-
-    def mean_losses(self) -> list[float | None]:
-        return [sum(h) / len(h) if h else None for h in (self.history[n] for n in self.names)]
-
-    def shares(self) -> list[float]:
-        return task_shares(self.mean_losses(), self.floor, self.weights)
-
-    def draw(self, batch_size: int, rng: random.Random) -> list[str]:
-        """The (source, task) pair of each sample of one batch."""
-        return [self.names[i] for i in draw_tasks(self.shares(), batch_size, rng, self.minimum)]
-
-    def state_dict(self) -> dict:
-        return {"history": {n: list(h) for n, h in self.history.items()}}
-
-    def load_state_dict(self, state: dict) -> tuple[list[str], list[str]]:
-        """-> (pairs without saved losses, saved pairs this sampler does not have)."""
-        saved = state["history"]
-        for n, values in saved.items():
-            if n in self.history:
-                self.history[n].clear()
-                self.history[n].extend(float(v) for v in values)
-        return [n for n in self.names if n not in saved], [n for n in saved if n not in self.history]

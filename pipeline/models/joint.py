@@ -166,25 +166,27 @@ class JointConnector(nn.Module):
 
     # ------------------------------------------------------------------------------------- text
     def text_tokens(self, text_embeds, text_mask=None):
-        """[B, L, D_llm] (+ [B, L] 0/1 or bool) -> ([B, L, D] projected + positioned, [B, L] bool)."""
+        """[B, L, D_llm] (+ [B, L] 0/1 or bool) -> ([B, L, D] projected + positioned, [B, L] bool).
+        A row reads its first max_text_len text tokens (its later ones are masked: a long caption in
+        a matching question must not end a run)."""
         B, L = text_embeds.shape[:2]
-        if L > self.max_text_len:
-            raise ValueError(f"text input of {L} tokens; the joint connector has max_text_len "
-                             f"{self.max_text_len}")
         if text_mask is None:
             mask = torch.ones(B, L, dtype=torch.bool, device=text_embeds.device)
         else:
             mask = text_mask.bool()
-        pos = (mask.long().cumsum(1) - 1).clamp(min=0)  # [B, L] rank among the row's real tokens
+        rank = mask.long().cumsum(1) - 1  # [B, L] rank among the row's text tokens
+        mask = mask & (rank < self.max_text_len)
+        pos = rank.clamp(0, self.max_text_len - 1)
         x = self.proj_text(self.ln_text(text_embeds.to(self.proj_text.weight.dtype)))
         return x + self.text_pos[pos], mask
 
     # ---------------------------------------------------------------------------------- forward
-    def forward(self, feats, return_sources: bool = False, *, text_embeds=None, text_mask=None):
+    def forward_with_sources(self, feats):
+        raise ValueError("the joint connector does not merge tokens: no merge sources")
+
+    def forward(self, feats, *, text_embeds=None, text_mask=None):
         """feats [B, Nv, Dv]; text_embeds [B, L, D_llm] and text_mask [B, L] (None: no text, t_N = 0)
         -> soft prompt [B, N, D_llm]."""
-        if return_sources:
-            raise ValueError("the joint connector does not merge tokens: no merge sources")
         dtype = self.proj_vision.weight.dtype
         f_n = self.image_resampler(self.proj_vision(self.ln_vision(feats.to(dtype))))  # [B, N, D]
         if text_embeds is None:
