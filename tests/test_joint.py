@@ -222,26 +222,111 @@ def test_plugs_into_a_frozen_causal_lm_reading_only_the_text_input(one_thread):
     assert loss.item() < 0.25 * first  # (init_std 0.3: at 0.02 a random LM hardly reads its context)
 
 
-def test_paper_size_flops_beside_tomeformer_and_qformer():
-    """One sample's connector forward + backward at paper size (EVA ViT-g 257 x 1408 -> OPT-2.7b width
-    2560), on the meta device: joint (N 32, 4 iterations, 4 text tokens) 15.6 GFLOP, Q-Former (32
-    queries, 12 layers) 38.6, TomeFormer (12 layers, r = 19) 76.3."""
-    from pipeline.config import load_config
-    from pipeline.models.flops import count_step
-    from pipeline.models.qformer import build_qformer
-    from pipeline.models.simvlg import QFormerConnector, TomeConnector
-    from pipeline.models.tomeformer import build_tomeformer
+@pytest.mark.slow
+def test_bench_flops_prints_the_joint_connector_beside_the_others(capsys, tmp_path):
+    """`simvlg bench flops simvlg_opt2.7b --vs connectors` (~17 s on the meta device): one sample's
+    training step with each connector at paper size (EVA ViT-g 257 x 1408, OPT-2.7b, the official
+    32-token text row whose text input is the BOS alone). Connector forward + backward: TomeFormer 76.3
+    GFLOP, Q-Former 38.6, joint (N 32, 4 iterations, its text side over the 32-token row) 16.2."""
+    import json
 
-    m = load_config("simvlg_opt2.7b.yaml").model
-    qcfg = m.qformer.model_copy(update={"arch_config": m.qformer.arch_config or m.tomeformer.arch_config})
-    with torch.device("meta"):
-        tome = TomeConnector(1408, build_tomeformer(m.tomeformer, meta=True), 2560)
-        qformer = QFormerConnector(1408, *build_qformer(qcfg, 1408, meta=True), 2560)
-        joint = JointConnector(1408, 2560, width=768, heads=12, num_latents=32, iterations=4)
-        feats, text = torch.empty(1, 257, 1408), torch.empty(1, 4, 2560)
-    gflop = {}
-    for name, run, conn in (("tome", lambda: tome(feats), tome), ("qformer", lambda: qformer(feats), qformer),
-                            ("joint", lambda: joint(feats, text_embeds=text), joint)):
-        c, _, _ = count_step(lambda run=run: run().sum(), list(conn.parameters()))
-        gflop[name] = round(c.total / 1e9, 1)
-    assert gflop == {"tome": 76.3, "qformer": 38.6, "joint": 15.6}
+    from pipeline.models import flops
+
+    assert flops.main(["simvlg_opt2.7b", "--vs", "connectors", "--json", str(tmp_path / "f.json")]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("Connectors side by side"):].splitlines()
+    rows = {ln.split()[0]: ln.split() for ln in table[2:5]}
+    assert list(rows) == ["tomeformer", "qformer", "joint"]
+    assert [rows[c][3] for c in rows] == ["76.3", "38.6", "16.2"]  # connector GFLOP
+    assert [rows[c][1] for c in rows] == ["29", "32", "32"]  # soft-prompt tokens
+    saved = json.loads((tmp_path / "f.json").read_text())["connectors"]
+    joint = saved["joint"]["count"]
+    assert joint["parts"]["llm"] == saved["qformer"]["count"]["parts"]["llm"]  # same prompt length
+    assert joint["total"] < saved["qformer"]["count"]["total"] < saved["tomeformer"]["count"]["total"]
+
+
+# ------------------------------------------------------------------------------- inside SimVLG
+@pytest.fixture(scope="module")
+def simvlg(tmp_path_factory):
+    """SimVLG with model.connector: joint on the demo's small ViT stand-in and word-level OPT."""
+    from pipeline.config import LLMConfig, ModelConfig, VisionConfig
+    from pipeline.demo import backbones, corpus
+    from pipeline.models import build_model
+    from pipeline.schema import JointConfig
+
+    root = tmp_path_factory.mktemp("joint_simvlg")
+    backbones.build_vit(root / "vit")
+    words = ["Question:", "is", "there", "a", "Short", "answer:", "yes", "no"]
+    sets = corpus.all_attribute_sets()
+    backbones.build_llm(root / "opt", sets, lambda a: corpus.caption(a) + " " + " ".join(words), "a photo of",
+                        steps=2)
+    cfg = ModelConfig(connector="joint",
+                      joint=JointConfig(width=32, heads=4, num_latents=5, iterations=2, dropout=0.0),
+                      vision=VisionConfig(name=str(root / "vit"), loader="hf", image_size=64,
+                                          precision="fp32"),
+                      llm=LLMConfig(name=str(root / "opt"), precision="fp32", prompt="a photo of",
+                                    max_text_tokens=12))
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+QUESTION = "Question: is there a red circle ? Short answer:"
+
+
+def test_simvlg_trains_the_joint_connector_on_task_rows(simvlg):
+    m = simvlg.train()
+    tok = m.tokenizer
+    assert m.soft_prompt_length() == 5
+    caps = ["two small red circles on the left", "one large blue square on the top"]
+    assert {k: v.tolist() for k, v in tok.pairs(["a photo of"] * 2, caps).items()} == \
+        {k: v.tolist() for k, v in tok(caps).items()}  # captioning is the pair (prompt, caption)
+    batch = tok.pairs(["a photo of", QUESTION], [caps[0], "yes"])
+    x = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    out = m(x, **batch)
+    assert out["per_sample_loss"].shape == (2,) and out["num_tokens"].item() == 7 + 1 + 1 + 1
+    out["loss"].backward()
+    grads = {n for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all(n.startswith("connector.") for n in grads)
+    assert "connector.text_resampler.latents" in grads  # the text input reaches the connector
+    m.zero_grad()
+
+
+def test_the_soft_prompt_reads_the_text_input_not_the_target_and_generation_agrees(simvlg):
+    from pipeline.models.joint import text_input_mask
+
+    m = simvlg.eval()
+    tok = m.tokenizer
+    x = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    rows = tok.pairs([QUESTION, "a photo of"], ["yes", "two small red circles on the left"])
+    other = tok.pairs([QUESTION, "a photo of"], ["no", "one large blue square on the top"])
+    with torch.no_grad():
+        soft = m.soft_prompt(x, rows["input_ids"], text_input_mask(rows["attention_mask"], rows["labels"]))
+        same = m.soft_prompt(x, other["input_ids"], text_input_mask(other["attention_mask"], other["labels"]))
+        enc = tok.prompts([QUESTION, "a photo of"])  # generation: left padded
+        left = m.soft_prompt(x, enc["input_ids"], enc["attention_mask"])
+        blind = m.soft_prompt(x)
+    assert torch.equal(soft, same)
+    torch.testing.assert_close(left, soft, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(soft[0], m.soft_prompt(x[:1], *_row(tok, "a photo of"))[0], atol=1e-4)
+    assert not torch.allclose(soft, blind, atol=1e-4)
+    texts = m.generate(x, prompt=[QUESTION, "a photo of"], num_beams=1, max_new_tokens=3, min_new_tokens=1)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def _row(tok, text):
+    enc = tok.prompts([text])
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def test_joint_connector_saves_and_loads(simvlg, tmp_path):
+    from pipeline.models import build_model, connector_config
+
+    m = simvlg.eval()
+    batch = m.tokenizer.pairs([QUESTION], ["yes"])
+    x = torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        want = m(x, **batch)["loss"]
+    fresh = build_model(connector_config(m.save_connector(tmp_path / "joint"))).eval()
+    fresh.load_connector(tmp_path / "joint")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, **batch)["loss"], want, rtol=0, atol=0)

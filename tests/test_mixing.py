@@ -289,3 +289,24 @@ def test_what_mixing_over_arms_cannot_do_fails_in_one_line(labelled):
         build_loader(cfg(labelled, ALL, tasks={"minimum_per_batch": 2}), tokenize=None, batch_size=8)
     with pytest.raises(ValueError, match=r"question_kinds: unknown \['why'\]"):
         build_loader(cfg(labelled, ALL, tasks={"question_kinds": ["why"]}), tokenize=None, batch_size=8)
+
+
+def test_preflight_names_the_arms_and_refuses_what_the_loader_would(labelled):
+    from pipeline.config import ConfigError, load_config
+    from pipeline.preflight import check_for_training, describe
+
+    def check(*sets):
+        cfg = load_config("demo", [f"data.sources.0.shards={labelled}", *sets])
+        return check_for_training(cfg, "my.yaml", files=False)
+
+    assert check()["arms"] == ["shapes"]
+    report = check("data.sources.0.tasks={captioning: 2, objects: 1}", "data.mixing=adaptive")
+    assert report["arms"] == ["shapes/captioning", "shapes/objects"]
+    assert "  mixing arms (source/task): shapes/captioning, shapes/objects" in describe(report)
+    with pytest.raises(ConfigError, match=r"^my.yaml: data source 'shapes': unknown task\(s\) \['vqa'\]"):
+        check("data.sources.0.tasks={vqa: 1}")
+    with pytest.raises(ConfigError, match=r"^my.yaml: data.tasks.minimum_per_batch 9 x 2 mixing arms"):
+        check("data.sources.0.tasks={captioning: 1, masked: 1}", "data.tasks.minimum_per_batch=9")
+    with pytest.raises(ConfigError, match=r"^my.yaml: data.adaptive_floor 0.5 x 2 mixing arms >= 1"):
+        check("data.sources.0.tasks={captioning: 1, masked: 1}", "data.mixing=adaptive",
+              "data.adaptive_floor=0.5")
