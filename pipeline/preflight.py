@@ -7,7 +7,10 @@
 Here: data sources exist (non-empty, every local shard of every pattern or manifest is a file), the
 weights each model part loads from exist (a local folder/file, or a hub id that can be fetched), and
 the TomeFormer's `r` leaves the number of tokens it promises: ToMe merges at most half of a layer's
-tokens (CLS kept), and a larger r would be clamped silently to a shorter soft prompt. A P-Former run
+tokens (CLS kept), and a larger r would be clamped silently to a shorter soft prompt; the mixing arms
+(sources, or (source, task) pairs) are ones the loader can draw: known tasks and question kinds, an
+adaptive floor that leaves the losses a say (floor x arms < 1), a micro-batch that holds the
+per-batch minimum of every arm. A P-Former run
 (`model.kind: pformer`) needs its BERT, the LLM and text sources; SimVLG with `train.align_weight > 0`
 needs a P-Former folder that loads strictly, with its tokenizer, and N prompts of the soft prompt's
 length and the LLM's width.
@@ -85,7 +88,7 @@ def check_model_files(cfg: Config, source: str) -> None:
     if m.connector == "qformer":
         if m.qformer.init is not None:
             check_weights(m.qformer.init, "model.qformer.init", source, what="BERT checkpoint")
-    else:
+    elif m.connector == "tomeformer":  # the joint connector starts from random weights
         check_weights(m.tomeformer.init, "model.tomeformer.init", source, what="BERT checkpoint")
     check_weights(m.llm.name, "model.llm.name", source, what="language model (an HF folder or id)")
     if m.video.enabled and m.init_connector is None:  # the paper fine-tunes an image-trained connector
@@ -119,6 +122,21 @@ def check_sources(cfg: Config, source: str, *, files: bool = True) -> list[dict]
                                   "manifest.json `simvlg prep` wrote, or fix the pattern")
         out.append({"name": s.name, "shards": len(urls), "samples": s.num_samples or total})
     return out
+
+
+def check_arms(cfg: Config, source: str) -> list[str]:
+    """The mixing arms training would draw from; raises what the loader would refuse."""
+    from pipeline.data.loader import check_arms as loader_check
+    from pipeline.data.mixing import make_arms
+
+    d = cfg.data
+    try:
+        arms = [a.name for a in make_arms([s.name for s in d.sources], [s.weight for s in d.sources],
+                                          [dict(s.tasks) for s in d.sources])]
+        loader_check(d, arms, cfg.train.micro_batch)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return arms
 
 
 def vision_tokens(cfg: Config, *, files: bool = True) -> int | None:
@@ -240,6 +258,7 @@ def check_for_training(cfg: Config, source: str, *, files: bool = True) -> dict:
         check_model_files(cfg, source)
     check_source_kinds(cfg, source)
     report = {"sources": check_sources(cfg, source, files=files)}
+    report["arms"] = check_arms(cfg, source)
     report["tokens"] = token_plan(cfg, files=files, source=source)
     report["alignment"] = check_alignment(cfg, source, report["tokens"], files=files)
     return report
@@ -258,6 +277,8 @@ def describe(report: dict) -> list[str]:
     for s in report.get("sources", []):
         samples = f", {s['samples']} samples" if s.get("samples") else ""
         lines.append(f"  data source {s['name']}: {s['shards']} shards{samples}")
+    if report.get("arms") and report["arms"] != [s["name"] for s in report.get("sources", [])]:
+        lines.append(f"  mixing arms (source/task): {', '.join(report['arms'])}")
     if report.get("tokens"):
         t = report["tokens"]
         lines.append(f"  tomeformer tokens: {' -> '.join(map(str, t))} (soft prompt of {t[-1]})")

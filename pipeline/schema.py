@@ -40,14 +40,26 @@ class SourceConfig(Section):
     # text: sentences only (P-Former pre-training): the txt/json members of each sample, never its media
     kind: Literal["image", "video", "text"] = "image"
     num_samples: PositiveInt | None = None  # from the manifest; needed for epoch sizing
+    # pre-training tasks made from this source's samples, with their weights within the source
+    # (names: pipeline/data/tasks.py TASKS; objects needs "labels" in the samples' json)
+    tasks: dict[str, PositiveFloat] = Field(default_factory=lambda: {"captioning": 1.0}, min_length=1)
+
+
+class TasksConfig(Section):
+    """How tasks are made and drawn (which tasks: data.sources[].tasks; adaptive: data.mixing)."""
+    minimum_per_batch: NonNegInt = 0  # samples of every (source, task) arm in every batch (paper §4.1)
+    mask_rate: Annotated[float, Field(gt=0, lt=1)] = 0.15  # masked: share of the words hidden (A.3)
+    question_kinds: list[str] = Field(default_factory=lambda: ["exists", "and", "or", "count", "list"],
+                                      min_length=1)  # objects: the kinds of question asked
 
 
 class DataConfig(Section):
     sources: list[SourceConfig] = Field(default_factory=list)
     # sample: each sample draws its source (simvlg); batch: each rank's batch is one source (official)
     mixing: Literal["sample", "batch", "adaptive"] = "sample"
-    adaptive_floor: Annotated[float, Field(ge=0, lt=1)] = 0.1  # min share per source
-    adaptive_window: PositiveInt = 200  # steps of loss history per source
+    adaptive_floor: Annotated[float, Field(ge=0, lt=1)] = 0.1  # min share per arm (source or source/task)
+    adaptive_window: PositiveInt = 200  # steps of loss history per arm
+    tasks: TasksConfig = Field(default_factory=TasksConfig)
     resampled: bool = True
     shard_shuffle: bool = True
     shuffle_buffer: NonNegInt = 1000
@@ -134,6 +146,24 @@ class QFormerConfig(Section):
     cross_attention_freq: PositiveInt = 2
 
 
+class JointConfig(Section):
+    """model.connector: joint (compact-representations paper §3.1; pipeline/models/joint.py)."""
+    width: PositiveInt = 768
+    heads: PositiveInt = 12
+    num_latents: PositiveInt = 32  # N: soft-prompt length
+    iterations: PositiveInt = 4  # fusion iterations (Eq. 3)
+    mlp_ratio: PositiveFloat = 4.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    gate_init: float = 1.0  # α, β start here (tanh 0.76; why not 0: joint.py)
+    max_text_len: PositiveInt = 128  # text-input tokens the connector reads (learned positions)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not a multiple of heads {self.heads}")
+        return self
+
+
 class LLMConfig(Section):
     name: str = "facebook/opt-2.7b"  # HF id or folder
     arch_config: str | None = None
@@ -191,13 +221,14 @@ class ModelConfig(Section):
     # what `simvlg train` trains: simvlg = the connector of a ViT -> connector -> LLM model; pformer = a
     # P-Former, from sentences alone (data.sources of kind text), against the frozen LLM
     kind: Literal["simvlg", "pformer"] = "simvlg"
-    connector: Literal["tomeformer", "qformer"] = "tomeformer"
+    connector: Literal["tomeformer", "qformer", "joint"] = "tomeformer"
     # a connector folder (SimVLG.save_connector) to start from, e.g. the image-pretrained connector
     # the video run fine-tunes; its temporal modules start at gate 0
     init_connector: str | None = None
     vision: VisionConfig = Field(default_factory=VisionConfig)
     tomeformer: TomeFormerConfig = Field(default_factory=TomeFormerConfig)
     qformer: QFormerConfig = Field(default_factory=QFormerConfig)
+    joint: JointConfig = Field(default_factory=JointConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
     pformer: PFormerConfig = Field(default_factory=PFormerConfig)

@@ -131,7 +131,7 @@ def test_batch_mixing_one_source_per_batch(two_sources):
 
 def test_adaptive_shares_formula():
     s = adaptive_shares([0.5, 0.5], [1.0, 9.0], floor=0.1)
-    assert s == pytest.approx([0.1 + 0.8 * 0.1, 0.1 + 0.8 * 0.9])
+    assert s == pytest.approx([0.1, 0.9])  # the paper's L_S / sum L: none is below the floor
     assert adaptive_shares([0.75, 0.25], [None, None], 0.0) == pytest.approx([0.75, 0.25])
     assert min(adaptive_shares([0.5, 0.5], [1e-6, 100.0], 0.2)) == pytest.approx(0.2, abs=1e-6)
 
@@ -145,8 +145,8 @@ def test_adaptive_feedback_reaches_workers(two_sources):
     first = [next(it) for _ in range(6)]
     before = Counter(s for x in first for s in x["source"])
     shares = loader.report_loss({"a": 0.5, "b": 9.5})  # b is hard: gets most of the data
-    assert shares[1] == pytest.approx(0.05 + 0.9 * 0.95)
-    for _ in range(6):  # drain what the 2 workers prefetched with the old shares
+    assert shares[1] == pytest.approx(0.95)
+    for _ in range(6):  # the next 2 x 2 + 1 batches were published with the old shares
         next(it)
     after = Counter(s for _ in range(12) for s in next(it)["source"])
     assert abs(before["a"] / sum(before.values()) - 0.5) < 0.2

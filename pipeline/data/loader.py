@@ -35,18 +35,20 @@ its streams' positions after the last consumed batch. `load_state_dict()` + `ite
 stream from its seed, skips earlier segments without any I/O and fast-forwards through at most one
 segment (tar headers only for local shards; pipe:/http shards are read but not decoded), then rotates
 the worker order so the batch after the checkpoint is the one an uninterrupted run would have produced
-next. In sample/batch modes the resumed sequence is identical to the uninterrupted one (same samples,
-same crops; tested). Prefetched but unconsumed batches are dropped and regenerated, never skipped. In
-adaptive mode no sample is replayed or skipped within any source stream, but source choices after
-resume use the shares restored from the loss history, which may differ slightly from what an
-uninterrupted run (whose workers read the shares at prefetch time) would have used. Requires the same
-sources, seed, rank, world size, num_workers, batch size and mode; otherwise load_state_dict raises
-(strict) or starts a fresh epoch with new seeds (strict=False: nothing is guaranteed but fresh data).
+next. The resumed sequence is identical to the uninterrupted one (same samples, same crops, same
+tasks; tested), in adaptive mode too: batch g uses the shares published for it when the trainer asked
+for batch g - delay (mixing.py), and the state holds the loss history and the shares already
+published for the batches after the checkpoint (a state written before that existed resumes with the
+shares restored from the loss history: close, not exact). Prefetched but unconsumed batches are
+dropped and regenerated, never skipped. Requires the same sources, arms (source/task pairs), seed,
+rank, world size, num_workers, batch size and mode; otherwise load_state_dict raises (strict) or
+starts a fresh epoch with new seeds (strict=False: nothing is guaranteed but fresh data).
 Resume cost: one segment's header scan per stream (4 shards of 10k samples: a few seconds).
 
 Skips: unreadable_shard, corrupt_tar (samples lost to a damaged archive: a garbled member header is
 skipped and reading resumes after it; a truncated shard keeps the samples before the break),
-corrupt_image, corrupt_video, missing_image, missing_caption, oversized, dead_source — counted per
+corrupt_image, corrupt_video, missing_image, missing_caption, oversized, dead_source, bad_labels (a
+source with the objects task: a sample whose json "labels" are malformed) — counted per
 source in the workers, shipped with each batch, summed in the trainer process over consumed batches
 (`skip_counts()`: a fixed key set per source, so ranks can all-reduce it), restored with the state.
 """
@@ -67,7 +69,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .formats.shards import resolve_spec
-from .mixing import AdaptiveMixer
+from .mixing import AdaptiveMixer, make_arms
 from .streams import Source
 from .worker import MixedStream
 
@@ -94,7 +96,7 @@ class TrainLoader(Protocol):
 
 
 SKIP_KINDS = ("unreadable_shard", "corrupt_tar", "corrupt_image", "corrupt_video", "missing_image",
-              "missing_caption", "oversized", "dead_source")
+              "missing_caption", "oversized", "dead_source", "bad_labels")
 STATE_VERSION = 2
 
 
@@ -176,7 +178,8 @@ class StreamingLoader:
 
     @property
     def arm_names(self) -> list[str]:
-        return list(self.dataset.names)
+        """Sources, or source/task pairs when sources name tasks: what batch["arm_idx"] indexes."""
+        return [a.name for a in self.dataset.arms]
 
     @property
     def adaptive(self) -> bool:
@@ -210,10 +213,12 @@ class StreamingLoader:
             kw["worker_init_fn"] = _worker_init
         dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                         generator=generator, **kw)
+        self._publish()
         it = iter(dl)
         _LIVE_ITERATORS.add(it)
         try:
             while True:
+                self._publish()
                 t0 = time.perf_counter()
                 try:
                     meta, batch = next(it)
@@ -239,15 +244,27 @@ class StreamingLoader:
                 self._skips[src][k] += int(v)
 
     # -- feedback and reporting
+    def _consumed_total(self) -> int:
+        """Batches consumed since the start of training (the global index of the next one)."""
+        return self._state["epoch"] * (self.dataset.epoch_batches or 0) + self._state["consumed"]
+
+    def _publish(self) -> None:
+        """Adaptive: before asking for batch k, fix the shares of batches up to k + delay."""
+        if self.mixer is not None:
+            self.mixer.publish(self._consumed_total() + self.mixer.schedule.delay)
+
     def report_loss(self, losses: dict[str, float]) -> list[float] | None:
-        """Per-source mean training loss (e.g. all-reduced over ranks) -> new adaptive shares.
-        A no-op returning None unless data.mixing is adaptive."""
+        """Per-arm mean training loss (e.g. all-reduced over ranks) -> new adaptive shares, used from
+        the batch `delay` after the next one asked for. A no-op returning None unless data.mixing is
+        adaptive."""
         if self.mixer is None:
             return None
         return self.mixer.report_loss(losses)
 
     def shares(self) -> dict[str, float]:
-        return dict(zip(self.dataset.names, self.dataset._shares()))
+        """The arms' current shares (adaptive: what the next published batches get)."""
+        current = self.mixer.current if self.mixer is not None else self.dataset.static_shares
+        return dict(zip(self.arm_names, current))
 
     def skip_counts(self, nested: bool = False) -> dict:
         """Samples/shards skipped over the consumed batches (restored across resume).
@@ -268,7 +285,14 @@ class StreamingLoader:
         d = self.dataset
         return {"sources": d.names, "seed": d.seed, "rank": d.rank, "world_size": d.world_size,
                 "num_workers": max(1, self.num_workers), "batch_size": d.batch_size, "mode": d.mode,
-                "mixing": d.mixing, "epoch_batches": d.epoch_batches}
+                "mixing": d.mixing, "epoch_batches": d.epoch_batches, **self._identity_since_tasks()}
+
+    def _identity_since_tasks(self) -> dict:
+        """Identity keys a state written before tasks existed does not hold (accepted when absent)."""
+        out = {"arms": self.arm_names}
+        if self.mixer is not None:
+            out["share_delay"] = self.mixer.schedule.delay
+        return out
 
     def state_dict(self) -> dict:
         """JSON-serialisable position of this rank's loader after the batches consumed so far."""
@@ -278,11 +302,15 @@ class StreamingLoader:
                "skips": self.skip_counts(nested=True)}
         if self.mixer is not None:
             out["adaptive"] = self.mixer.state_dict()
+            # the shares already fixed for the batches after the consumed ones (mixing.py)
+            out["adaptive_published"] = self.mixer.schedule.rows(self._consumed_total())
         return out
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         mine = self._identity()
-        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        new_keys = self._identity_since_tasks()
+        diff = {k: (state.get(k), v) for k, v in mine.items()
+                if state.get(k) != v and not (k in new_keys and k not in state)}
         self._skips = defaultdict(lambda: defaultdict(int))
         for s, kinds in state.get("skips", {}).items():
             for k, v in kinds.items():
@@ -302,6 +330,8 @@ class StreamingLoader:
                        "workers": {str(k): {"batches": int(v["batches"]),
                                             "pos": [[int(a), int(b)] for a, b in v["pos"]]}
                                    for k, v in state["workers"].items()}}
+        if self.mixer is not None and "adaptive_published" in state:
+            self.mixer.schedule.restore(self._consumed_total(), state["adaptive_published"])
 
 
 def resolve_sources(data_cfg) -> list[Source]:
@@ -346,18 +376,39 @@ def build_loader(data_cfg, *, tokenize, batch_size: int, rank: int = 0, world_si
                              f"one batch of {batch_size} per rank on {world_size} ranks")
     if not train:
         epoch_batches = None
+    arms = make_arms([s.name for s in sources], [s.weight for s in sources],
+                     [dict(s.tasks) for s in data_cfg.sources])
+    check_arms(data_cfg, [a.name for a in arms], batch_size, train)
+    nw = data_cfg.num_workers if num_workers is None else num_workers
     mixer = None
-    shares_tensor = None
     if data_cfg.mixing == "adaptive" and train:
-        mixer = AdaptiveMixer([s.name for s in sources], [s.weight for s in sources],
-                              data_cfg.adaptive_floor, data_cfg.adaptive_window)
-        shares_tensor = mixer.shared
+        # shares are fixed `delay` batches ahead, past what the workers have prefetched (mixing.py)
+        mixer = AdaptiveMixer([a.name for a in arms], [a.weight for a in arms], data_cfg.adaptive_floor,
+                              data_cfg.adaptive_window, delay=nw * prefetch_factor + 1)
     ds = MixedStream(sources, data_cfg=data_cfg, tokenize=tokenize, batch_size=batch_size, rank=rank,
                      world_size=world_size, seed=seed, train=train, epoch_batches=epoch_batches,
-                     shares_tensor=shares_tensor)
-    nw = data_cfg.num_workers if num_workers is None else num_workers
+                     arms=arms, schedule=mixer.schedule if mixer else None)
     return StreamingLoader(ds, num_workers=nw, prefetch_factor=prefetch_factor, pin_memory=pin_memory,
                            mixer=mixer)
 
 
-__all__ = ["SKIP_KINDS", "StreamingLoader", "TrainLoader", "build_loader", "resolve_sources"]
+def check_arms(data_cfg, arms: list[str], batch_size: int, train: bool = True) -> None:
+    """What the mixing over arms cannot do (preflight runs the same before a launch)."""
+    from .tasks import QUESTION_KINDS
+
+    bad = [k for k in data_cfg.tasks.question_kinds if k not in QUESTION_KINDS]
+    if bad:
+        raise ValueError(f"data.tasks.question_kinds: unknown {bad}; kinds: {', '.join(QUESTION_KINDS)}")
+    if not train:
+        return
+    if data_cfg.mixing == "adaptive" and len(arms) * data_cfg.adaptive_floor >= 1:
+        raise ValueError(f"data.adaptive_floor {data_cfg.adaptive_floor} x {len(arms)} mixing arms >= 1: "
+                         "every share would be pinned at the floor; lower the floor")
+    m = data_cfg.tasks.minimum_per_batch
+    per_batch = len(arms) if data_cfg.mixing != "batch" else max(len(s.tasks) for s in data_cfg.sources)
+    if m * per_batch > batch_size:
+        raise ValueError(f"data.tasks.minimum_per_batch {m} x {per_batch} mixing arms is more than a "
+                         f"micro-batch of {batch_size} ({', '.join(arms)})")
+
+
+__all__ = ["SKIP_KINDS", "StreamingLoader", "TrainLoader", "build_loader", "check_arms", "resolve_sources"]

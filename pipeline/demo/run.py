@@ -13,7 +13,9 @@
 
 `--compare qformer` trains the Q-Former connector with the same budget and compares the learning
 curves; `--sweep-r` trains with several r (Fig. 3 in miniature); `--pformer` pre-trains a P-Former on
-text and trains the TomeFormer with its alignment loss beside the baseline (pipeline/demo/pformer.py).
+text and trains the TomeFormer with its alignment loss beside the baseline (pipeline/demo/pformer.py);
+`--compare joint` (the joint adaptive connector) and `--tasks adaptive` (the task mixture, adaptive
+vs uniform task sampling): compact.py.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from pipeline.config import load_config
 from pipeline.data.formats.manifest import Manifest, read_manifest
+from pipeline.demo import compact
 
 log = logging.getLogger("simvlg.demo")
 BROKEN = ["missing/0.png", "missing/1.png", "notanimage.png", "truncated.png"]
@@ -279,6 +282,7 @@ def print_table(report: dict) -> None:
             rows.append((f"[{name}] steps to reach loss",
                          ", ".join(f"{t}: {s if s is not None else 'never'}"
                                    for t, s in res["steps_to_loss"].items())))
+        rows += [(f"[{name}] {label}", value) for label, value in res.get("rows", [])]  # compact.py
     w = max(len(k) for k, _ in rows)
     print("\n" + "=" * (w + 60) + "\nsimvlg demo\n" + "=" * (w + 60))
     for k, v in rows:
@@ -303,8 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tomeformer-init", choices=["bert", "minilm"], default="bert",
                    help="TomeFormer start: small random BERT, or real MiniLM-L6 weights "
                         "(then use --set model.tomeformer.num_layers=6 --set model.tomeformer.r=6)")
-    p.add_argument("--compare", choices=["qformer"], default=None,
-                   help="also train the Q-Former connector with the same budget and compare")
+    p.add_argument("--compare", choices=["qformer", "joint"], default=None,
+                   help="also train the Q-Former (or the joint adaptive) connector with the same budget "
+                        "and compare")
+    p.add_argument("--tasks", choices=["adaptive"], default=None,
+                   help="also train the TomeFormer on the task mixture with uniform and with adaptive task "
+                        "sampling, and compare (pipeline/demo/compact.py)")
+    p.add_argument("--task-lm-steps", type=int, default=compact.TASK_LM_STEPS,
+                   help="--tasks: pre-training of the second LM on task text (batches of 32)")
     p.add_argument("--sweep-r", default=None, metavar="R,R,...",
                    help="also train with these per-layer merge counts (Fig. 3 in miniature)")
     p.add_argument("--pformer", action="store_true",
@@ -339,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"tomeformer": []}
     if args.compare == "qformer":
         variants["qformer"] = ["model.connector=qformer"]
+    if args.compare == "joint":
+        variants["joint"] = compact.JOINT
     for r in (args.sweep_r.split(",") if args.sweep_r else []):
         variants[f"tomeformer_r{r}"] = [f"model.tomeformer.r={int(r)}"]
     if args.pformer:
@@ -353,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         res["eval"] = stages.run(f"eval[{name}]", evaluate, config, vdir, ov)
         res["steps_to_loss"] = {t: steps_to_loss(res["train"]["curve"], t) for t in targets}
         runs[name] = res
+    if args.tasks:
+        runs.update(compact.run(stages, run_dir, config, args, base, targets))
     report = {"timings": stages.timings, "corpus": {k: v for k, v in corpus_info.items() if k != "rows"},
               "shards": {"shards": manifest.shards, "num_samples": manifest.num_samples,
                          "counts": manifest.counts.model_dump()},
@@ -367,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(report)
     if args.pformer:
         pformer_demo.print_comparison(report["pformer"])
+    if args.tasks:
+        compact.print_comparison(runs)
     return 0
 
 

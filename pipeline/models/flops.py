@@ -15,7 +15,8 @@ memory, no download) and one sample's training step is run under torch.utils.flo
   (the peak during backward), and the recompute's FLOPs (one more ViT forward) are counted.
 
 The text is BOS + prompt + max_text_tokens caption tokens (captions at the length cap: an upper
-bound; --text-tokens sets it). Nothing here needs a GPU. The meta LLM uses eager attention
+bound; --text-tokens sets it); BOS + prompt are the text input the joint connector reads.
+Nothing here needs a GPU. The meta LLM uses eager attention
 (transformers' SDPA mask code reads mask values, which meta tensors cannot give): the same matmul
 FLOPs, but it saves the attention probabilities for backward where SDPA/flash-attn would not, so
 the activation estimate is slightly high (OPT-2.7b: ~8.5 MiB of ~300 MiB per sample).
@@ -29,6 +30,9 @@ the activation estimate is slightly high (OPT-2.7b: ~8.5 MiB of ~300 MiB per sam
   backward. Measured on transformers' Blip2QFormerModel with its text FFN (use_qformer_text_input).
 - stage 2: exactly this pipeline's `model.connector: qformer` model (32 queries, same LLM).
 and prints the total pretraining compute for the paper's step counts beside paper Table 2.
+
+--vs connectors counts the same model with each connector (TomeFormer, Q-Former, the joint connector
+of models/joint.py with model.joint's sizes) and prints them side by side.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import Config, ConfigError, ModelConfig, load_config
+
+from .llm import IGNORE
 
 # BLIP-2 pretraining (Li et al. 2023, sec. 3.4): 250k + 80k steps; batch 1680 (ViT-g, stage 1) and
 # 1920 (OPT, stage 2). Paper Table 2 (SimVLG, 8 x A100-80G, OPT-2.7b): time per 5k steps and totals.
@@ -135,6 +141,8 @@ def measure_model(model_cfg: ModelConfig, px_shape: tuple, L: int, align_weight:
     px = torch.empty(px_shape, device="meta")
     ids = torch.zeros(1, L, dtype=torch.long, device="meta")
     mask = torch.ones(1, L, dtype=torch.long, device="meta")
+    labels = ids.clone()
+    labels[:, : min(L - 1, 1 + len(model_cfg.llm.prompt.split()))] = IGNORE  # BOS + prompt: text input
     extra = ()
     if align_weight > 0:  # position match: the assignment's FLOPs are a [29, 29] problem on the host
         from .flops_pformer import bert_ids, frozen_pformer
@@ -142,7 +150,7 @@ def measure_model(model_cfg: ModelConfig, px_shape: tuple, L: int, align_weight:
         width = model.llm.get_input_embeddings().weight.shape[1]
         model.align_to(frozen_pformer(model_cfg, width), align_weight, "position")
         extra = (bert_ids(model_cfg), None)
-    c, f, b = count_step(lambda: model(px, ids, mask, ids, *extra)["loss"], list(model.parameters()))
+    c, f, b = count_step(lambda: model(px, ids, mask, labels, *extra)["loss"], list(model.parameters()))
     for name in ("vision", "connector", "llm") + (("pformer",) if extra else ()):
         c.parts[name] = (_module_flops(f, f"SimVLG.{name}"), _module_flops(b, f"SimVLG.{name}"))
     # the module tracker keeps the LLM "active" in backward until the gradient has flowed through
@@ -222,6 +230,16 @@ def blip2_stage1(model_cfg: ModelConfig, vit_fwd: int, n_visual: int, width: int
     return {"count": total}
 
 
+CONNECTORS = ("tomeformer", "qformer", "joint")
+
+
+def connector_variants(m: ModelConfig) -> dict[str, ModelConfig]:
+    """The model with each connector (the Q-Former built from the TomeFormer's BERT arch if it has
+    none of its own)."""
+    q = m.qformer.model_copy(update={"arch_config": m.qformer.arch_config or m.tomeformer.arch_config})
+    return {c: m.model_copy(update={"connector": c, "qformer": q}) for c in CONNECTORS}
+
+
 def report(cfg: Config, vs: str | None = None, text_tokens: int | None = None) -> dict:
     if cfg.model.kind == "pformer":  # P-Former stage 0 (flops_pformer.py)
         from .flops_pformer import measure_stage0
@@ -230,6 +248,10 @@ def report(cfg: Config, vs: str | None = None, text_tokens: int | None = None) -
     L = text_length(cfg.model, text_tokens)
     out = {"config": cfg.run.name,
            "simvlg": measure_model(cfg.model, pixel_shape(cfg), L, cfg.train.align_weight)}
+    if vs == "connectors":
+        out["connectors"] = {c: out["simvlg"] if c == cfg.model.connector else
+                             measure_model(m, pixel_shape(cfg), L)
+                             for c, m in connector_variants(cfg.model).items()}
     if cfg.model.video.enabled and cfg.model.connector == "tomeformer":
         ck = out["vit_checkpointing"] = checkpointing_memory(cfg.model, pixel_shape(cfg), L)
         if cfg.model.vision.grad_checkpointing:  # the hook missed what the checkpointed blocks keep
@@ -295,6 +317,8 @@ def print_report(cfg: Config, r: dict) -> None:
               f"{ck['one_block'] * mb / GIB:,.2f} GiB; costs one more ViT forward "
               f"({_g(ck['recompute_flops'])} GFLOP per sample)")
     sim_total = s["count"].total * t.global_batch * t.steps
+    if "connectors" in r:
+        print_connectors(r["connectors"], t.micro_batch)
     if "blip2_stage1" not in r:
         print(f"\n  pretraining: {t.steps:,} steps x {t.global_batch} samples x "
               f"{_g(s['count'].total)} GFLOP = {sim_total / PETA:,.0f} PFLOP")
@@ -329,6 +353,19 @@ def print_report(cfg: Config, r: dict) -> None:
     print("  BLIP-2 / SimVLG clock time: 234 / 133 = 1.76x (250k), 234 / 80 = 2.93x (150k)")
 
 
+def print_connectors(runs: dict, micro_batch: int) -> None:
+    print(f"\nConnectors side by side (same ViT, LLM and {next(iter(runs.values()))['text_tokens']} text "
+          "tokens; one sample, forward + backward)")
+    print(f"  {'connector':<12}{'soft prompt':>12}{'trainable M':>13}{'connector GFLOP':>17}{'LLM GFLOP':>11}"
+          f"{'all GFLOP':>11}{'activations GiB/micro-batch':>29}")
+    for name, m in runs.items():
+        c: Count = m["count"]
+        con, llm = c.parts["connector"], c.parts["llm"]
+        print(f"  {name:<12}{m['soft_prompt']:>12}{m['params']['trainable'] / 1e6:>13,.2f}"
+              f"{_g(sum(con)):>17}{_g(sum(llm)):>11}{_g(c.total):>11}"
+              f"{c.saved_bytes * micro_batch / GIB:>29,.1f}")
+
+
 def _jsonable(r: dict) -> dict:
     out = {}
     for k, v in r.items():
@@ -346,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="a YAML config file, or the name of a packaged one")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value by dotted key (repeatable)")
-    p.add_argument("--vs", choices=["blip2"], default=None, help="also count BLIP-2's two stages")
+    p.add_argument("--vs", choices=["blip2", "connectors"], default=None,
+                   help="also count BLIP-2's two stages, or this model with each connector")
     p.add_argument("--text-tokens", type=int, default=None,
                    help="text length per sample (default: BOS + prompt + max_text_tokens)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the numbers to this file")

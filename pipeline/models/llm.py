@@ -8,6 +8,9 @@ Text layout (BLIP-2 / official EVLGen code), one row per caption, right padded:
     [BOS] prompt tokens | caption tokens (<= max_text_tokens - 1) | end | pad ...
     labels: -100        | caption ids                             | end | -100 ...
 
+Pre-training tasks (`pairs`, pipeline/data/tasks.py) put the task's text input where the prompt is
+and its target where the caption is.
+
 `end` is "\\n" when it is a single token (OPT; the official code appends "\\n" and stops on it),
 else the tokenizer's EOS (LLaMA / Vicuna); `caption_end` in the config forces one.
 The model prepends the soft prompt to these embeddings; its positions get no loss either.
@@ -153,16 +156,28 @@ class CaptionTokenizer:
 
     def encode(self, caption: str) -> tuple[list[int], int]:
         """One caption -> (token ids, number of leading ids without loss)."""
-        cap = self._with_prompt(self.prompt_ids, self.prompt, caption.strip())
+        return self.encode_pair(self.prompt, caption)
+
+    def encode_pair(self, text_input: str, target: str) -> tuple[list[int], int]:
+        """[BOS, text input | target (cut as a caption), end] -> (token ids, leading ids without loss).
+        Captioning is the pair (prompt, caption)."""
+        given = self.prompt_ids if text_input == self.prompt else self._ids(text_input)
+        tgt = self._with_prompt(given, text_input, target.strip())
         if self.truncation == "caption":
-            ids = self.prompt_ids + cap[: self.max_text_tokens - 1] + [self.end_id]
+            ids = given + tgt[: self.max_text_tokens - 1] + [self.end_id]
         else:
-            ids = (self.prompt_ids + cap + [self.end_id])[: self.max_text_tokens]
-        no_loss = 0 if (self.bos_target and not self.prompt) else len(self.prompt_ids)
+            ids = (given + tgt + [self.end_id])[: self.max_text_tokens]
+        no_loss = 0 if (self.bos_target and not text_input) else len(given)
         return ids, min(no_loss, len(ids))
 
     def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        rows = [self.encode(c) for c in captions]
+        return self._rows([self.encode(c) for c in captions])
+
+    def pairs(self, text_inputs: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
+        """Task rows (pipeline/data/tasks.py): loss on each target (+ end), none on its text input."""
+        return self._rows([self.encode_pair(t, y) for t, y in zip(text_inputs, targets, strict=True)])
+
+    def _rows(self, rows: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
         B, L = len(rows), max(len(ids) for ids, _ in rows)
         input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)  # [B, L]
         attention_mask = torch.zeros(B, L, dtype=torch.long)  # [B, L]

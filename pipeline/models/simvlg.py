@@ -10,7 +10,8 @@ the text embeddings [B, L, 2560] of OPT-2.7b. Video [B, T, 3, H, W]: temporal me
 then frame features averaged over T (or each frame's soft prompt concatenated, temporal_pool: concat).
 
 Only `model.connector` trains (ln_vision, proj1, TomeFormer, proj2; + temporal modules for video;
-the Q-Former and its queries for the baseline). The ViT and LLM have requires_grad=False and stay in
+the Q-Former and its queries for the baseline; the joint connector, which also reads the row's text
+input: models/joint.py). The ViT and LLM have requires_grad=False and stay in
 eval mode through model.train(). Dtypes: ViT and LLM in their configured precision and exactly the
 loaded weights (a trainer must keep them out of any engine cast), the connector in fp32 (or whatever
 an engine casts it to: inputs are cast to the connector's dtype, the soft prompt to the LLM's).
@@ -29,6 +30,7 @@ from torch import nn
 from pipeline.config import ModelConfig
 
 from .align import alignment_loss
+from .joint import JointConnector, text_input_mask
 from .llm import IGNORE, CaptionTokenizer, attn_implementation, build_llm, flash_attn_available
 from .qformer import build_qformer
 from .temporal import build_temporal
@@ -122,6 +124,8 @@ class SimVLG(nn.Module):
         tf = getattr(self.connector, "tomeformer", None)
         if tf is not None:
             per_frame = tf.token_counts(self.vision.num_tokens)[-1]
+        elif isinstance(self.connector, JointConnector):
+            per_frame = self.connector.num_latents
         else:
             per_frame = self.connector.query_tokens.shape[1]
         concat = self.cfg.video.enabled and self.cfg.video.temporal_pool == "concat"
@@ -133,9 +137,25 @@ class SimVLG(nn.Module):
         temporal = self.connector.temporal
         return self.vision(pixel_values, temporal=temporal if pixel_values.dim() == 5 else None)
 
-    def soft_prompt(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Pixels -> soft prompt [B, P, D_llm] in the LLM's dtype."""
-        return self._soft_prompt(pixel_values, lambda feats: (self.connector(feats), None))[0]
+    def soft_prompt(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
+                    text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pixels -> soft prompt [B, P, D_llm] in the LLM's dtype. The joint connector also reads the
+        text input: input_ids [B, L] with text_mask [B, L] marking its tokens (others ignore both)."""
+        return self._soft_prompt(pixel_values, self._connect(input_ids, text_mask))[0]
+
+    def _connect(self, input_ids, text_mask):
+        """connector features -> (soft prompt, None); the joint connector gets the LLM's input
+        embeddings of the text input (repeated per frame for concat video)."""
+        if input_ids is None or not isinstance(self.connector, JointConnector):
+            return lambda feats: (self.connector(feats), None)
+        embeds = self.llm.get_input_embeddings()(input_ids)  # [B, L, D_llm]
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if text_mask is None else text_mask.bool()
+
+        def connect(feats):
+            k = feats.shape[0] // embeds.shape[0]  # frames per sample with concat video, else 1
+            return self.connector(feats, text_embeds=embeds.repeat_interleave(k, 0),
+                                  text_mask=mask.repeat_interleave(k, 0)), None
+        return connect
 
     def soft_prompt_with_sources(self, pixel_values: torch.Tensor):
         """(soft prompt, per TomeFormer layer which visual tokens each soft token holds)."""
@@ -202,7 +222,8 @@ class SimVLG(nn.Module):
         (align_to): bert_input_ids, bert_attention_mask [B, Lb] are the captions' P-Former tokens, and
         loss = LM + align_weight * alignment, both in losses {lm, align}."""
         self._select_attention(input_ids.device)
-        soft = self.soft_prompt(pixel_values)  # [B, P, D]
+        given = text_input_mask(torch.ones_like(labels) if attention_mask is None else attention_mask, labels)
+        soft = self.soft_prompt(pixel_values, input_ids, given)  # [B, P, D]; given: the text input
         embeds, mask = self._inputs(soft, input_ids, attention_mask)
         L = input_ids.shape[1]
         if self._logits_to_keep:  # logits at positions P-1 .. P+L-1 only (not the soft prompt's)
@@ -255,13 +276,13 @@ class SimVLG(nn.Module):
         self.eval()
         try:
             self._select_attention(pixel_values.device)
-            soft = self.soft_prompt(pixel_values)  # [B, P, D]
-            B = soft.shape[0]
+            B = pixel_values.shape[0]
             prompt = self.cfg.llm.prompt if prompt is None else prompt
             prompts = [prompt] * B if isinstance(prompt, str) else list(prompt)
             if len(prompts) != B:
                 raise ValueError(f"{len(prompts)} prompts for {B} images")
-            enc = {k: v.to(soft.device) for k, v in self.tokenizer.prompts(prompts).items()}
+            enc = {k: v.to(pixel_values.device) for k, v in self.tokenizer.prompts(prompts).items()}
+            soft = self.soft_prompt(pixel_values, enc["input_ids"], enc["attention_mask"])  # [B, P, D]
             embeds, mask = self._inputs(soft, enc["input_ids"], enc["attention_mask"])
             out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, num_beams=num_beams,
                                     do_sample=kw.pop("do_sample", False), max_new_tokens=max_new_tokens,
@@ -334,6 +355,9 @@ def build_connector(cfg: ModelConfig, vision: VisionTower, llm_width: int, *, me
         with torch.device("meta" if meta else "cpu"):
             temporal = build_temporal(vision.num_blocks, vision.width, cfg.video.temporal_dim,
                                       cfg.video.temporal_heads)
+    if cfg.connector == "joint":  # random init (no checkpoint): built on the meta device directly
+        with torch.device("meta" if meta else "cpu"):
+            return JointConnector(vision.width, llm_width, **cfg.joint.model_dump(), temporal=temporal)
     if cfg.connector == "qformer":
         qformer, queries = build_qformer(cfg.qformer, vision.width, meta=meta)
         with torch.device("meta" if meta else "cpu"):
