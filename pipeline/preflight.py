@@ -202,6 +202,11 @@ def check_alignment(cfg: Config, source: str, tokens: list[int] | None, *, files
     if m.kind == "pformer":
         raise ConfigError(f"{source}: train.align_weight: {t.align_weight} applies to SimVLG training; a "
                           "model.kind: pformer run trains the P-Former itself (set it to 0)")
+    tasked = [s.name for s in cfg.data.sources if set(s.tasks) != {"captioning"}]
+    if tasked:  # the P-Former's targets are made from captions; a task row's target is not one
+        raise ConfigError(f"{source}: data.sources ({', '.join(tasked)}): tasks other than captioning "
+                          f"cannot be trained with train.align_weight: {t.align_weight} (the alignment "
+                          "targets are the P-Former's reading of captions); use one or the other")
     if m.pformer_checkpoint is None:
         raise ConfigError(f"{source}: {key}: not set, but train.align_weight is {t.align_weight}; "
                           "name the pformer/ folder of a model.kind: pformer run "

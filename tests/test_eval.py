@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import opt_tokenizer
 
 from pipeline.config import load_config
 from pipeline.data.formats.annotations import (
@@ -560,16 +561,7 @@ def test_run_main_writes_report_and_fails_in_one_line(tmp_path, capsys):
 # ------------------------------------------------------------------- with a real (tiny) SimVLG
 def _tiny_backbones(root: Path) -> None:
     """HF ViT (64 px, patch 8: 64 patches + CLS, as the demo), 6-layer BERT, OPT + a BPE tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import (
-        BertConfig,
-        BertModel,
-        OPTConfig,
-        OPTForCausalLM,
-        PreTrainedTokenizerFast,
-        ViTConfig,
-        ViTModel,
-    )
+    from transformers import BertConfig, BertModel, OPTConfig, OPTForCausalLM, ViTConfig, ViTModel
 
     torch.manual_seed(0)
     vit = ViTConfig(image_size=64, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
@@ -577,16 +569,7 @@ def _tiny_backbones(root: Path) -> None:
     ViTModel(vit, add_pooling_layer=False).save_pretrained(root / "vit")
     BertModel(BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=6, num_attention_heads=4,
                          intermediate_size=64, max_position_embeddings=160)).save_pretrained(root / "bert")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([r for c in COLORS for r in (f"a {c} square on a plain background", "\n")] * 4,
-                            trainer)
-    tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>")
+    tok = opt_tokenizer([r for c in COLORS for r in (f"a {c} square on a plain background", "\n")] * 4)
     OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=48, num_hidden_layers=2, ffn_dim=96,
                              num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=48,
                              bos_token_id=2, eos_token_id=2, pad_token_id=1)).save_pretrained(root / "opt")

@@ -268,6 +268,8 @@ def test_preflight_refuses_what_training_would(folders, tmp_path):
     refused(simvlg_cfg, ["train.align_weight=1"], "model.pformer_checkpoint: not set, but train.align_weight")
     aligned = lambda folder: ["train.align_weight=1", f"model.pformer_checkpoint={folder}"]
     refused(simvlg_cfg, aligned(tmp_path / "missing"), "model.pformer_checkpoint: not found")
+    refused(simvlg_cfg, aligned(good) + ["data.sources.0.tasks={captioning: 1, masked: 1}"],
+            r"data.sources \(.*\): tasks other than captioning cannot be trained with train.align_weight")
     (tmp_path / "conn").mkdir()
     (tmp_path / "conn" / "config.json").write_text('{"format": "simvlg-connector"}')
     refused(simvlg_cfg, aligned(tmp_path / "conn"), "format is 'simvlg-connector', expected 'simvlg-pformer'")

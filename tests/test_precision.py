@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import opt_tokenizer
 
 pytestmark = pytest.mark.slow  # ~20 s per engine start on 2 CPU cores
 
@@ -92,16 +93,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def backbones(tmp_path_factory):
     """A tiny HF ViT, BERT and OPT (+ a byte-level BPE tokenizer in OPT's layout), saved to folders."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import (
-        BertConfig,
-        BertModel,
-        OPTConfig,
-        OPTForCausalLM,
-        PreTrainedTokenizerFast,
-        ViTConfig,
-        ViTModel,
-    )
+    from transformers import BertConfig, BertModel, OPTConfig, OPTForCausalLM, ViTConfig, ViTModel
 
     root = tmp_path_factory.mktemp("prec")
     torch.manual_seed(0)
@@ -110,15 +102,7 @@ def backbones(tmp_path_factory):
              add_pooling_layer=False).save_pretrained(root / "vit")
     BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=64, max_position_embeddings=80)).save_pretrained(root / "bert")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["a red circle", "two small dogs play", "\n"] * 8, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>",
-                                     pad_token="<pad>", unk_token="<unk>")
+    hf_tok = opt_tokenizer(["a red circle", "two small dogs play", "\n"] * 8)
     OPTForCausalLM(OPTConfig(vocab_size=len(hf_tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64,
                              num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32,
                              bos_token_id=2, eos_token_id=2, pad_token_id=1)).save_pretrained(root / "opt")

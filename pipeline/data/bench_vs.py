@@ -80,6 +80,8 @@ def bench_webdataset(urls: list[str], *, workers: int, batch_size: int, image_si
 
 
 def batch_bytes_per_sample(batch: dict) -> int:
-    """Bytes of tensors one sample sends through the worker queue."""
+    """Bytes of tensors one sample sends through the worker queue (a tensor under two keys, like
+    arm_idx = source_idx without tasks, is sent once)."""
     n = batch["pixel_values"].shape[0]
-    return sum(v.numel() * v.element_size() for v in batch.values() if torch.is_tensor(v)) // n
+    tensors = {id(v): v for v in batch.values() if torch.is_tensor(v)}.values()
+    return sum(v.numel() * v.element_size() for v in tensors) // n

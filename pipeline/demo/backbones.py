@@ -118,20 +118,14 @@ def build_llm(out: Path, attribute_sets: list[dict], caption_fn, prompt: str, *,
     from the web). Ours learns it here: most lines start with the attribute words in random order,
     then `BOS prompt caption EOS`, so the caption must follow the context; the rest have no context.
     SimVLG training later puts the soft prompt where that context was."""
-    from transformers import OPTConfig, OPTForCausalLM
-
     torch.manual_seed(seed)
     rng = random.Random(seed)
     words = [w for a in attribute_sets for w in caption_fn(a).split()] + prompt.split()
     words += [a["shape"] for a in attribute_sets]
     tokenizer = build_tokenizer(words)
     vocab = tokenizer.get_vocab()
-    cfg = OPTConfig(vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=3, ffn_dim=512,
-                    num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=128,
-                    pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.0)
-    model = OPTForCausalLM(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    model = small_opt(len(tokenizer))
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
 
     def example():
         a = rng.choice(attribute_sets)
@@ -142,8 +136,31 @@ def build_llm(out: Path, attribute_sets: list[dict], caption_fn, prompt: str, *,
         tail = [vocab[w] for w in caption_fn(a).split()] + [eos]
         return head + tail, [-100] * len(head) + tail
 
+    loss = train_lm(model, example, steps, tokenizer.pad_token_id, name="LM pre-training", every=100)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"lm_text_loss": round(loss, 4), "vocab_size": len(tokenizer)}
+
+
+def small_opt(vocab_size: int):
+    """The demo's frozen LLM: a real OPTForCausalLM, 3 layers of width 128, OPT's special-token ids."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=3, ffn_dim=512,
+                    num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=128,
+                    pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.0)
+    return OPTForCausalLM(cfg)
+
+
+def train_lm(model, example, steps: int, pad: int, *, name: str, every: int,
+             lr_at=lambda step: 3e-3) -> float:
+    """AdamW on batches of 32 rows from example() -> (ids, labels with -100 where no loss), padded
+    on the right; lr_at(step) sets the learning rate. Returns the last batch's loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr_at(0))
     loss = torch.tensor(float("nan"))
     for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
         rows = [example() for _ in range(32)]
         width = max(len(ids) for ids, _ in rows)
         ids = torch.tensor([r[0] + [pad] * (width - len(r[0])) for r in rows])
@@ -153,11 +170,9 @@ def build_llm(out: Path, attribute_sets: list[dict], caption_fn, prompt: str, *,
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 100 == 0:
-            log.info("LM pre-training step %d loss %.3f", step, loss.item())
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return {"lm_text_loss": round(loss.item(), 4), "vocab_size": len(tokenizer)}
+        if step % every == 0:
+            log.info("%s step %d loss %.3f", name, step, loss.item())
+    return loss.item()
 
 
 def minilm_folder() -> Path | None:

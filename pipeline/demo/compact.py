@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import tarfile
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from pipeline.data.formats.manifest import read_manifest, write_manifest
 from pipeline.data.formats.shards import ShardWriter, resolve_spec
 from pipeline.data.tasks import QUESTION_KINDS, TASKS, make_example, object_question, objects_from_labels
 
-from . import corpus
+from . import backbones, corpus
 
 JOINT = ["model.connector=joint", "model.joint.width=128", "model.joint.heads=4",
          "model.joint.num_latents=29", "model.joint.iterations=2", "model.joint.mlp_ratio=2.0",
@@ -111,7 +110,6 @@ def build_task_llm(out: Path, prompt: str, steps: int = TASK_LM_STEPS, seed: int
     """The demo's small OPT (3 x 128), trained on task text (module docstring); saved like the caption
     LM, loaded by training through from_pretrained."""
     import torch
-    from transformers import OPTConfig, OPTForCausalLM
 
     info = out / "task_llm.json"
     if info.is_file():
@@ -127,11 +125,7 @@ def build_task_llm(out: Path, prompt: str, steps: int = TASK_LM_STEPS, seed: int
     texts += [corpus.caption(a) for a in sets] + ["zero one two three yes no"]
     tok = build_tokenizer(texts)
     torch.manual_seed(seed)
-    cfg = OPTConfig(vocab_size=len(tok), hidden_size=128, num_hidden_layers=3, ffn_dim=512,
-                    num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=128,
-                    pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.0)
-    model = OPTForCausalLM(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model = backbones.small_opt(len(tok))
     ids_of = lambda text: tok(text, add_special_tokens=False).input_ids
     bos = tok.bos_token_id
 
@@ -144,25 +138,14 @@ def build_task_llm(out: Path, prompt: str, steps: int = TASK_LM_STEPS, seed: int
         tail = ids_of(ex.target) + [tok.eos_token_id]
         return head + tail, [-100] * len(head) + tail
 
-    loss = torch.tensor(float("nan"))
-    for step in range(steps):  # warm-up, then cosine to 5%: at a constant 3e-3 the loss stalls ~0.3
+    def lr_at(step):  # warm-up, then cosine to 5%: at a constant 3e-3 the loss stalls ~0.3
         cosine = 0.5 * (1 + math.cos(math.pi * step / steps))
-        for g in opt.param_groups:
-            g["lr"] = 3e-3 * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * cosine)
-        rows = [line() for _ in range(32)]
-        width = max(len(r[0]) for r in rows)
-        ids = torch.tensor([r[0] + [tok.pad_token_id] * (width - len(r[0])) for r in rows])
-        lab = torch.tensor([r[1] + [-100] * (width - len(r[1])) for r in rows])
-        mask = torch.tensor([[1] * len(r[0]) + [0] * (width - len(r[0])) for r in rows])
-        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 250 == 0:
-            print(f"task LM step {step} loss {loss.item():.3f}", file=sys.stderr, flush=True)
+        return 3e-3 * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * cosine)
+
+    loss = backbones.train_lm(model, line, steps, tok.pad_token_id, name="task LM", every=250, lr_at=lr_at)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    result = {"task_lm": f"OPTForCausalLM 3 x 128 on task text, vocab {len(tok)}, loss {loss.item():.4f} "
+    result = {"task_lm": f"OPTForCausalLM 3 x 128 on task text, vocab {len(tok)}, loss {loss:.4f} "
                          f"after {steps} steps", "steps": steps}
     info.write_text(json.dumps(result))
     return result
