@@ -32,8 +32,16 @@ from . import tome
 from .tome import Match, clamp_r, merge_source, prop_attn_bias, unmerge
 
 __all__ = [
-    "Match", "bipartite_match", "clamp_r", "merge_apply", "merge_source", "merge_tokens",
-    "merge_tokens_with_source", "prop_attn_bias", "triton_available", "unmerge",
+    "Match",
+    "bipartite_match",
+    "clamp_r",
+    "merge_apply",
+    "merge_source",
+    "merge_tokens",
+    "merge_tokens_with_source",
+    "prop_attn_bias",
+    "triton_available",
+    "unmerge",
 ]
 
 _BACKENDS = ("auto", "eager", "triton")
@@ -42,6 +50,7 @@ AUTO_DEVICES = ("cuda",)  # device types `auto` may send to Triton (tests add "c
 
 def _triton():
     from . import tome_triton  # imports triton; TRITON_INTERPRET must be set before for CPU use
+
     return tome_triton
 
 
@@ -62,6 +71,7 @@ def _resolve(backend: str, t: torch.Tensor, mode: str | None = None) -> str:
         if not (ok and triton_available()):
             return "eager"
         from . import selfcheck
+
         return "triton" if selfcheck.verdict(t.device, t.dtype, mode).ok else "eager"
     if backend == "triton":
         try:
@@ -71,16 +81,16 @@ def _resolve(backend: str, t: torch.Tensor, mode: str | None = None) -> str:
     return backend
 
 
-def bipartite_match(metric: torch.Tensor, r: int, protect_first: bool = True,
-                    backend: str = "auto") -> Match:
+def bipartite_match(metric: torch.Tensor, r: int, protect_first: bool = True, backend: str = "auto") -> Match:
     """metric [B, N, Cm] -> Match (src_idx, dst_idx [B, r'], out_pos [B, N'], group [B, N])."""
     if _resolve(backend, metric) == "triton":
         return _triton().bipartite_match(metric, r, protect_first)
     return tome.bipartite_match(metric, r, protect_first)
 
 
-def merge_apply(match: Match, x: torch.Tensor, size: torch.Tensor | None = None,
-                mode: str = "wavg", backend: str = "auto"):
+def merge_apply(
+    match: Match, x: torch.Tensor, size: torch.Tensor | None = None, mode: str = "wavg", backend: str = "auto"
+):
     """Apply a match to any x [B, N, ...] -> (x' [B, N', ...], s' [B, N', 1])."""
     if mode not in tome.MODES:
         raise ValueError(f"mode must be one of {tome.MODES}, got {mode!r}")
@@ -89,16 +99,30 @@ def merge_apply(match: Match, x: torch.Tensor, size: torch.Tensor | None = None,
     return tome.merge_apply(match, x, size, mode)
 
 
-def merge_tokens(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor | None, r: int,
-                 protect_first: bool = True, mode: str = "wavg", backend: str = "auto"):
+def merge_tokens(
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    size: torch.Tensor | None,
+    r: int,
+    protect_first: bool = True,
+    mode: str = "wavg",
+    backend: str = "auto",
+):
     """One ToMe merge step: (x2 [B, N', C], s2 [B, N', 1])."""
     match = bipartite_match(metric, r, protect_first, backend)
     return merge_apply(match, x, size, mode, backend)
 
 
-def merge_tokens_with_source(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor | None, r: int,
-                             source: torch.Tensor | None = None, protect_first: bool = True,
-                             mode: str = "wavg", backend: str = "auto"):
+def merge_tokens_with_source(
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    size: torch.Tensor | None,
+    r: int,
+    source: torch.Tensor | None = None,
+    protect_first: bool = True,
+    mode: str = "wavg",
+    backend: str = "auto",
+):
     """merge_tokens that also carries which original tokens each output holds: (x2, s2, source2).
 
     source: a [B, N, N0] 0/1 matrix from the previous step, or None to start from the identity

@@ -86,6 +86,7 @@ def _eager(x, metric, size, r):
 
 def _triton(x, metric, size, r):
     from . import merge_tokens
+
     return merge_tokens(x, metric, size, r, backend="triton")
 
 
@@ -151,6 +152,7 @@ def _time_cpu(calls, repeats, warmup=2):
 
 def _time_cuda(fn):
     import triton.testing
+
     ms = triton.testing.do_bench(fn, return_mode="median")
     return ms, ms
 
@@ -177,7 +179,7 @@ def inputs(name, dtype, device, batch=None, seed=0):
     x = torch.randn(B, N, C, generator=g)
     metric = torch.randn(B, N, Cm, generator=g)
     if ties:  # letterbox / padding: a long run of one token
-        metric[:, N // 6: N * 5 // 6] = metric[:, 3:4]
+        metric[:, N // 6 : N * 5 // 6] = metric[:, 3:4]
     size = torch.randint(1, 4, (B, N, 1), generator=g).float()
     return x.to(device, dtype), metric.to(device, dtype), size.to(device), r
 
@@ -196,8 +198,10 @@ def check(x, metric, size, r, ties):
             return bool(torch.equal(sa.sum(1), sb.sum(1)) and torch.allclose(*mass, atol=tol, rtol=tol))
         m = tome.bipartite_match(metric, r)
         na = (N + 1) // 2 - m.r
-        pos = torch.cat([m.out_pos[m.out_pos % 2 == 0].view(B, na),
-                         torch.arange(1, N, 2, device=x.device).expand(B, -1)], 1)
+        pos = torch.cat(
+            [m.out_pos[m.out_pos % 2 == 0].view(B, na), torch.arange(1, N, 2, device=x.device).expand(B, -1)],
+            1,
+        )
         order = pos.argsort(1)  # transcription order -> original-position order
         b, sb = b.gather(1, order[..., None].expand_as(b)), sb.gather(1, order[..., None])
         ok = bool(torch.allclose(a.float(), b, atol=tol, rtol=tol) and torch.equal(sa, sb))
@@ -222,10 +226,15 @@ def run(shapes, dtypes, device, repeats, backward, use_compile, out=None, file=s
     passes = ["fwd"] + (["fwd+bwd"] if backward else [])
     rows, checks, failed = [], {}, {}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-          f"load average {load}", file=file)
-    hdr = (f"{'shape':10} {'B':>4} {'dtype':9} {'pass':8} {'impl':16} {'ms':>9} {'min ms':>9} "
-           f"{'vs transc.':>10} {'MB moved':>9} {'launches':>8} {'GB/s':>7}")
+    print(
+        f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+        f"load average {load}",
+        file=file,
+    )
+    hdr = (
+        f"{'shape':10} {'B':>4} {'dtype':9} {'pass':8} {'impl':16} {'ms':>9} {'min ms':>9} "
+        f"{'vs transc.':>10} {'MB moved':>9} {'launches':>8} {'GB/s':>7}"
+    )
     print(hdr + "\n" + "-" * len(hdr), file=file)
     for sname in shapes:
         for dname in dtypes:
@@ -255,8 +264,9 @@ def run(shapes, dtypes, device, repeats, backward, use_compile, out=None, file=s
                 for iname, (ms, ms_min) in zip(names, times):
                     plain = iname.removesuffix("+graph")
                     if plain.startswith("triton"):
-                        ks = roofline.triton_kernels(roofline.Shape(B, N, C, metric.shape[-1], r,
-                                                                    x.element_size()))
+                        ks = roofline.triton_kernels(
+                            roofline.Shape(B, N, C, metric.shape[-1], r, x.element_size())
+                        )
                         ks = ks if bw else ks[:3]
                         launches, nbytes = len(ks), sum(k[1] for k in ks)
                     elif plain in ("transcription", "eager"):
@@ -264,30 +274,59 @@ def run(shapes, dtypes, device, repeats, backward, use_compile, out=None, file=s
                     else:
                         launches, nbytes = None, None
                     gbps = roofline.min_bytes(roofline.Shape(B, N, C, 0, r, x.element_size())) / ms / 1e6
-                    row = dict(shape=sname, B=B, N=N, C=C, r=r, dtype=dname, pass_=p, impl=iname, ms=ms,
-                               ms_min=ms_min, speedup=base / (ms if cuda else ms_min), bytes=nbytes,
-                               launches=launches, gbps=gbps)
+                    row = dict(
+                        shape=sname,
+                        B=B,
+                        N=N,
+                        C=C,
+                        r=r,
+                        dtype=dname,
+                        pass_=p,
+                        impl=iname,
+                        ms=ms,
+                        ms_min=ms_min,
+                        speedup=base / (ms if cuda else ms_min),
+                        bytes=nbytes,
+                        launches=launches,
+                        gbps=gbps,
+                    )
                     rows.append(row)
                     mb = f"{nbytes / 1e6:9.1f}" if nbytes is not None else f"{'-':>9}"
                     ln = f"{launches:8d}" if launches is not None else f"{'-':>8}"
-                    print(f"{sname:10} {B:4d} {dname:9} {p:8} {iname:16} {ms:9.3f} {ms_min:9.3f} "
-                          f"{row['speedup']:9.2f}x {mb} {ln} {gbps:7.1f}", file=file)
-    notes = ["GB/s = (read x once + write x' once) / time, for every row; MB moved and launches: one "
-             "counting rule for all (kernels/roofline.py).",
-             "ms: median; CPU speedups compare minima of interleaved runs, CUDA ones do_bench medians.",
-             f"outputs agree (eager vs transcription; triton vs eager on CUDA): {checks}"]
+                    print(
+                        f"{sname:10} {B:4d} {dname:9} {p:8} {iname:16} {ms:9.3f} {ms_min:9.3f} "
+                        f"{row['speedup']:9.2f}x {mb} {ln} {gbps:7.1f}",
+                        file=file,
+                    )
+    notes = [
+        "GB/s = (read x once + write x' once) / time, for every row; MB moved and launches: one "
+        "counting rule for all (kernels/roofline.py).",
+        "ms: median; CPU speedups compare minima of interleaved runs, CUDA ones do_bench medians.",
+        f"outputs agree (eager vs transcription; triton vs eager on CUDA): {checks}",
+    ]
     if failed:
         notes.append(f"did not run: {failed}")
     if not cuda:
-        notes.append("CPU run: no Triton timings (the interpreter is a correctness tool). GPU rows "
-                     "below are roofline estimates, not measurements.")
+        notes.append(
+            "CPU run: no Triton timings (the interpreter is a correctness tool). GPU rows "
+            "below are roofline estimates, not measurements."
+        )
     for n in notes:
         print(n, file=file)
     est = roofline.table(_gpu_shapes(shapes), _eager_counts(shapes, device, batch))
     _print_roofline(est, file)
-    result = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
-                  load_average=load, platform=platform.platform(), rows=rows, checks=checks,
-                  failed=failed, roofline=est, notes=notes)
+    result = dict(
+        device=str(device),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        load_average=load,
+        platform=platform.platform(),
+        rows=rows,
+        checks=checks,
+        failed=failed,
+        roofline=est,
+        notes=notes,
+    )
     if out:
         with open(out, "w") as f:
             json.dump(result, f, indent=2)
@@ -316,18 +355,35 @@ def _eager_counts(shapes, device, batch):
 
 
 def _print_roofline(est, file):
-    print("\nExpected GPU time per merge step (bf16, GPU batch; HBM roofline + "
-          f"{roofline.LAUNCH_S * 1e6:.0f} us per launch; estimates, not measurements):", file=file)
-    print(f"{'shape':10} {'gpu':10} {'fwd MB':>8} {'bwd MB':>8} {'match GF':>8} {'floor us':>8} "
-          f"{'triton fwd':>10} {'fwd+bwd':>8} {'eager fwd':>9} {'fwd+bwd':>8} {'launches':>9}", file=file)
+    print(
+        "\nExpected GPU time per merge step (bf16, GPU batch; HBM roofline + "
+        f"{roofline.LAUNCH_S * 1e6:.0f} us per launch; estimates, not measurements):",
+        file=file,
+    )
+    print(
+        f"{'shape':10} {'gpu':10} {'fwd MB':>8} {'bwd MB':>8} {'match GF':>8} {'floor us':>8} "
+        f"{'triton fwd':>10} {'fwd+bwd':>8} {'eager fwd':>9} {'fwd+bwd':>8} {'launches':>9}",
+        file=file,
+    )
     for e in est:
-        eg = (f"{e['eager_fwd_us']:9.0f} {e['eager_fwdbwd_us']:8.0f} "
-              f"{e['eager_fwd_launches']:4d}/{e['eager_fwdbwd_launches']:<4d}") if "eager_fwd_us" in e else ""
-        print(f"{e['shape']:10} {e['gpu']:10} {e['fwd_MB']:8.0f} {e['bwd_MB']:8.0f} {e['match_GFLOP']:8.1f} "
-              f"{e['floor_us']:8.0f} {e['triton_fwd_us']:10.0f} {e['triton_fwdbwd_us']:8.0f} {eg}", file=file)
-    print("floor: read x + write x' at full HBM bandwidth. triton: 3 launches fwd, 1 bwd; match on "
-          "16-bit tensor cores at 50% of peak; eager match: fp32 matmul (TF32 off) at 50% of fp32 peak.",
-          file=file)
+        eg = (
+            (
+                f"{e['eager_fwd_us']:9.0f} {e['eager_fwdbwd_us']:8.0f} "
+                f"{e['eager_fwd_launches']:4d}/{e['eager_fwdbwd_launches']:<4d}"
+            )
+            if "eager_fwd_us" in e
+            else ""
+        )
+        print(
+            f"{e['shape']:10} {e['gpu']:10} {e['fwd_MB']:8.0f} {e['bwd_MB']:8.0f} {e['match_GFLOP']:8.1f} "
+            f"{e['floor_us']:8.0f} {e['triton_fwd_us']:10.0f} {e['triton_fwdbwd_us']:8.0f} {eg}",
+            file=file,
+        )
+    print(
+        "floor: read x + write x' at full HBM bandwidth. triton: 3 launches fwd, 1 bwd; match on "
+        "16-bit tensor cores at 50% of peak; eager match: fp32 matmul (TF32 off) at 50% of fp32 peak.",
+        file=file,
+    )
 
 
 def main(argv=None):
@@ -353,25 +409,38 @@ def main(argv=None):
         _use_interpreter()
     if args.check:
         from . import selfcheck
+
         return selfcheck.report(device)
     if args.variants or args.compile_for:
         from . import jit_check
+
         return jit_check.print_variants(device, args.compile_for)
     if args.layer:
         from . import bench_layer
+
         return bench_layer.layer(device, args.batch, args.repeats, args.out)
     cuda = device.type == "cuda"
     shapes = args.shapes or list(SHAPES)
     dtypes = args.dtypes or (["bfloat16", "float32"] if cuda else ["float32"])
-    run(shapes, dtypes, device, args.repeats, not args.no_backward, args.compile or cuda, args.out,
-        batch=args.batch)
+    run(
+        shapes,
+        dtypes,
+        device,
+        args.repeats,
+        not args.no_backward,
+        args.compile or cuda,
+        args.out,
+        batch=args.batch,
+    )
     return 0
 
 
 def _use_interpreter():
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("triton was imported before TRITON_INTERPRET=1 could be set: "
-                         "run `TRITON_INTERPRET=1 simvlg bench kernels ...` for a CPU run")
+        raise SystemExit(
+            "triton was imported before TRITON_INTERPRET=1 could be set: "
+            "run `TRITON_INTERPRET=1 simvlg bench kernels ...` for a CPU run"
+        )
     os.environ["TRITON_INTERPRET"] = "1"
 
 

@@ -88,8 +88,10 @@ def _peak_mb(device, batch, state):
         _step(layer, x, size, state)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 1e6
-    code = ("import sys, json; from kernels import bench_layer as b; "
-            f"print(json.dumps(b._child({batch}, {state!r})))")
+    code = (
+        "import sys, json; from kernels import bench_layer as b; "
+        f"print(json.dumps(b._child({batch}, {state!r})))"
+    )
     # glibc: every allocation above 64 KB its own mmap, unmapped when freed, so RSS follows the live
     # tensors instead of the allocator's free lists
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -116,19 +118,31 @@ def _status_kb(field):
 
 def layer(device, batch=None, repeats=5, out=None, file=sys.stdout):
     from .bench import _time_cpu, _time_cuda
+
     batch = batch or (256 if device.type == "cuda" else 8)
     lay, x, size = _setup(device, batch)
     grads = [_step(lay, x, size, s).requires_grad for s in STATES]
     calls = [lambda s=s: _step(lay, x, size, s) for s in STATES]
     times = [_time_cuda(c) for c in calls] if device.type == "cuda" else _time_cpu(calls, repeats)
-    print(f"TomeFormer layer 3 (B={batch}, N={x.shape[1]}, C=768, 12 heads, r=19, fp32) fwd+bwd on "
-          f"{device}, {torch.get_num_threads()} threads", file=file)
-    print(f"{'state':20} {'ms':>9} {'min ms':>9} {'saved MB':>9} {'peak MB':>9}  returned size requires grad",
-          file=file)
+    print(
+        f"TomeFormer layer 3 (B={batch}, N={x.shape[1]}, C=768, 12 heads, r=19, fp32) fwd+bwd on "
+        f"{device}, {torch.get_num_threads()} threads",
+        file=file,
+    )
+    print(
+        f"{'state':20} {'ms':>9} {'min ms':>9} {'saved MB':>9} {'peak MB':>9}  returned size requires grad",
+        file=file,
+    )
     rows = []
     for s, (ms, mn), g in zip(STATES, times, grads):
-        row = dict(state=s, ms=ms, ms_min=mn, saved_mb=_saved_mb(lay, x, size, s),
-                   peak_mb=_peak_mb(device, batch, s), size_requires_grad=g)
+        row = dict(
+            state=s,
+            ms=ms,
+            ms_min=mn,
+            saved_mb=_saved_mb(lay, x, size, s),
+            peak_mb=_peak_mb(device, batch, s),
+            size_requires_grad=g,
+        )
         rows.append(row)
         print(f"{s:20} {ms:9.1f} {mn:9.1f} {row['saved_mb']:9.1f} {row['peak_mb']:9.1f}  {g}", file=file)
     if out:

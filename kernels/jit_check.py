@@ -24,12 +24,19 @@ import sys
 
 import torch
 
-_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
-          torch.int32: "i32", torch.bool: "i1"}
+_TYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.bool: "i1",
+}
 
 
 def _kernels():
     from . import tome_triton
+
     return tome_triton.KERNELS, set(tome_triton._SHRINKING)
 
 
@@ -41,7 +48,7 @@ def _variant(name: str, bound: dict, consts: dict, options: dict, shrinking: set
             key.append((arg, str(v.dtype), v.data_ptr() % 16 == 0))
             sig[arg] = "*" + _TYPES[v.dtype]
         else:  # runtime ints (we pass no runtime floats or bools)
-            width = "i32" if -2**31 <= v < 2**31 else "i64"
+            width = "i32" if -(2**31) <= v < 2**31 else "i64"
             fixed = arg in shrinking and not specialise_all
             key.append((arg, width) if fixed else (arg, width, v == 1, v % 16 == 0))
             sig[arg] = width
@@ -68,6 +75,7 @@ def record_variants(specialise_all: bool = False):
             opts = {n: v for n, v in kwargs.items() if n in ("num_warps", "num_stages")}
             key, spec = _variant(_k.__name__, runtime, consts, opts, shrinking, specialise_all)
             seen.setdefault(key, spec)
+
         k.add_pre_run_hook(hook)
         hooks.append((k, hook))
     try:
@@ -82,8 +90,7 @@ def compiled_constexprs(spec: dict) -> dict:
     TRITON_INTERPRET=1 carry the interpreter's three switches (fp32 dots, tl.sort replaced)."""
     consts = dict(spec["constexprs"])
     dtype = next(t for a, t in spec["signature"].items() if a in ("m_ptr", "x_ptr", "g_ptr", "val_ptr"))
-    for name, compiled in (("DOT16", dtype in ("*bf16", "*fp16")), ("NATIVE_SORT", True),
-                           ("PREC", "tf32x3")):
+    for name, compiled in (("DOT16", dtype in ("*bf16", "*fp16")), ("NATIVE_SORT", True), ("PREC", "tf32x3")):
         if name in consts:
             consts[name] = compiled
     return consts
@@ -96,6 +103,7 @@ def compile_spec(spec: dict, arch: int):
     from triton.compiler import ASTSource
 
     from . import tome_triton
+
     if tome_triton.INTERPRET:
         raise RuntimeError("compile_spec needs the compiled kernels: run without TRITON_INTERPRET=1")
     fn = getattr(tome_triton, spec["kernel"])
@@ -121,19 +129,27 @@ def main(argv=None):
     failed = 0
     for arch in args.arch:
         for spec in specs:
-            consts = " ".join(f"{k}={v}" for k, v in compiled_constexprs(spec).items()
-                              if not k.startswith("BLOCK"))
-            dtypes = "/".join(sorted({t[1:] for t in spec["signature"].values()
-                                      if t[1:] in ("fp32", "bf16", "fp16")}))
+            consts = " ".join(
+                f"{k}={v}" for k, v in compiled_constexprs(spec).items() if not k.startswith("BLOCK")
+            )
+            dtypes = "/".join(
+                sorted({t[1:] for t in spec["signature"].values() if t[1:] in ("fp32", "bf16", "fp16")})
+            )
             try:
                 ck = compile_spec(spec, arch)
-                res = dict(ok=True, shared_bytes=ck.metadata.shared, num_warps=ck.metadata.num_warps,
-                           instructions=instructions(ck.asm["ptx"]))
+                res = dict(
+                    ok=True,
+                    shared_bytes=ck.metadata.shared,
+                    num_warps=ck.metadata.num_warps,
+                    instructions=instructions(ck.asm["ptx"]),
+                )
             except Exception as e:  # report every variant, then fail
                 failed += 1
                 res = dict(ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}")
-            print(json.dumps(dict(arch=arch, kernel=spec["kernel"], dtypes=dtypes, constexprs=consts, **res)),
-                  flush=True)
+            print(
+                json.dumps(dict(arch=arch, kernel=spec["kernel"], dtypes=dtypes, constexprs=consts, **res)),
+                flush=True,
+            )
     return 1 if failed else 0
 
 
@@ -144,6 +160,7 @@ if __name__ == "__main__":
 def tomeformer_pass(backend="triton", device="cpu", dtype=torch.bfloat16, N=257, layers=12, r=19, C=64):
     """The merges of one TomeFormer forward + backward (bf16, CLS protected, size=None first)."""
     from . import merge_tokens
+
     x = torch.randn(1, N, C, device=device, dtype=dtype, requires_grad=True)
     y, size = x, None
     for _ in range(layers):
@@ -156,6 +173,7 @@ def print_variants(device, archs=None, file=None) -> int:
     import os
     import subprocess
     import tempfile
+
     file = file or sys.stdout
     counts = {}
     for dns in (True, False):
@@ -164,8 +182,11 @@ def print_variants(device, archs=None, file=None) -> int:
         counts[dns] = seen
     names = sorted({k[0] for k in counts[True]})
     per = ", ".join(f"{n} {sum(k[0] == n for k in counts[True])}" for n in names)
-    print(f"TomeFormer pass (257 tokens, 12 layers, r=19, fwd+bwd): {len(counts[True])} kernel variants "
-          f"({per}); {len(counts[False])} if the shrinking sizes were specialised", file=file)
+    print(
+        f"TomeFormer pass (257 tokens, 12 layers, r=19, fwd+bwd): {len(counts[True])} kernel variants "
+        f"({per}); {len(counts[False])} if the shrinking sizes were specialised",
+        file=file,
+    )
     if not archs:
         return 0
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:

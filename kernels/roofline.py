@@ -48,9 +48,14 @@ def triton_kernels(s: Shape) -> list[tuple[str, float, float]]:
     sz = 4 if s.sized else 0
     match = (B * N * Cm * e + B * NA * 12, 2.0 * B * NA * NB * Cm)  # metric in; score, index out
     plan = (B * NA * 12 + B * (16 * no + 4 * N + 20 * r), 0.0)  # pos, cnt, off, grp, csr, src, dst
-    fwd = (B * N * C * e + B * no * C * e  # every input row read once, every output row written
-           + B * N * sz + B * no * 8  # sizes in; sizes and weights out
-           + B * (16 * no + 8 * r), 0.0)  # pos, cnt, off; csr and grp of the members
+    fwd = (
+        B * N * C * e
+        + B * no * C * e  # every input row read once, every output row written
+        + B * N * sz
+        + B * no * 8  # sizes in; sizes and weights out
+        + B * (16 * no + 8 * r),
+        0.0,
+    )  # pos, cnt, off; csr and grp of the members
     bwd_bytes = B * N * C * e * 2 + B * N * (8 + sz)  # g gathered per input row, dx; grp, W, s
     if s.size_grad:  # d(size) reads x and the gathered x' too
         bwd_bytes += B * N * C * e * 2 + B * N * 8
@@ -77,17 +82,26 @@ def table(shapes: dict[str, Shape], eager_counts: dict | None = None) -> list[di
     for name, s in shapes.items():
         ks = triton_kernels(s)
         for gpu in GPUS:
-            row = dict(shape=name, gpu=gpu, fwd_MB=sum(b for _, b, _ in ks[:3]) / 1e6,
-                       bwd_MB=ks[3][1] / 1e6, match_GFLOP=ks[0][2] / 1e9,
-                       triton_fwd_us=expected_seconds(ks[:3], 3, gpu) * 1e6,
-                       triton_fwdbwd_us=expected_seconds(ks, 4, gpu) * 1e6,
-                       floor_us=min_bytes(s) / GPUS[gpu][0] * 1e6)
+            row = dict(
+                shape=name,
+                gpu=gpu,
+                fwd_MB=sum(b for _, b, _ in ks[:3]) / 1e6,
+                bwd_MB=ks[3][1] / 1e6,
+                match_GFLOP=ks[0][2] / 1e9,
+                triton_fwd_us=expected_seconds(ks[:3], 3, gpu) * 1e6,
+                triton_fwdbwd_us=expected_seconds(ks, 4, gpu) * 1e6,
+                floor_us=min_bytes(s) / GPUS[gpu][0] * 1e6,
+            )
             if eager_counts and name in eager_counts:
                 (lf, bf), (lb, bb) = eager_counts[name]
                 ek = [("eager match", 0.0, ks[0][2])]  # its bytes are in the counted total
-                row.update(eager_fwd_us=expected_seconds(ek + [("eager", bf, 0.0)], lf, gpu, True) * 1e6,
-                           eager_fwdbwd_us=expected_seconds(ek + [("eager", bb, 0.0)], lb, gpu, True) * 1e6,
-                           eager_fwd_launches=lf, eager_fwdbwd_launches=lb,
-                           eager_fwd_MB=bf / 1e6, eager_fwdbwd_MB=bb / 1e6)
+                row.update(
+                    eager_fwd_us=expected_seconds(ek + [("eager", bf, 0.0)], lf, gpu, True) * 1e6,
+                    eager_fwdbwd_us=expected_seconds(ek + [("eager", bb, 0.0)], lb, gpu, True) * 1e6,
+                    eager_fwd_launches=lf,
+                    eager_fwdbwd_launches=lb,
+                    eager_fwd_MB=bf / 1e6,
+                    eager_fwdbwd_MB=bb / 1e6,
+                )
             rows.append(row)
     return rows

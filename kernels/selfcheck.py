@@ -53,8 +53,10 @@ def verdict(device, dtype: torch.dtype, mode: str | None = None) -> Verdict:
     """Cached result of check(); the first failing call per key warns once."""
     key = _key(device, dtype, mode)
     v = _VERDICTS.get(key)
-    if v is None and (torch.compiler.is_compiling() or
-                      (key[0].startswith("cuda") and torch.cuda.is_current_stream_capturing())):
+    if v is None and (
+        torch.compiler.is_compiling()
+        or (key[0].startswith("cuda") and torch.cuda.is_current_stream_capturing())
+    ):
         # the check syncs and launches kernels: not inside torch.compile tracing or CUDA graph
         # capture. Eager for now (not cached): the first call outside decides.
         return Verdict(False, "first use inside torch.compile or CUDA graph capture")
@@ -65,9 +67,12 @@ def verdict(device, dtype: torch.dtype, mode: str | None = None) -> Verdict:
                 v = check(*key)
                 _VERDICTS[key] = v
                 if not v.ok:
-                    warnings.warn(f"kernels: Triton self-check failed for {key[0]} {key[1]} "
-                                  f"mode={mode}: {v.reason}; using the eager path for it",
-                                  RuntimeWarning, stacklevel=3)
+                    warnings.warn(
+                        f"kernels: Triton self-check failed for {key[0]} {key[1]} "
+                        f"mode={mode}: {v.reason}; using the eager path for it",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
     return v
 
 
@@ -86,6 +91,7 @@ def check(device, dtype: torch.dtype, mode: str | None = None) -> Verdict:
     torch.backends.cuda.matmul.allow_tf32 = False  # the eager reference in full fp32, whatever the
     try:  # caller's matmul precision
         from . import tome_triton as tt
+
         for name in SHAPES:
             inputs = _inputs(name, device, dtype)
             _check_match(tt, name, *inputs)
@@ -117,7 +123,7 @@ def _inputs(name, device, dtype):
     else:  # letterbox / black frames: long runs of one token; small integers: exact dot products
         metric = torch.randint(-2, 3, (B, N, Cm), generator=g).float()
         metric[..., 0] = 3.0  # no zero vectors
-        metric[:, N // 6: N * 5 // 6] = metric[:, 3:4]  # ~N/3 A tokens merge into one B token
+        metric[:, N // 6 : N * 5 // 6] = metric[:, 3:4]  # ~N/3 A tokens merge into one B token
         metric[1:, 1::3] = metric[1:, 5:6]
     return x.to(device, dtype), metric.to(device, dtype), size.to(device), r
 
@@ -133,8 +139,9 @@ def _close(name, what, got, want, tol):
     bad = ~torch.isclose(got, want, rtol=tol, atol=tol)  # infinities must match exactly; NaN fails
     if bad.any():
         err = (got - want).abs()[bad].max().item()
-        raise CheckFailed(f"{name} input: {what} off by {err:.3g} at {int(bad.sum())} places "
-                          f"(tolerance {tol:g} abs + rel)")
+        raise CheckFailed(
+            f"{name} input: {what} off by {err:.3g} at {int(bad.sum())} places (tolerance {tol:g} abs + rel)"
+        )
 
 
 def _check_match(tt, name, x, metric, size, r):
@@ -191,10 +198,14 @@ def report(device, dtypes=(torch.float32, torch.bfloat16, torch.float16), file=N
     """`simvlg bench kernels --check`: run the check for every dtype and mode and print verdicts."""
     import sys
     import time
+
     file = file or sys.stdout
     device = torch.device(device)
-    how = ("compiled kernels" if device.type == "cuda"
-           else "Triton interpreter: the check's logic, not compiled code")
+    how = (
+        "compiled kernels"
+        if device.type == "cuda"
+        else "Triton interpreter: the check's logic, not compiled code"
+    )
     print(f"self-check on {device} ({how})", file=file)
     bad = 0
     for dtype in dtypes:
@@ -203,8 +214,13 @@ def report(device, dtypes=(torch.float32, torch.bfloat16, torch.float16), file=N
             v = check(device, dtype, mode)
             bad += not v.ok
             what = "matching + plan" if mode is None else f"merge mode={mode}"
-            print(f"  {str(dtype):15} {what:18} {'ok' if v.ok else 'FAILED: ' + v.reason} "
-                  f"({time.perf_counter() - t0:.1f} s)", file=file)
-    print("backend='auto' uses Triton for the keys marked ok, eager (with one warning) for the others",
-          file=file)
+            print(
+                f"  {str(dtype):15} {what:18} {'ok' if v.ok else 'FAILED: ' + v.reason} "
+                f"({time.perf_counter() - t0:.1f} s)",
+                file=file,
+            )
+    print(
+        "backend='auto' uses Triton for the keys marked ok, eager (with one warning) for the others",
+        file=file,
+    )
     return 1 if bad else 0

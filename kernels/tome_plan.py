@@ -26,7 +26,7 @@ from . import tome
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MIN_PLAN_LANES, MAX_PLAN_LANES = 256, 4096
-I64_MAX, I64_MIN = tl.constexpr(2**63 - 1), tl.constexpr(-2**63)
+I64_MAX, I64_MIN = tl.constexpr(2**63 - 1), tl.constexpr(-(2**63))
 SHRINKING = ["N", "NA", "NB", "NOUT", "R"]  # sizes that change every layer: never specialised on
 
 
@@ -54,10 +54,27 @@ def _sort_lanes(x, L: tl.constexpr, LOG_L: tl.constexpr, NATIVE: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=SHRINKING)
-def _plan_kernel(val_ptr, idx_ptr, part_ptr, pos_ptr, cnt_ptr, off_ptr, csr_ptr, grp_ptr, src_ptr,
-                 dst_ptr, N, NA, NB, NOUT, R,
-                 FROM_SCORES: tl.constexpr, L: tl.constexpr, LOG_L: tl.constexpr,
-                 NATIVE_SORT: tl.constexpr):
+def _plan_kernel(
+    val_ptr,
+    idx_ptr,
+    part_ptr,
+    pos_ptr,
+    cnt_ptr,
+    off_ptr,
+    csr_ptr,
+    grp_ptr,
+    src_ptr,
+    dst_ptr,
+    N,
+    NA,
+    NB,
+    NOUT,
+    R,
+    FROM_SCORES: tl.constexpr,
+    L: tl.constexpr,
+    LOG_L: tl.constexpr,
+    NATIVE_SORT: tl.constexpr,
+):
     # Lane a is A token a (position 2a) and, for a < NB, B token a (position 2a + 1).
     b = tl.program_id(0).to(tl.int64)
     a = tl.arange(0, L)
@@ -141,10 +158,28 @@ def build_plan(N: int, r: int, scores=None, partner=None, native_sort=None) -> t
     dst_idx = torch.empty(B, r, dtype=torch.int64, device=dev)
     L = lanes(NA)
     val, idx = scores if scores is not None else (partner, partner)
-    _plan_kernel[(B,)](val, idx, partner if partner is not None else val, pos, cnt, off, csr, grp,
-                       src_idx, dst_idx, N, NA, NB, NOUT, r, FROM_SCORES=scores is not None, L=L,
-                       LOG_L=L.bit_length() - 1, **launch_options(L),
-                       NATIVE_SORT=not INTERPRET if native_sort is None else native_sort)
+    _plan_kernel[(B,)](
+        val,
+        idx,
+        partner if partner is not None else val,
+        pos,
+        cnt,
+        off,
+        csr,
+        grp,
+        src_idx,
+        dst_idx,
+        N,
+        NA,
+        NB,
+        NOUT,
+        r,
+        FROM_SCORES=scores is not None,
+        L=L,
+        LOG_L=L.bit_length() - 1,
+        **launch_options(L),
+        NATIVE_SORT=not INTERPRET if native_sort is None else native_sort,
+    )
     plan = dict(cnt=cnt, off=off, csr=csr, grp=grp)
     return tome.Match(src_idx, dst_idx, N, out_pos=pos, plan=plan)
 
@@ -155,8 +190,12 @@ def plan_torch(match: tome.Match) -> dict:
     cnt = torch.zeros(B, match.n_out, dtype=torch.int32, device=match.src_idx.device)
     cnt.scatter_add_(1, match.dst_out, torch.ones_like(match.dst_out, dtype=torch.int32))
     key = match.dst_out * match.n + 2 * match.src_idx  # members sorted by (output row, position)
-    return dict(cnt=cnt, off=(cnt.cumsum(1, dtype=torch.int32) - cnt),
-                csr=(key.sort(dim=1).values % match.n).to(torch.int32), grp=match.group.to(torch.int32))
+    return dict(
+        cnt=cnt,
+        off=(cnt.cumsum(1, dtype=torch.int32) - cnt),
+        csr=(key.sort(dim=1).values % match.n).to(torch.int32),
+        grp=match.group.to(torch.int32),
+    )
 
 
 def plan_for(match: tome.Match) -> tuple[torch.Tensor, dict]:

@@ -50,9 +50,22 @@ def _p2(n: int, lo: int, hi: int) -> int:
 
 
 @triton.jit(do_not_specialize=_SHRINKING)
-def _match_kernel(m_ptr, val_ptr, idx_ptr, N, NA, NB, CM,
-                  PROTECT: tl.constexpr, DOT16: tl.constexpr, PREC: tl.constexpr, ONE_K: tl.constexpr,
-                  BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+def _match_kernel(
+    m_ptr,
+    val_ptr,
+    idx_ptr,
+    N,
+    NA,
+    NB,
+    CM,
+    PROTECT: tl.constexpr,
+    DOT16: tl.constexpr,
+    PREC: tl.constexpr,
+    ONE_K: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     ia = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)  # [BLOCK_A] A indices
     ma = ia < NA
@@ -78,8 +91,9 @@ def _match_kernel(m_ptr, val_ptr, idx_ptr, N, NA, NB, CM,
         nb = tl.zeros([BLOCK_B], tl.float32)
         for k0 in range(0, CM, BLOCK_K):
             mk = (k0 + k < CM)[None, :]
-            v = tl.load(base + (2 * ib + 1)[:, None] * CM + (k0 + k)[None, :], mask=mb[:, None] & mk,
-                        other=0.0).to(tl.float32)
+            v = tl.load(
+                base + (2 * ib + 1)[:, None] * CM + (k0 + k)[None, :], mask=mb[:, None] & mk, other=0.0
+            ).to(tl.float32)
             nb += tl.sum(v * v, axis=1)
             if ONE_K:
                 at = a_tile
@@ -122,11 +136,29 @@ def _onehot_dot(hw, xm, x_dtype: tl.constexpr, DOT16: tl.constexpr, SPLIT: tl.co
 
 
 @triton.jit(do_not_specialize=_SHRINKING)
-def _merge_fwd_kernel(x_ptr, s_ptr, pos_ptr, cnt_ptr, off_ptr, csr_ptr, grp_ptr, out_ptr, sout_ptr,
-                      wsum_ptr, N, NOUT, R, C,
-                      MODE: tl.constexpr, HAS_SIZE: tl.constexpr, DOT16: tl.constexpr,
-                      SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_C: tl.constexpr):
+def _merge_fwd_kernel(
+    x_ptr,
+    s_ptr,
+    pos_ptr,
+    cnt_ptr,
+    off_ptr,
+    csr_ptr,
+    grp_ptr,
+    out_ptr,
+    sout_ptr,
+    wsum_ptr,
+    N,
+    NOUT,
+    R,
+    C,
+    MODE: tl.constexpr,
+    HAS_SIZE: tl.constexpr,
+    DOT16: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     o0 = tl.program_id(1) * BLOCK_R
     r_loc = tl.arange(0, BLOCK_R)
@@ -136,8 +168,7 @@ def _merge_fwd_kernel(x_ptr, s_ptr, pos_ptr, cnt_ptr, off_ptr, csr_ptr, grp_ptr,
     mc = c < C
     xb = x_ptr + b * N * C
     pos = tl.load(pos_ptr + b * NOUT + o, mask=mo, other=0)
-    x = tl.load(xb + pos[:, None] * C + c[None, :], mask=mo[:, None] & mc[None, :],
-                other=0.0).to(tl.float32)
+    x = tl.load(xb + pos[:, None] * C + c[None, :], mask=mo[:, None] & mc[None, :], other=0.0).to(tl.float32)
     if HAS_SIZE:
         s = tl.load(s_ptr + b * N + pos, mask=mo, other=1.0).to(tl.float32)
     else:
@@ -158,8 +189,9 @@ def _merge_fwd_kernel(x_ptr, s_ptr, pos_ptr, cnt_ptr, off_ptr, csr_ptr, grp_ptr,
         mm = mi < m1
         p = tl.load(csr_ptr + b * R + mi, mask=mm, other=0)  # input positions of the members
         row = tl.load(grp_ptr + b * N + p, mask=mm, other=-1) - o0  # their local output rows
-        xm = tl.load(xb + p[:, None] * C + c[None, :], mask=mm[:, None] & mc[None, :],
-                     other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C]
+        xm = tl.load(xb + p[:, None] * C + c[None, :], mask=mm[:, None] & mc[None, :], other=0.0).to(
+            tl.float32
+        )  # [BLOCK_M, BLOCK_C]
         if HAS_SIZE:
             sm = tl.load(s_ptr + b * N + p, mask=mm, other=0.0).to(tl.float32)
         else:
@@ -177,19 +209,38 @@ def _merge_fwd_kernel(x_ptr, s_ptr, pos_ptr, cnt_ptr, off_ptr, csr_ptr, grp_ptr,
         wsum = tl.full([BLOCK_R], 1.0, tl.float32)
     else:
         acc = tl.math.div_rn(acc, wsum[:, None] + tl.zeros_like(acc))
-    tl.store(out_ptr + b * NOUT * C + o[:, None] * C + c[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=mo[:, None] & mc[None, :])
+    tl.store(
+        out_ptr + b * NOUT * C + o[:, None] * C + c[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=mo[:, None] & mc[None, :],
+    )
     if tl.program_id(2) == 0:
         tl.store(sout_ptr + b * NOUT + o, ssum.to(sout_ptr.dtype.element_ty), mask=mo)
         tl.store(wsum_ptr + b * NOUT + o, wsum, mask=mo)
 
 
 @triton.jit(do_not_specialize=_SHRINKING)
-def _merge_bwd_kernel(g_ptr, gs_ptr, x_ptr, s_ptr, out_ptr, wsum_ptr, grp_ptr, gx_ptr, gsz_ptr,
-                      N, NOUT, C,
-                      MODE: tl.constexpr, HAS_SIZE: tl.constexpr, NEED_GX: tl.constexpr,
-                      NEED_GS: tl.constexpr, HAS_GS: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+def _merge_bwd_kernel(
+    g_ptr,
+    gs_ptr,
+    x_ptr,
+    s_ptr,
+    out_ptr,
+    wsum_ptr,
+    grp_ptr,
+    gx_ptr,
+    gsz_ptr,
+    N,
+    NOUT,
+    C,
+    MODE: tl.constexpr,
+    HAS_SIZE: tl.constexpr,
+    NEED_GX: tl.constexpr,
+    NEED_GS: tl.constexpr,
+    HAS_GS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] input rows
     mi = i < N
@@ -204,16 +255,18 @@ def _merge_bwd_kernel(g_ptr, gs_ptr, x_ptr, s_ptr, out_ptr, wsum_ptr, grp_ptr, g
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         m2 = mi[:, None] & (c < C)[None, :]
-        g = tl.load(g_ptr + b * NOUT * C + o[:, None] * C + c[None, :], mask=m2,
-                    other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + b * NOUT * C + o[:, None] * C + c[None, :], mask=m2, other=0.0).to(tl.float32)
         if NEED_GX:
-            tl.store(gx_ptr + b * N * C + i[:, None] * C + c[None, :],
-                     (g * scale[:, None]).to(gx_ptr.dtype.element_ty), mask=m2)
+            tl.store(
+                gx_ptr + b * N * C + i[:, None] * C + c[None, :],
+                (g * scale[:, None]).to(gx_ptr.dtype.element_ty),
+                mask=m2,
+            )
         if NEED_GS and MODE == 0:
-            xi = tl.load(x_ptr + b * N * C + i[:, None] * C + c[None, :], mask=m2,
-                         other=0.0).to(tl.float32)
-            xo = tl.load(out_ptr + b * NOUT * C + o[:, None] * C + c[None, :], mask=m2,
-                         other=0.0).to(tl.float32)
+            xi = tl.load(x_ptr + b * N * C + i[:, None] * C + c[None, :], mask=m2, other=0.0).to(tl.float32)
+            xo = tl.load(out_ptr + b * NOUT * C + o[:, None] * C + c[None, :], mask=m2, other=0.0).to(
+                tl.float32
+            )
             dot += tl.sum(g * (xi - xo), axis=1)
     if NEED_GS:
         gs = tl.math.div_rn(dot, W)  # d x'_o / d s_i = (x_i - x'_o) / S_o  (wavg; zero otherwise)
@@ -231,8 +284,7 @@ def _fp32_precision() -> str:
     return "tf32x3" if torch.version.hip is None and not INTERPRET else "ieee"
 
 
-def match_scores(metric: torch.Tensor, protect_first: bool = True, block_a=None, block_b=None,
-                 block_k=None):
+def match_scores(metric: torch.Tensor, protect_first: bool = True, block_a=None, block_b=None, block_k=None):
     """Fused Triton version of tome.match_scores: (score [B, NA] fp32, index [B, NA] int64)."""
     _check(metric)
     m = metric.contiguous()
@@ -246,9 +298,22 @@ def match_scores(metric: torch.Tensor, protect_first: bool = True, block_a=None,
     # 192 KB of shared memory, more than an A100 has; kernels/jit_check.py shows these figures)
     bk = block_k or (_p2(CM, 16, 128) if CM <= 128 else 32)
     _match_kernel[(B, triton.cdiv(NA, ba))](
-        m, val, idx, N, NA, NB, CM, PROTECT=bool(protect_first), DOT16=_dot16(m),
-        PREC=_fp32_precision(), ONE_K=CM <= bk, BLOCK_A=ba, BLOCK_B=bb, BLOCK_K=bk,
-        **launch_options("_match_kernel", ONE_K=CM <= bk))
+        m,
+        val,
+        idx,
+        N,
+        NA,
+        NB,
+        CM,
+        PROTECT=bool(protect_first),
+        DOT16=_dot16(m),
+        PREC=_fp32_precision(),
+        ONE_K=CM <= bk,
+        BLOCK_A=ba,
+        BLOCK_B=bb,
+        BLOCK_K=bk,
+        **launch_options("_match_kernel", ONE_K=CM <= bk),
+    )
     return val, idx
 
 
@@ -282,10 +347,29 @@ class _MergeFunction(torch.autograd.Function):
         wsum = torch.empty(B, NOUT, dtype=torch.float32, device=x.device)
         br, bm, bc = blocks
         grid = (B, triton.cdiv(NOUT, br), triton.cdiv(C, bc))
-        _merge_fwd_kernel[grid](x, size if size is not None else x, pos, cnt, off, csr, grp, out, sout,
-                                wsum, N, NOUT, R, C, MODE=mode, HAS_SIZE=size is not None,
-                                DOT16=_dot16(x), SPLIT=mode == 0 and size is not None,
-                                BLOCK_R=br, BLOCK_M=bm, BLOCK_C=bc)
+        _merge_fwd_kernel[grid](
+            x,
+            size if size is not None else x,
+            pos,
+            cnt,
+            off,
+            csr,
+            grp,
+            out,
+            sout,
+            wsum,
+            N,
+            NOUT,
+            R,
+            C,
+            MODE=mode,
+            HAS_SIZE=size is not None,
+            DOT16=_dot16(x),
+            SPLIT=mode == 0 and size is not None,
+            BLOCK_R=br,
+            BLOCK_M=bm,
+            BLOCK_C=bc,
+        )
         ctx.size_grad = size is not None and ctx.needs_input_grad[1]
         if not ctx.size_grad:  # constant sizes stay constant: no size-gradient path downstream
             ctx.mark_non_differentiable(sout)
@@ -311,16 +395,38 @@ class _MergeFunction(torch.autograd.Function):
         gsz = torch.empty(B, N, dtype=sdt, device=g.device) if need_gs else None
         bn, bc = 16, _p2(C, 16, 256)
         _merge_bwd_kernel[(B, triton.cdiv(N, bn))](
-            g, gs.contiguous() if gs is not None else g, x if x is not None else g,
-            size if size is not None else wsum, out if out is not None else g, wsum, grp,
-            gx if need_gx else g, gsz if need_gs else wsum, N, NOUT, C,
-            MODE=ctx.mode, HAS_SIZE=size is not None, NEED_GX=need_gx, NEED_GS=need_gs,
-            HAS_GS=gs is not None, BLOCK_N=bn, BLOCK_C=bc)
+            g,
+            gs.contiguous() if gs is not None else g,
+            x if x is not None else g,
+            size if size is not None else wsum,
+            out if out is not None else g,
+            wsum,
+            grp,
+            gx if need_gx else g,
+            gsz if need_gs else wsum,
+            N,
+            NOUT,
+            C,
+            MODE=ctx.mode,
+            HAS_SIZE=size is not None,
+            NEED_GX=need_gx,
+            NEED_GS=need_gs,
+            HAS_GS=gs is not None,
+            BLOCK_N=bn,
+            BLOCK_C=bc,
+        )
         return gx, gsz, None, None, None, None
 
 
-def merge_apply(match: tome.Match, x: torch.Tensor, size: torch.Tensor | None = None,
-                mode: str = "wavg", block_r=None, block_c=None, block_m=None):
+def merge_apply(
+    match: tome.Match,
+    x: torch.Tensor,
+    size: torch.Tensor | None = None,
+    mode: str = "wavg",
+    block_r=None,
+    block_c=None,
+    block_m=None,
+):
     """Triton version of tome.merge_apply: x [B, N, ...] -> (x' [B, N', ...], s' [B, N', 1])."""
     if mode not in _MODE_ID:
         raise ValueError(f"mode must be one of {tuple(_MODE_ID)}, got {mode!r}")

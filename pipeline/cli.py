@@ -11,9 +11,15 @@ from pipeline.config import ConfigError, dump_yaml, load_config
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="a YAML config file, or the name of a packaged one (e.g. demo)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value by dotted key, e.g. --set train.lr=2e-4 "
-                        "--set data.sources.0.weight=3 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by dotted key, e.g. --set train.lr=2e-4 "
+        "--set data.sources.0.weight=3 (repeatable)",
+    )
 
 
 def cmd_config_show(args) -> int:
@@ -47,14 +53,21 @@ def cmd_eval(args) -> int:
 # Commands whose module owns its flags: `simvlg bench flops --help` shows that module's help.
 PASS_THROUGH = {
     ("bench", "kernels"): ("kernels.bench", "token-merging kernels: Triton vs eager (vs torch.compile)"),
-    ("bench", "flops"): ("pipeline.models.flops",
-                         "FLOPs, parameters and memory per sample on the meta device (--vs blip2)"),
+    ("bench", "flops"): (
+        "pipeline.models.flops",
+        "FLOPs, parameters and memory per sample on the meta device (--vs blip2)",
+    ),
     ("bench", "data"): ("pipeline.data.bench", "data loader throughput: decode+augment, workers, waits"),
-    ("bench", "step"): ("pipeline.train.bench_step", "real training steps of a config: where a step's "
-                        "time goes, samples/s, memory, MFU"),
+    ("bench", "step"): (
+        "pipeline.train.bench_step",
+        "real training steps of a config: where a step's time goes, samples/s, memory, MFU",
+    ),
     ("prep",): ("pipeline.data.prep", "download a dataset recipe into WebDataset shards (img2dataset)"),
-    ("demo",): ("pipeline.demo.run", "the whole pipeline in miniature on CPU: corpus, shards, "
-                                     "backbones, 2-rank DeepSpeed training, eval, report"),
+    ("demo",): (
+        "pipeline.demo.run",
+        "the whole pipeline in miniature on CPU: corpus, shards, "
+        "backbones, 2-rank DeepSpeed training, eval, report",
+    ),
 }
 
 
@@ -74,49 +87,68 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simvlg",
         description="SimVLG pretraining: frozen ViT -> TomeFormer (token-merging connector) -> "
-                    "frozen LLM, trained in one stage with one language-modelling loss.")
+        "frozen LLM, trained in one stage with one language-modelling loss.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    config = sub.add_parser("config", help="show or validate a config",
-                            description="Inspect the one config schema that drives every stage.")
+    config = sub.add_parser(
+        "config",
+        help="show or validate a config",
+        description="Inspect the one config schema that drives every stage.",
+    )
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    show = config_sub.add_parser("show", help="print the resolved config (defaults, inherit, --set)",
-                                 description="Print the fully resolved config as YAML.")
+    show = config_sub.add_parser(
+        "show",
+        help="print the resolved config (defaults, inherit, --set)",
+        description="Print the fully resolved config as YAML.",
+    )
     _add_config_args(show)
     show.set_defaults(func=cmd_config_show)
     check = config_sub.add_parser(
-        "validate", help="check a config; exit 0 if usable, 1 if not",
+        "validate",
+        help="check a config; exit 0 if usable, 1 if not",
         description="Check everything `simvlg train` would refuse: the schema, the files and folders "
-                    "the config names (shards, weights), and that r leaves the promised tokens; "
-                    "errors name the file and key in one line.")
+        "the config names (shards, weights), and that r leaves the promised tokens; "
+        "errors name the file and key in one line.",
+    )
     _add_config_args(check)
-    check.add_argument("--no-file-checks", action="store_true",
-                       help="skip checks of files and folders (a config written for another machine)")
+    check.add_argument(
+        "--no-file-checks",
+        action="store_true",
+        help="skip checks of files and folders (a config written for another machine)",
+    )
     check.set_defaults(func=cmd_config_validate)
     train = sub.add_parser(
-        "train", help="train the connector with DeepSpeed ZeRO-2 (resumes from the run dir)",
+        "train",
+        help="train the connector with DeepSpeed ZeRO-2 (resumes from the run dir)",
         description="Train SimVLG (one stage, one LM loss) with DeepSpeed ZeRO-2 against the frozen "
-                    "ViT and LLM. Started bare it launches launch.gpus_per_node ranks on this node "
-                    "through the `deepspeed` launcher; under a launcher it is one rank. Resumes "
-                    "automatically from the latest complete checkpoint in the run dir; SIGUSR1/SIGTERM "
-                    "checkpoint at the next step and exit 0 (and requeue under SLURM).")
+        "ViT and LLM. Started bare it launches launch.gpus_per_node ranks on this node "
+        "through the `deepspeed` launcher; under a launcher it is one rank. Resumes "
+        "automatically from the latest complete checkpoint in the run dir; SIGUSR1/SIGTERM "
+        "checkpoint at the next step and exit 0 (and requeue under SLURM).",
+    )
     from pipeline.train.launch import add_arguments as add_train_arguments
 
     add_train_arguments(train)
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser(
-        "eval", help="zero-shot captioning / VQA / video captioning with the standard metrics",
+        "eval",
+        help="zero-shot captioning / VQA / video captioning with the standard metrics",
         description="Evaluate a trained connector: COCO/NoCaps/Flickr captioning (CIDEr, BLEU-4, "
-                    "METEOR, ROUGE-L), VQAv2/OK-VQA/GQA accuracy, MSR-VTT/MSVD captioning. Writes "
-                    "predictions, metrics, a gallery and merged-token figures to the run dir and MLflow.")
+        "METEOR, ROUGE-L), VQAv2/OK-VQA/GQA accuracy, MSR-VTT/MSVD captioning. Writes "
+        "predictions, metrics, a gallery and merged-token figures to the run dir and MLflow.",
+    )
     from pipeline.eval.run import add_arguments as add_eval_arguments
 
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
-    bench = sub.add_parser("bench", help="benchmarks: kernels, flops, data, step",
-                           description="Benchmarks that print figures (ratios measured side by side).")
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks: kernels, flops, data, step",
+        description="Benchmarks that print figures (ratios measured side by side).",
+    )
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
     for key, (module, help_text) in PASS_THROUGH.items():
         if key[0] == "bench":
@@ -129,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     for key in PASS_THROUGH:  # argparse's REMAINDER drops a leading --flag
-        if tuple(argv[:len(key)]) == key:
-            argv = [*key, "--", *argv[len(key):]]
+        if tuple(argv[: len(key)]) == key:
+            argv = [*key, "--", *argv[len(key) :]]
             break
     args = build_parser().parse_args(argv)
     if getattr(args, "rest", None) and args.rest[0] == "--":

@@ -50,9 +50,15 @@ class ConfigError(ValueError):
 
 # Fields that name files which must exist when set; relative paths resolve as resolve_file says (the
 # config file's folder, the packaged configs, the working directory, then the package: ds_configs/...).
-FILE_FIELDS = ["model.init_connector", "model.vision.arch_config", "model.tomeformer.arch_config",
-               "model.qformer.arch_config", "model.llm.arch_config", "model.pformer.arch_config",
-               "train.ds_config"]
+FILE_FIELDS = [
+    "model.init_connector",
+    "model.vision.arch_config",
+    "model.tomeformer.arch_config",
+    "model.qformer.arch_config",
+    "model.llm.arch_config",
+    "model.pformer.arch_config",
+    "train.ds_config",
+]
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -63,7 +69,8 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+    list("-+0123456789."),
+)
 
 
 def parse_yaml(text: str):
@@ -120,12 +127,14 @@ def _load_raw(path: Path, seen: tuple = ()) -> dict:
     if isinstance(parents, str):
         parents = [parents]
     if not isinstance(parents, list) or not parents or not all(isinstance(p, str) for p in parents):
-        raise ConfigError(f"{path}: inherit: expected a config file name or a list of them, got "
-                          f"{raw.get('inherit')!r}")
+        raise ConfigError(
+            f"{path}: inherit: expected a config file name or a list of them, got {raw.get('inherit')!r}"
+        )
     merged: dict = {}
     for parent in parents:  # left to right: a later parent's keys win
-        merged = _deep_merge(merged, _load_raw(resolve_config_path(parent, path.parent),
-                                               seen + (path.resolve(),)))
+        merged = _deep_merge(
+            merged, _load_raw(resolve_config_path(parent, path.parent), seen + (path.resolve(),))
+        )
     return _deep_merge(merged, raw)
 
 
@@ -146,15 +155,13 @@ def apply_override(raw: dict, override: str, source: str = "--set") -> None:
         where = ".".join(parts[: depth + 1])
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"{source} {override!r}: {where}: expected a list index below "
-                                  f"{len(node)}")
+                raise ConfigError(f"{source} {override!r}: {where}: expected a list index below {len(node)}")
             part = int(part)
         elif isinstance(node, dict):
             if not last and part not in node:
                 node[part] = {}  # the schema decides whether the key exists
         else:
-            raise ConfigError(f"{source} {override!r}: {where}: cannot index into a "
-                              f"{type(node).__name__}")
+            raise ConfigError(f"{source} {override!r}: {where}: cannot index into a {type(node).__name__}")
         if last:
             node[part] = value
         else:
@@ -212,7 +219,7 @@ def _union_error(errors: list[dict]) -> str | None:
     shape = "list" if isinstance(value, list) else "dict" if isinstance(value, dict) else "scalar"
     for tag, errs in branches.items():
         e = errs[0]
-        rest = tuple(e["loc"][len(common) + 1:])
+        rest = tuple(e["loc"][len(common) + 1 :])
         if _branch_shape(tag) != shape or (not rest and e["type"].endswith(("_type", "_parsing"))):
             continue
         if shape == "list" and rest and isinstance(rest[0], int):
@@ -268,7 +275,8 @@ def _check_batch(cfg: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: train.global_batch: expected train.micro_batch ({t.micro_batch}) x "
             f"train.grad_accum ({t.grad_accum}) x ranks ({launch.nodes} nodes x {launch.gpus_per_node}"
-            f" per node) = {t.micro_batch * t.grad_accum * cfg.world_size}, got {t.global_batch}")
+            f" per node) = {t.micro_batch * t.grad_accum * cfg.world_size}, got {t.global_batch}"
+        )
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Config:
@@ -299,8 +307,32 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-__all__ = ["OFFICIAL_TOMEFORMER", "PACKAGED_CONFIGS", "Config", "ConfigError", "DataConfig", "EvalConfig",
-           "LaunchConfig", "LLMConfig", "MergeSchedule", "ModelConfig", "QFormerConfig", "RunConfig",
-           "Section", "SourceConfig", "TomeFormerConfig", "TrackingConfig", "TrainConfig", "VideoConfig",
-           "VisionConfig", "apply_override", "dump_yaml", "flatten", "load_config", "parse_yaml",
-           "resolve_config_path", "resolve_file", "validate"]
+__all__ = [
+    "OFFICIAL_TOMEFORMER",
+    "PACKAGED_CONFIGS",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "LaunchConfig",
+    "LLMConfig",
+    "MergeSchedule",
+    "ModelConfig",
+    "QFormerConfig",
+    "RunConfig",
+    "Section",
+    "SourceConfig",
+    "TomeFormerConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "VideoConfig",
+    "VisionConfig",
+    "apply_override",
+    "dump_yaml",
+    "flatten",
+    "load_config",
+    "parse_yaml",
+    "resolve_config_path",
+    "resolve_file",
+    "validate",
+]

@@ -82,8 +82,11 @@ class RankGuard:
             hard_exit(exc.code if isinstance(exc.code, int) else 1)
         where = self.write_traceback(exc_type, exc, tb)
         line = one_line(exc)
-        print(f"{self.what}: rank {self.rank} failed: {line}"
-              + (f" (traceback: {where})" if where else ""), file=sys.stderr, flush=True)
+        print(
+            f"{self.what}: rank {self.rank} failed: {line}" + (f" (traceback: {where})" if where else ""),
+            file=sys.stderr,
+            flush=True,
+        )
         self._report(line)
         for fn in self.on_failure:
             try:
@@ -118,8 +121,7 @@ class RankGuard:
                 self._store.set(_KEY + "cause", f"rank {self.rank} failed: {line}")
             if self.rank == 0:
                 deadline = time.monotonic() + 3 * POLL
-                while (self._store.add(_KEY + "acks", 0) < self._world - 1
-                       and time.monotonic() < deadline):
+                while self._store.add(_KEY + "acks", 0) < self._world - 1 and time.monotonic() < deadline:
                     time.sleep(0.1)
         except Exception:  # the store may be gone already
             pass
@@ -133,8 +135,13 @@ class RankGuard:
         import torch.distributed as dist
 
         host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
-        self._store = dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
-                                    timeout=datetime.timedelta(seconds=max(10.0, 3 * POLL)))
+        self._store = dist.TCPStore(
+            host,
+            port,
+            is_master=False,
+            wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=max(10.0, 3 * POLL)),
+        )
         self._thread = threading.Thread(target=self._watch, name="simvlg-failfast", daemon=True)
         self._thread.start()
 
@@ -158,8 +165,10 @@ class RankGuard:
             if beat != last_seen:
                 last_seen, last_change = beat, now
             elif beat > 0 and now - last_change > PEER_TIMEOUT:
-                cause = (f"rank {nxt} stopped responding (no heartbeat for {now - last_change:.0f} s: "
-                         "killed, out of memory, or its node is gone)")
+                cause = (
+                    f"rank {nxt} stopped responding (no heartbeat for {now - last_change:.0f} s: "
+                    "killed, out of memory, or its node is gone)"
+                )
                 try:
                     if store.add(_KEY + "failures", 1) == 1:
                         store.set(_KEY + "cause", cause)

@@ -58,11 +58,14 @@ def check_weights(value: str | None, key: str, source: str, *, what: str) -> Non
         return
     if _looks_like_hub_id(value):
         if _offline() and not _hub_cached(value):
-            raise ConfigError(f"{source}: {key}: {value!r} is not a local folder and not in the Hugging "
-                              "Face cache, and HF_HUB_OFFLINE is set; download it first or name a folder")
+            raise ConfigError(
+                f"{source}: {key}: {value!r} is not a local folder and not in the Hugging "
+                "Face cache, and HF_HUB_OFFLINE is set; download it first or name a folder"
+            )
         return
-    raise ConfigError(f"{source}: {key}: not found: {value} (relative paths are taken from "
-                      f"{Path.cwd()}); name the {what}")
+    raise ConfigError(
+        f"{source}: {key}: not found: {value} (relative paths are taken from {Path.cwd()}); name the {what}"
+    )
 
 
 def check_model_files(cfg: Config, source: str) -> None:
@@ -78,10 +81,13 @@ def check_model_files(cfg: Config, source: str) -> None:
                 f"{source}: model.vision.checkpoint: not set, so the frozen ViT would keep random "
                 f"weights; set it to the weights file of {v.name}, e.g. --set "
                 "model.vision.checkpoint=/models/eva_vit_g.pth (BLIP-2's EVA-ViT-g, or a "
-                "timm/safetensors state dict)")
+                "timm/safetensors state dict)"
+            )
         if not Path(v.checkpoint).expanduser().is_file():
-            raise ConfigError(f"{source}: model.vision.checkpoint: file not found: {v.checkpoint} "
-                              f"(relative paths are taken from {Path.cwd()})")
+            raise ConfigError(
+                f"{source}: model.vision.checkpoint: file not found: {v.checkpoint} "
+                f"(relative paths are taken from {Path.cwd()})"
+            )
     else:
         key = "model.vision.checkpoint" if v.checkpoint else "model.vision.name"
         check_weights(v.checkpoint or v.name, key, source, what="vision tower (an HF folder or id)")
@@ -92,9 +98,11 @@ def check_model_files(cfg: Config, source: str) -> None:
         check_weights(m.tomeformer.init, "model.tomeformer.init", source, what="BERT checkpoint")
     check_weights(m.llm.name, "model.llm.name", source, what="language model (an HF folder or id)")
     if m.video.enabled and m.init_connector is None:  # the paper fine-tunes an image-trained connector
-        raise ConfigError(f"{source}: model.init_connector: not set; video training starts from an "
-                          "image-pretrained connector (a `simvlg train` run dir's saved connector "
-                          "folder), e.g. --set model.init_connector=runs/simvlg_opt2.7b/connector")
+        raise ConfigError(
+            f"{source}: model.init_connector: not set; video training starts from an "
+            "image-pretrained connector (a `simvlg train` run dir's saved connector "
+            "folder), e.g. --set model.init_connector=runs/simvlg_opt2.7b/connector"
+        )
 
 
 def check_sources(cfg: Config, source: str, *, files: bool = True) -> list[dict]:
@@ -114,12 +122,16 @@ def check_sources(cfg: Config, source: str, *, files: bool = True) -> list[dict]
             local = [p for p in map(local_path, urls) if p is not None]  # pipe:/http shards: not checked
             missing = [u for u in local if not Path(u).is_file()]
             if local and len(missing) == len(local):
-                raise ConfigError(f"{source}: {key}: {s.shards!r} matches no files ({len(local)} names, "
-                                  f"none exists; relative paths are taken from {Path.cwd()})")
+                raise ConfigError(
+                    f"{source}: {key}: {s.shards!r} matches no files ({len(local)} names, "
+                    f"none exists; relative paths are taken from {Path.cwd()})"
+                )
             if missing:
-                raise ConfigError(f"{source}: {key}: {len(missing)} of {len(local)} shards of "
-                                  f"{s.shards!r} do not exist (first: {missing[0]}); point it at the "
-                                  "manifest.json `simvlg prep` wrote, or fix the pattern")
+                raise ConfigError(
+                    f"{source}: {key}: {len(missing)} of {len(local)} shards of "
+                    f"{s.shards!r} do not exist (first: {missing[0]}); point it at the "
+                    "manifest.json `simvlg prep` wrote, or fix the pattern"
+                )
         out.append({"name": s.name, "shards": len(urls), "samples": s.num_samples or total})
     return out
 
@@ -131,8 +143,12 @@ def check_arms(cfg: Config, source: str) -> list[str]:
 
     d = cfg.data
     try:
-        arms = [a.name for a in make_arms([s.name for s in d.sources], [s.weight for s in d.sources],
-                                          [dict(s.tasks) for s in d.sources])]
+        arms = [
+            a.name
+            for a in make_arms(
+                [s.name for s in d.sources], [s.weight for s in d.sources], [dict(s.tasks) for s in d.sources]
+            )
+        ]
         loader_check(d, arms, cfg.train.micro_batch)
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
@@ -174,7 +190,8 @@ def token_plan(cfg: Config, *, files: bool = True, source: str = "config") -> li
             raise ConfigError(
                 f"{source}: model.tomeformer.r: layer {i} would merge {r} of its {n} tokens, but at most "
                 f"{most} can merge there (half the tokens besides CLS); tokens so far: "
-                f"{' -> '.join(map(str, counts))}")
+                f"{' -> '.join(map(str, counts))}"
+            )
         n -= r
         counts.append(n)
     return counts
@@ -184,12 +201,16 @@ def check_source_kinds(cfg: Config, source: str) -> None:
     """A P-Former reads sentences (kind text); SimVLG reads images or video."""
     for i, s in enumerate(cfg.data.sources):
         if cfg.model.kind == "pformer" and s.kind != "text":
-            raise ConfigError(f"{source}: data.sources.{i}.kind: a P-Former trains on sentences, got "
-                              f"{s.kind!r}; set kind: text (an image shard's captions are read, its "
-                              "images never)")
+            raise ConfigError(
+                f"{source}: data.sources.{i}.kind: a P-Former trains on sentences, got "
+                f"{s.kind!r}; set kind: text (an image shard's captions are read, its "
+                "images never)"
+            )
         if cfg.model.kind == "simvlg" and s.kind == "text":
-            raise ConfigError(f"{source}: data.sources.{i}.kind: text sources have no images to train "
-                              "SimVLG on; use them with model.kind: pformer")
+            raise ConfigError(
+                f"{source}: data.sources.{i}.kind: text sources have no images to train "
+                "SimVLG on; use them with model.kind: pformer"
+            )
 
 
 def check_alignment(cfg: Config, source: str, tokens: list[int] | None, *, files: bool = True) -> dict | None:
@@ -200,25 +221,32 @@ def check_alignment(cfg: Config, source: str, tokens: list[int] | None, *, files
         return None
     key = "model.pformer_checkpoint"
     if m.kind == "pformer":
-        raise ConfigError(f"{source}: train.align_weight: {t.align_weight} applies to SimVLG training; a "
-                          "model.kind: pformer run trains the P-Former itself (set it to 0)")
+        raise ConfigError(
+            f"{source}: train.align_weight: {t.align_weight} applies to SimVLG training; a "
+            "model.kind: pformer run trains the P-Former itself (set it to 0)"
+        )
     tasked = [s.name for s in cfg.data.sources if set(s.tasks) != {"captioning"}]
     if tasked:  # the P-Former's targets are made from captions; a task row's target is not one
-        raise ConfigError(f"{source}: data.sources ({', '.join(tasked)}): tasks other than captioning "
-                          f"cannot be trained with train.align_weight: {t.align_weight} (the alignment "
-                          "targets are the P-Former's reading of captions); use one or the other")
+        raise ConfigError(
+            f"{source}: data.sources ({', '.join(tasked)}): tasks other than captioning "
+            f"cannot be trained with train.align_weight: {t.align_weight} (the alignment "
+            "targets are the P-Former's reading of captions); use one or the other"
+        )
     if m.pformer_checkpoint is None:
-        raise ConfigError(f"{source}: {key}: not set, but train.align_weight is {t.align_weight}; "
-                          "name the pformer/ folder of a model.kind: pformer run "
-                          "(e.g. runs/pformer_opt2.7b/pformer)")
+        raise ConfigError(
+            f"{source}: {key}: not set, but train.align_weight is {t.align_weight}; "
+            "name the pformer/ folder of a model.kind: pformer run "
+            "(e.g. runs/pformer_opt2.7b/pformer)"
+        )
     if not files:
         return {"folder": m.pformer_checkpoint}
     from pipeline.models.pformer import load_pformer, load_pformer_tokenizer, read_pformer_config
 
     folder = Path(m.pformer_checkpoint).expanduser()
     if not folder.is_dir():
-        raise ConfigError(f"{source}: {key}: not found: {folder} (relative paths are taken from "
-                          f"{Path.cwd()})")
+        raise ConfigError(
+            f"{source}: {key}: not found: {folder} (relative paths are taken from {Path.cwd()})"
+        )
     try:
         meta = read_pformer_config(folder)
         load_pformer(folder)  # strict: a wrong folder never leaves the targets random
@@ -229,16 +257,26 @@ def check_alignment(cfg: Config, source: str, tokens: list[int] | None, *, files
     if m.video.enabled and m.video.temporal_pool == "concat" and prompt is not None:
         prompt *= cfg.data.num_frames
     if prompt is not None and meta["num_prompts"] != prompt:
-        raise ConfigError(f"{source}: {key}: the P-Former makes {meta['num_prompts']} prompts, the "
-                          f"{m.connector} connector's soft prompt has {prompt} tokens; pre-train a P-Former "
-                          f"with model.pformer.num_prompts={prompt}")
+        raise ConfigError(
+            f"{source}: {key}: the P-Former makes {meta['num_prompts']} prompts, the "
+            f"{m.connector} connector's soft prompt has {prompt} tokens; pre-train a P-Former "
+            f"with model.pformer.num_prompts={prompt}"
+        )
     width = _llm_width(m.llm.arch_config or m.llm.name)
     if width is not None and meta["llm_width"] != width:
-        raise ConfigError(f"{source}: {key}: the P-Former's prompts are {meta['llm_width']} wide (LLM "
-                          f"{meta.get('llm')}), model.llm {m.llm.name} takes {width}; pre-train it against "
-                          "this LLM")
-    return {"folder": str(folder), "num_prompts": meta["num_prompts"], "llm_width": meta["llm_width"],
-            "llm": meta.get("llm"), "match": t.align_match, "weight": t.align_weight}
+        raise ConfigError(
+            f"{source}: {key}: the P-Former's prompts are {meta['llm_width']} wide (LLM "
+            f"{meta.get('llm')}), model.llm {m.llm.name} takes {width}; pre-train it against "
+            "this LLM"
+        )
+    return {
+        "folder": str(folder),
+        "num_prompts": meta["num_prompts"],
+        "llm_width": meta["llm_width"],
+        "llm": meta.get("llm"),
+        "match": t.align_match,
+        "weight": t.align_weight,
+    }
 
 
 def _llm_width(name: str) -> int | None:
@@ -271,8 +309,10 @@ def check_for_training(cfg: Config, source: str, *, files: bool = True) -> dict:
 
 def check_for_eval(cfg: Config, source: str) -> dict:
     if cfg.model.kind == "pformer":
-        raise ConfigError(f"{source}: model.kind: pformer: a P-Former has no image to caption; its pformer/ "
-                          "folder is what model.pformer_checkpoint of a SimVLG config takes")
+        raise ConfigError(
+            f"{source}: model.kind: pformer: a P-Former has no image to caption; its pformer/ "
+            "folder is what model.pformer_checkpoint of a SimVLG config takes"
+        )
     check_model_files(cfg, source)
     return {"tokens": token_plan(cfg, source=source)}
 
@@ -289,6 +329,8 @@ def describe(report: dict) -> list[str]:
         lines.append(f"  tomeformer tokens: {' -> '.join(map(str, t))} (soft prompt of {t[-1]})")
     a = report.get("alignment")
     if a and "num_prompts" in a:
-        lines.append(f"  p-former alignment: {a['folder']} ({a['num_prompts']} prompts x {a['llm_width']}, "
-                     f"LLM {a['llm']}), weight {a['weight']}, match {a['match']}")
+        lines.append(
+            f"  p-former alignment: {a['folder']} ({a['num_prompts']} prompts x {a['llm_width']}, "
+            f"LLM {a['llm']}), weight {a['weight']}, match {a['match']}"
+        )
     return lines

@@ -47,10 +47,12 @@ class SourceConfig(Section):
 
 class TasksConfig(Section):
     """How tasks are made and drawn (which tasks: data.sources[].tasks; adaptive: data.mixing)."""
+
     minimum_per_batch: NonNegInt = 0  # samples of every (source, task) arm in every batch (paper §4.1)
     mask_rate: Annotated[float, Field(gt=0, lt=1)] = 0.15  # masked: share of the words hidden (A.3)
-    question_kinds: list[str] = Field(default_factory=lambda: ["exists", "and", "or", "count", "list"],
-                                      min_length=1)  # objects: the kinds of question asked
+    question_kinds: list[str] = Field(
+        default_factory=lambda: ["exists", "and", "or", "count", "list"], min_length=1
+    )  # objects: the kinds of question asked
 
 
 class DataConfig(Section):
@@ -126,8 +128,10 @@ class TomeFormerConfig(Section):
         data = dict(data)
         for key, value in OFFICIAL_TOMEFORMER.items():
             if key in data and data[key] != value:
-                raise ValueError(f"official: true fixes {key} to {value!r} but it is set to {data[key]!r}; "
-                                 f"remove {key} or set official: false")
+                raise ValueError(
+                    f"official: true fixes {key} to {value!r} but it is set to {data[key]!r}; "
+                    f"remove {key} or set official: false"
+                )
             data[key] = value
         return data
 
@@ -148,6 +152,7 @@ class QFormerConfig(Section):
 
 class JointConfig(Section):
     """model.connector: joint (compact-representations paper §3.1; pipeline/models/joint.py)."""
+
     width: PositiveInt = 768
     heads: PositiveInt = 12
     num_latents: PositiveInt = 32  # N: soft-prompt length
@@ -212,8 +217,9 @@ class PFormerConfig(Section):
     @model_validator(mode="after")
     def _temperature_range(self):
         if not self.temp_min <= self.temp_init <= self.temp_max:
-            raise ValueError(f"temp_init {self.temp_init} is outside [temp_min {self.temp_min}, "
-                             f"temp_max {self.temp_max}]")
+            raise ValueError(
+                f"temp_init {self.temp_init} is outside [temp_min {self.temp_min}, temp_max {self.temp_max}]"
+            )
         return self
 
 
@@ -278,8 +284,10 @@ class TrainConfig(Section):
             if ipe is None:
                 raise ValueError("lr_schedule: lavis needs iters_per_inner_epoch (official: 5000)")
             if self.warmup_steps > ipe:
-                raise ValueError(f"lr_schedule: lavis warms up inside the first inner epoch: "
-                                 f"warmup_steps ({self.warmup_steps}) is above iters_per_inner_epoch ({ipe})")
+                raise ValueError(
+                    f"lr_schedule: lavis warms up inside the first inner epoch: "
+                    f"warmup_steps ({self.warmup_steps}) is above iters_per_inner_epoch ({ipe})"
+                )
         return self
 
 
@@ -366,4 +374,3 @@ class Config(Section):
     @property
     def world_size(self) -> int:
         return self.launch.nodes * self.launch.gpus_per_node
-

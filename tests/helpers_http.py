@@ -46,7 +46,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         srv = self.server
         srv.requests[self.path] += 1
         if self.path.startswith("/broken/"):
-            kind, _, arg = self.path[len("/broken/"):].partition("/")
+            kind, _, arg = self.path[len("/broken/") :].partition("/")
             kind = kind.split(".")[0]
             if kind in ("404", "500", "403"):
                 self.send_error(int(kind))

@@ -37,8 +37,9 @@ class LocalSlurm:
             (r / d).mkdir(parents=True, exist_ok=True)
         os.chmod(r / "munge", 0o755)
         key, self.socket = r / "munge" / "munge.key", r / "munge" / "munge.socket"
-        subprocess.run(["mungekey", "--create", f"--keyfile={key}", "--force"], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["mungekey", "--create", f"--keyfile={key}", "--force"], check=True, capture_output=True
+        )
         os.chmod(key, 0o600)
         ctl_port, d_port = _free_port(), _free_port()
         self.conf = r / "slurm.conf"
@@ -71,9 +72,18 @@ NodeName=localhost NodeHostname=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} Re
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """)
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
-        self._spawn(["munged", "--foreground", f"--key-file={key}", f"--socket={self.socket}",
-                     f"--pid-file={r}/run/munged.pid", f"--log-file={r}/log/munged.log",
-                     f"--seed-file={r}/munge/seed", "--force"])
+        self._spawn(
+            [
+                "munged",
+                "--foreground",
+                f"--key-file={key}",
+                f"--socket={self.socket}",
+                f"--pid-file={r}/run/munged.pid",
+                f"--log-file={r}/log/munged.log",
+                f"--seed-file={r}/munge/seed",
+                "--force",
+            ]
+        )
         time.sleep(0.5)
         self._spawn(["slurmctld", "-D", "-f", str(self.conf)])
         self._spawn(["slurmd", "-D", "-f", str(self.conf), "-N", "localhost"])
@@ -83,20 +93,34 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
             if out.returncode == 0 and out.stdout.strip() in ("idle", "mixed"):
                 return self
             time.sleep(0.5)
-        raise RuntimeError(f"SLURM did not come up: {out.stdout} {out.stderr}\n"
-                           + (r / "log" / "slurmctld.log").read_text()[-2000:])
+        raise RuntimeError(
+            f"SLURM did not come up: {out.stdout} {out.stderr}\n"
+            + (r / "log" / "slurmctld.log").read_text()[-2000:]
+        )
 
     def _spawn(self, cmd):
         log = open(self.root / "log" / f"{Path(cmd[0]).name}.out", "w")
-        self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                           env={**os.environ, "SLURM_CONF": str(self.root / "slurm.conf")}))
+        self.procs.append(
+            subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "SLURM_CONF": str(self.root / "slurm.conf")},
+            )
+        )
 
     def run(self, *cmd, check=True) -> subprocess.CompletedProcess:
         return subprocess.run(list(cmd), capture_output=True, text=True, env=self.env, check=check)
 
     def sbatch(self, *args, env=None, cwd=None) -> str:
-        out = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True,
-                             env={**self.env, **(env or {})}, check=True, cwd=cwd)
+        out = subprocess.run(
+            ["sbatch", "--parsable", *args],
+            capture_output=True,
+            text=True,
+            env={**self.env, **(env or {})},
+            check=True,
+            cwd=cwd,
+        )
         return out.stdout.strip().split(";")[0]
 
     def job_state(self, job: str) -> str:

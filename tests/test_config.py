@@ -33,8 +33,7 @@ def test_paper_config_values():
     assert (cfg.train.steps, cfg.train.global_batch) == (250_000, 1600)
     assert (cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_start_lr) == (1e-4, 1e-5, 1e-6)
     assert cfg.train.warmup_steps == 5000 and cfg.train.weight_decay == 0.05
-    assert [(s.name, s.weight) for s in cfg.data.sources] == [
-        ("laion115m", 15), ("ccs14m", 4), ("coco", 1)]
+    assert [(s.name, s.weight) for s in cfg.data.sources] == [("laion115m", 15), ("ccs14m", 4), ("coco", 1)]
     assert Path(cfg.model.llm.arch_config).is_file()
 
 
@@ -56,8 +55,10 @@ def test_inherit_a_list_of_parents_merges_left_to_right(tmp_path):
 
 
 def test_overrides_reach_nested_keys_and_list_items():
-    cfg = load_config("simvlg_opt2.7b", ["train.lr=2e-4", "data.sources.0.weight=3",
-                                          "model.tomeformer.r=[1,2,3,4,5,6,7,8,9,10,11,12]"])
+    cfg = load_config(
+        "simvlg_opt2.7b",
+        ["train.lr=2e-4", "data.sources.0.weight=3", "model.tomeformer.r=[1,2,3,4,5,6,7,8,9,10,11,12]"],
+    )
     assert cfg.train.lr == 2e-4
     assert cfg.data.sources[0].weight == 3
     assert cfg.model.tomeformer.r == list(range(1, 13))
@@ -68,18 +69,24 @@ def test_scientific_notation_without_dot_is_a_float(tmp_path):
     assert cfg.train.lr == 3e-4
 
 
-@pytest.mark.parametrize("text, key, expected", [
-    ("train: {lrr: 1.0}\n", "train.lrr", "unknown key"),
-    ("train: {steps: many}\n", "train.steps", "valid integer"),
-    ("train: {lr: -1.0}\n", "train.lr", "greater than 0"),
-    ("data: {mixing: random}\n", "data.mixing", "'sample', 'batch' or 'adaptive'"),
-    ("data: {sources: [{name: a}]}\n", "data.sources.0.shards", "required key is missing"),
-    ("model: {tomeformer: {r: [1, 2]}}\n", "model.tomeformer", "num_layers is 12"),
-    ("model: {tomeformer: {r: abc}}\n", "model.tomeformer.r",
-     "expected one of int | list[int] | MergeSchedule"),
-    ("train: {micro_batch: 7}\n", "train.global_batch", "x 8 per node) = 112, got 1600"),
-    ("model: {llm: {arch_config: nope.json}}\n", "model.llm.arch_config", "file not found"),
-])
+@pytest.mark.parametrize(
+    "text, key, expected",
+    [
+        ("train: {lrr: 1.0}\n", "train.lrr", "unknown key"),
+        ("train: {steps: many}\n", "train.steps", "valid integer"),
+        ("train: {lr: -1.0}\n", "train.lr", "greater than 0"),
+        ("data: {mixing: random}\n", "data.mixing", "'sample', 'batch' or 'adaptive'"),
+        ("data: {sources: [{name: a}]}\n", "data.sources.0.shards", "required key is missing"),
+        ("model: {tomeformer: {r: [1, 2]}}\n", "model.tomeformer", "num_layers is 12"),
+        (
+            "model: {tomeformer: {r: abc}}\n",
+            "model.tomeformer.r",
+            "expected one of int | list[int] | MergeSchedule",
+        ),
+        ("train: {micro_batch: 7}\n", "train.global_batch", "x 8 per node) = 112, got 1600"),
+        ("model: {llm: {arch_config: nope.json}}\n", "model.llm.arch_config", "file not found"),
+    ],
+)
 def test_bad_values_name_file_key_and_expectation(tmp_path, text, key, expected):
     p = write(tmp_path, text)
     with pytest.raises(ConfigError) as e:
@@ -147,9 +154,16 @@ def test_cli_help_describes_every_subcommand(capsys):
     top = cli_help(capsys)
     for name in ("config", "train", "eval", "bench", "prep", "demo"):
         assert f"    {name}" in top, name
-    for sub, flag in ((["config", "show"], "--set"), (["config", "validate"], "--set"),
-                      (["train"], "--run-dir"), (["eval"], "--checkpoint"), (["bench", "flops"], "--vs"),
-                      (["bench", "kernels"], "--out"), (["bench", "data"], "--shards"),
-                      (["prep"], "--input"), (["demo"], "--compare")):
+    for sub, flag in (
+        (["config", "show"], "--set"),
+        (["config", "validate"], "--set"),
+        (["train"], "--run-dir"),
+        (["eval"], "--checkpoint"),
+        (["bench", "flops"], "--vs"),
+        (["bench", "kernels"], "--out"),
+        (["bench", "data"], "--shards"),
+        (["prep"], "--input"),
+        (["demo"], "--compare"),
+    ):
         out = cli_help(capsys, *sub)
         assert flag in out, (sub, out[-500:])

@@ -6,8 +6,21 @@ from pipeline.data import bench
 
 
 def test_bench_data_synthetic(capsys):
-    rc = bench.main(["--synthetic", "64", "--workers", "0,1", "--seconds", "0.5", "--batch-size", "8",
-                     "--image-size", "64", "--json"])
+    rc = bench.main(
+        [
+            "--synthetic",
+            "64",
+            "--workers",
+            "0,1",
+            "--seconds",
+            "0.5",
+            "--batch-size",
+            "8",
+            "--image-size",
+            "64",
+            "--json",
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["decode"]["decode_augment_per_s"] > 0
@@ -16,8 +29,23 @@ def test_bench_data_synthetic(capsys):
 
 
 def test_bench_data_side_by_side_with_webdataset_and_the_float32_path(capsys):
-    rc = bench.main(["--synthetic", "48", "--workers", "0", "--seconds", "0.3", "--batch-size", "8",
-                     "--image-size", "32", "--vs", "webdataset,float32", "--json"])
+    rc = bench.main(
+        [
+            "--synthetic",
+            "48",
+            "--workers",
+            "0",
+            "--seconds",
+            "0.3",
+            "--batch-size",
+            "8",
+            "--image-size",
+            "32",
+            "--vs",
+            "webdataset,float32",
+            "--json",
+        ]
+    )
     assert rc == 0
     r = json.loads(capsys.readouterr().out)["loader"][0]
     assert r["samples_per_s"] > 0 and r["vs"]["webdataset"]["samples_per_s"] > 0

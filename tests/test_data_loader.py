@@ -65,9 +65,14 @@ def make_source(folder: Path, prefix: str, n_shards: int, per_shard: int, start:
         samples = []
         for i in range(per_shard):
             key = f"{prefix}{s:03d}{i:04d}"
-            samples.append({"__key__": key, "jpg": _JPEGS[(s + i) % len(_JPEGS)],
-                            "txt": f"A {prefix} photo, number {s}-{i}!",
-                            "json": json.dumps({"key": key, "status": "success"})})
+            samples.append(
+                {
+                    "__key__": key,
+                    "jpg": _JPEGS[(s + i) % len(_JPEGS)],
+                    "txt": f"A {prefix} photo, number {s}-{i}!",
+                    "json": json.dumps({"key": key, "status": "success"}),
+                }
+            )
         write_shard(folder / f"{start + s:05d}.tar", samples)
     return str(folder / f"{{{start:05d}..{start + n_shards - 1:05d}}}.tar")
 
@@ -120,8 +125,9 @@ def test_sample_mixing_proportions(two_sources):
 
 def test_batch_mixing_one_source_per_batch(two_sources):
     a, b = two_sources
-    c = cfg([{"name": "a", "shards": a, "weight": 1}, {"name": "b", "shards": b, "weight": 3}],
-            mixing="batch")
+    c = cfg(
+        [{"name": "a", "shards": a, "weight": 1}, {"name": "b", "shards": b, "weight": 3}], mixing="batch"
+    )
     loader = build_loader(c, tokenize=None, batch_size=4, seed=5)
     batches = take(loader, 120)
     assert all(len(set(x["source"])) == 1 for x in batches)
@@ -138,8 +144,12 @@ def test_adaptive_shares_formula():
 
 def test_adaptive_feedback_reaches_workers(two_sources):
     a, b = two_sources
-    c = cfg([{"name": "a", "shards": a}, {"name": "b", "shards": b}], mixing="adaptive", adaptive_floor=0.05,
-            num_workers=2)
+    c = cfg(
+        [{"name": "a", "shards": a}, {"name": "b", "shards": b}],
+        mixing="adaptive",
+        adaptive_floor=0.05,
+        num_workers=2,
+    )
     loader = build_loader(c, tokenize=None, batch_size=16, seed=7)
     it = iter(loader)
     first = [next(it) for _ in range(6)]
@@ -158,8 +168,11 @@ def test_adaptive_feedback_reaches_workers(two_sources):
 def test_mixed_kinds_need_batch_mode(two_sources):
     a, b = two_sources
     with pytest.raises(ValueError, match="mixing: batch"):
-        build_loader(cfg([{"name": "a", "shards": a}, {"name": "v", "shards": b, "kind": "video"}]),
-                     tokenize=None, batch_size=4)
+        build_loader(
+            cfg([{"name": "a", "shards": a}, {"name": "v", "shards": b, "kind": "video"}]),
+            tokenize=None,
+            batch_size=4,
+        )
 
 
 # -------------------------------------------------------------------------------- epoch mode
@@ -185,8 +198,11 @@ def test_epoch_mode_uneven_shards_same_batch_count(tmp_path):
     make_source(root, "u", 1, 30)
     make_source(root, "v", 1, 5, start=1)
     make_source(root, "w", 1, 12, start=2)
-    c = cfg([{"name": "u", "shards": str(root / "{00000..00002}.tar"), "num_samples": 47}], resampled=False,
-            num_workers=2)
+    c = cfg(
+        [{"name": "u", "shards": str(root / "{00000..00002}.tar"), "num_samples": 47}],
+        resampled=False,
+        num_workers=2,
+    )
     counts = []
     for rank in range(2):
         loader = build_loader(c, tokenize=None, batch_size=3, rank=rank, world_size=2, seed=0)
@@ -196,8 +212,9 @@ def test_epoch_mode_uneven_shards_same_batch_count(tmp_path):
 
 def test_sample_level_split_when_fewer_shards_than_workers(tmp_path):
     spec = make_source(tmp_path / "one", "o", 1, 24)
-    c = cfg([{"name": "o", "shards": spec, "num_samples": 24}], resampled=False, num_workers=2,
-            shuffle_buffer=0)
+    c = cfg(
+        [{"name": "o", "shards": spec, "num_samples": 24}], resampled=False, num_workers=2, shuffle_buffer=0
+    )
     seen = []
     for rank in range(2):
         loader = build_loader(c, tokenize=None, batch_size=3, rank=rank, world_size=2, seed=0)
@@ -217,13 +234,17 @@ def test_corrupt_data_skipped_and_counted(tmp_path):
     d = tmp_path / "bad"
     d.mkdir()
     good = [{"__key__": f"g{i}", "jpg": _JPEGS[i % 8], "txt": f"good {i}"} for i in range(6)]
-    write_shard(d / "00000.tar", good[:3] + [
-        {"__key__": "badjpg", "jpg": _JPEGS[0][: len(_JPEGS[0]) // 3], "txt": "truncated jpeg"},
-        {"__key__": "notjpg", "jpg": b"<html>nope</html>", "txt": "not an image"},
-        {"__key__": "nocap", "jpg": _JPEGS[1]},
-        {"__key__": "emptycap", "jpg": _JPEGS[2], "txt": " ... "},
-        {"__key__": "noimg", "txt": "caption only"},
-    ])
+    write_shard(
+        d / "00000.tar",
+        good[:3]
+        + [
+            {"__key__": "badjpg", "jpg": _JPEGS[0][: len(_JPEGS[0]) // 3], "txt": "truncated jpeg"},
+            {"__key__": "notjpg", "jpg": b"<html>nope</html>", "txt": "not an image"},
+            {"__key__": "nocap", "jpg": _JPEGS[1]},
+            {"__key__": "emptycap", "jpg": _JPEGS[2], "txt": " ... "},
+            {"__key__": "noimg", "txt": "caption only"},
+        ],
+    )
     lost = [{"__key__": f"lost{i}", "jpg": _JPEGS[i], "txt": "x"} for i in range(4)]
     write_shard(d / "00001.tar", good[3:] + lost)
     with tarfile.open(d / "00001.tar") as t:
@@ -250,15 +271,21 @@ def test_garbled_member_header_loses_one_sample_counted(tmp_path):
     without a count. The reader resumes after it; the damaged sample is counted as corrupt_tar."""
     d = tmp_path / "g"
     d.mkdir()
-    write_shard(d / "00000.tar",
-                [{"__key__": f"s{i}", "jpg": _JPEGS[i], "txt": f"cap {i}"} for i in range(8)])
+    write_shard(
+        d / "00000.tar", [{"__key__": f"s{i}", "jpg": _JPEGS[i], "txt": f"cap {i}"} for i in range(8)]
+    )
     with tarfile.open(d / "00000.tar") as t:
         offset = t.getmember("s2.jpg").offset
     data = bytearray((d / "00000.tar").read_bytes())
-    data[offset:offset + 512] = (b"\x01garbled header" * 40)[:512]  # same length: nothing shifts
+    data[offset : offset + 512] = (b"\x01garbled header" * 40)[:512]  # same length: nothing shifts
     (d / "00000.tar").write_bytes(bytes(data))
-    loader = build_loader(cfg([{"name": "g", "shards": str(d / "00000.tar")}]), tokenize=FakeTokenizer(),
-                          batch_size=8, seed=0, train=False)
+    loader = build_loader(
+        cfg([{"name": "g", "shards": str(d / "00000.tar")}]),
+        tokenize=FakeTokenizer(),
+        batch_size=8,
+        seed=0,
+        train=False,
+    )
     keys = [k for b in loader for k in b["keys"]]
     assert sorted(keys) == [f"s{i}" for i in range(8) if i != 2]
     assert loader.skip_counts(nested=True)["g"] == {"corrupt_tar": 1}
@@ -287,10 +314,19 @@ def test_skip_counts_reach_trainer_from_workers(tmp_path):
     d = tmp_path / "w"
     d.mkdir()
     for s in range(2):
-        write_shard(d / f"{s:05d}.tar", [{"__key__": f"k{s}{i}", "jpg": _JPEGS[i % 8] if i % 3 else b"junk",
-                                          "txt": "cap"} for i in range(9)])
-    loader = build_loader(cfg([{"name": "w", "shards": str(d / "{00000..00001}.tar")}], num_workers=2),
-                          tokenize=None, batch_size=4, seed=0)
+        write_shard(
+            d / f"{s:05d}.tar",
+            [
+                {"__key__": f"k{s}{i}", "jpg": _JPEGS[i % 8] if i % 3 else b"junk", "txt": "cap"}
+                for i in range(9)
+            ],
+        )
+    loader = build_loader(
+        cfg([{"name": "w", "shards": str(d / "{00000..00001}.tar")}], num_workers=2),
+        tokenize=None,
+        batch_size=4,
+        seed=0,
+    )
     take(loader, 8)
     assert loader.skip_counts()["w/corrupt_image"] > 0
     assert loader.state_dict()["skips"]["w"]["corrupt_image"] == loader.skip_counts()["w/corrupt_image"]
@@ -311,8 +347,7 @@ def test_dead_source_is_dropped_with_count(tmp_path):
 
 class _Evil:
     def __reduce__(self):
-        return (exec, ("import pathlib; pathlib.Path(MARKER).write_text('pwned')",
-                       {"MARKER": _Evil.marker}))
+        return (exec, ("import pathlib; pathlib.Path(MARKER).write_text('pwned')", {"MARKER": _Evil.marker}))
 
 
 def test_pickle_members_are_never_loaded(tmp_path, monkeypatch):
@@ -321,8 +356,17 @@ def test_pickle_members_are_never_loaded(tmp_path, monkeypatch):
     payload = pickle.dumps(_Evil())
     d = tmp_path / "p"
     d.mkdir()
-    samples = [{"__key__": f"s{i}", "jpg": _JPEGS[i], "txt": "fine", "pyd": payload, "pickle": payload,
-                "pth": payload} for i in range(4)]
+    samples = [
+        {
+            "__key__": f"s{i}",
+            "jpg": _JPEGS[i],
+            "txt": "fine",
+            "pyd": payload,
+            "pickle": payload,
+            "pth": payload,
+        }
+        for i in range(4)
+    ]
     samples.append({"__key__": "only_pickle", "pyd": payload, "cls": payload})
     write_shard(d / "00000.tar", samples)
 
@@ -334,8 +378,9 @@ def test_pickle_members_are_never_loaded(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "Unpickler", refuse)
     raw = list(iter_tar_samples(str(d / "00000.tar")))
     assert all(set(s) <= {"__key__", "__url__", "jpg", "txt"} for s in raw)
-    loader = build_loader(cfg([{"name": "p", "shards": str(d / "00000.tar")}]), tokenize=None, batch_size=2,
-                          seed=0, train=False)
+    loader = build_loader(
+        cfg([{"name": "p", "shards": str(d / "00000.tar")}]), tokenize=None, batch_size=2, seed=0, train=False
+    )
     keys = [k for b in loader for k in b["keys"]]
     assert sorted(keys) == ["s0", "s1", "s2", "s3"]
     assert not marker.exists()
@@ -346,8 +391,11 @@ def test_pickle_members_are_never_loaded(tmp_path, monkeypatch):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_exact_resume_resampled(two_sources, workers):
     a, b = two_sources
-    c = cfg([{"name": "a", "shards": a, "weight": 2}, {"name": "b", "shards": b}], num_workers=workers,
-            shuffle_buffer=20)
+    c = cfg(
+        [{"name": "a", "shards": a, "weight": 2}, {"name": "b", "shards": b}],
+        num_workers=workers,
+        shuffle_buffer=20,
+    )
     ref = build_loader(c, tokenize=None, batch_size=4, seed=42)
     it = iter(ref)
     for _ in range(7):
@@ -388,8 +436,9 @@ def test_resume_skips_whole_segments_without_reading(tmp_path, monkeypatch):
 
 def test_exact_resume_epoch_mode_no_replay_no_skip(tmp_path):
     spec = make_source(tmp_path / "r", "r", 4, 12)
-    c = cfg([{"name": "r", "shards": spec, "num_samples": 48}], resampled=False, num_workers=2,
-            shuffle_buffer=8)
+    c = cfg(
+        [{"name": "r", "shards": spec, "num_samples": 48}], resampled=False, num_workers=2, shuffle_buffer=8
+    )
     full = [k for x in build_loader(c, tokenize=None, batch_size=4, seed=3) for k in x["keys"]]
     first = build_loader(c, tokenize=None, batch_size=4, seed=3)
     head = [k for x in take(first, 5) for k in x["keys"]]
@@ -419,10 +468,21 @@ def test_resume_state_mismatch(two_sources):
 def test_specs_and_manifest(tmp_path):
     assert brace_pattern("d", [0, 1, 2, 5, 7, 8]) == "d/{{00000..00002},00005,{00007..00008}}.tar"
     spec = make_source(tmp_path / "m" / "shards", "m", 3, 4)
-    (tmp_path / "m" / "manifest.json").write_text(json.dumps(
-        {"version": 2, "recipe": "urls", "kind": "image", "created": "2026-12-01T10:00:00", "complete": True,
-         "shards": "/elsewhere/shards/{00000..00002}.tar", "shards_relative": "shards/{00000..00002}.tar",
-         "num_shards": 3, "num_samples": 12}))
+    (tmp_path / "m" / "manifest.json").write_text(
+        json.dumps(
+            {
+                "version": 2,
+                "recipe": "urls",
+                "kind": "image",
+                "created": "2026-12-01T10:00:00",
+                "complete": True,
+                "shards": "/elsewhere/shards/{00000..00002}.tar",
+                "shards_relative": "shards/{00000..00002}.tar",
+                "num_shards": 3,
+                "num_samples": 12,
+            }
+        )
+    )
     urls, total = resolve_spec(str(tmp_path / "m" / "manifest.json"))
     assert len(urls) == 3 and total == 12 and Path(urls[0]).is_file()
     urls2, total2 = resolve_spec(str(tmp_path / "m") + "::" + spec)
@@ -445,8 +505,10 @@ def test_truncated_tar_lazy_and_eager_agree(tmp_path):
     path.write_bytes(path.read_bytes()[: 512 * 11 + 100])
     errs = []
     eager = [s["__key__"] for s in iter_tar_samples(str(path), on_error=lambda *a: errs.append(a[0]))]
-    lazy = [s["__key__"] for s in iter_tar_samples(str(path), lazy=lambda: True,
-                                                   on_error=lambda *a: errs.append(a[0]))]
+    lazy = [
+        s["__key__"]
+        for s in iter_tar_samples(str(path), lazy=lambda: True, on_error=lambda *a: errs.append(a[0]))
+    ]
     assert eager == lazy and errs == ["corrupt_tar", "corrupt_tar"]
     with tarfile.open(path.with_name("x.tar"), "w"):
         pass

@@ -57,13 +57,26 @@ def test_corrupt_video_raises():
 
 def test_video_batches(tmp_path):
     good = clip()
-    samples = [{"__key__": f"v{i}", "mp4": good, "txt": "a person is talking",
-                "json": json.dumps({"captions": [f"caption {i} a", f"caption {i} b"]})} for i in range(5)]
+    samples = [
+        {
+            "__key__": f"v{i}",
+            "mp4": good,
+            "txt": "a person is talking",
+            "json": json.dumps({"captions": [f"caption {i} a", f"caption {i} b"]}),
+        }
+        for i in range(5)
+    ]
     samples.append({"__key__": "vbad", "mp4": good[: len(good) // 4], "txt": "broken"})
     samples.append({"__key__": "vw", "webm": clip(fmt="webm"), "txt": "webm clip"})
     write_shard(tmp_path / "00000.tar", samples)
-    cfg = DataConfig(sources=[SourceConfig(name="vid", shards=str(tmp_path / "00000.tar"), kind="video")],
-                     num_workers=0, image_size=32, num_frames=4, frame_sampling="headtail", shuffle_buffer=0)
+    cfg = DataConfig(
+        sources=[SourceConfig(name="vid", shards=str(tmp_path / "00000.tar"), kind="video")],
+        num_workers=0,
+        image_size=32,
+        num_frames=4,
+        frame_sampling="headtail",
+        shuffle_buffer=0,
+    )
     loader = build_loader(cfg, tokenize=None, batch_size=3, seed=0, train=False)
     batches = list(loader)
     assert [tuple(b["pixel_values"].shape) for b in batches] == [(3, 4, 3, 32, 32), (3, 4, 3, 32, 32)]

@@ -22,7 +22,7 @@ def test_corpus_shapes_never_touch_and_stay_in_the_image():
             centres, r = corpus.layout(a, rng)
             assert len(centres) == corpus.COUNTS.index(a["count"]) + 1
             assert all(r <= v <= 64 - r for c in centres for v in c), (a, centres, r)
-            assert all(math.dist(p, q) > 2.4 * r for i, p in enumerate(centres) for q in centres[i + 1:])
+            assert all(math.dist(p, q) > 2.4 * r for i, p in enumerate(centres) for q in centres[i + 1 :])
             # the group stays on its side: left groups left of centre, top groups above, ...
             mx = sum(x for x, _ in centres) / len(centres)
             my = sum(y for _, y in centres) / len(centres)
@@ -54,8 +54,15 @@ def test_demo_refuses_a_run_dir_made_with_other_inputs(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    stamp = {"corpus_version": 2, "train_images": 4000, "heldout_images": 240, "seed": 0,
-             "vit_steps": 5, "lm_steps": 400, "tomeformer_init": "bert"}
+    stamp = {
+        "corpus_version": 2,
+        "train_images": 4000,
+        "heldout_images": 240,
+        "seed": 0,
+        "vit_steps": 5,
+        "lm_steps": 400,
+        "tomeformer_init": "bert",
+    }
     (run / "demo_inputs.json").write_text(json.dumps(stamp))
     with pytest.raises(SystemExit, match="vit_steps 5 -> 600"):
         main(["--run-dir", str(run)])
@@ -89,14 +96,21 @@ def test_summary_table_after_a_rerun_that_trained_no_step(capsys):
     still shows the run's curve (from metrics.jsonl, appended across resumes)."""
     from pipeline.demo.run import print_table
 
-    run = {"train": {"summary": {"steps": 1300, "first_loss": None, "last_loss": None},
-                     "curve": [(25, 0.79), (1300, 0.022)]},
-           "eval": {"attribute_accuracy": {"shape": 0.96}, "n": 240, "metrics": {"CIDEr": 971.6}},
-           "steps_to_loss": {0.5: 125, 0.01: None}}
-    report = {"timings": {"corpus": 3.0}, "runs": {"tomeformer": run, "qformer": run},
-              "shards": {"num_samples": 4000,
-                         "counts": {"by_category": {"http_404": 2, "undecodable_image": 2}}},
-              "report": "r.json", "mlflow_db": "m.db"}
+    run = {
+        "train": {
+            "summary": {"steps": 1300, "first_loss": None, "last_loss": None},
+            "curve": [(25, 0.79), (1300, 0.022)],
+        },
+        "eval": {"attribute_accuracy": {"shape": 0.96}, "n": 240, "metrics": {"CIDEr": 971.6}},
+        "steps_to_loss": {0.5: 125, 0.01: None},
+    }
+    report = {
+        "timings": {"corpus": 3.0},
+        "runs": {"tomeformer": run, "qformer": run},
+        "shards": {"num_samples": 4000, "counts": {"by_category": {"http_404": 2, "undecodable_image": 2}}},
+        "report": "r.json",
+        "mlflow_db": "m.db",
+    }
     print_table(report)
     out = capsys.readouterr().out
     assert "1300 steps, loss 0.790 -> 0.022" in out and "0.5: 125, 0.01: never" in out
@@ -107,16 +121,43 @@ def test_summary_table_after_a_rerun_that_trained_no_step(capsys):
 @pytest.mark.slow
 def test_short_demo_runs_every_stage(tmp_path):
     run_dir = tmp_path / "demo"
-    cmd = [str(Path(sys.executable).parent / "simvlg"), "demo", "--run-dir", str(run_dir),
-           "--train-images", "120", "--heldout-images", "12", "--lm-steps", "20", "--vit-steps", "3",
-           "--set", "train.steps=4", "--set", "train.log_every=1", "--set", "train.ckpt_every=2",
-           "--set", "train.warmup_steps=1", "--set", "eval.num_beams=1", "--set", "eval.gallery_size=4"]
+    cmd = [
+        str(Path(sys.executable).parent / "simvlg"),
+        "demo",
+        "--run-dir",
+        str(run_dir),
+        "--train-images",
+        "120",
+        "--heldout-images",
+        "12",
+        "--lm-steps",
+        "20",
+        "--vit-steps",
+        "3",
+        "--set",
+        "train.steps=4",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.ckpt_every=2",
+        "--set",
+        "train.warmup_steps=1",
+        "--set",
+        "eval.num_beams=1",
+        "--set",
+        "eval.gallery_size=4",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
 
     report = json.loads((run_dir / "report.json").read_text())
-    assert set(report["timings"]) >= {"corpus", "shards", "backbones", "train[tomeformer]",
-                                      "eval[tomeformer]"}
+    assert set(report["timings"]) >= {
+        "corpus",
+        "shards",
+        "backbones",
+        "train[tomeformer]",
+        "eval[tomeformer]",
+    }
     # 1 corpus: images on disk, held-out annotations, broken URLs in the list
     assert len(list((run_dir / "corpus" / "train").glob("*.png"))) == 120
     assert len(json.loads((run_dir / "corpus" / "heldout.json").read_text())) == 12
@@ -133,8 +174,11 @@ def test_short_demo_runs_every_stage(tmp_path):
     # 4 training through the launcher: checkpoints, metrics, MLflow
     train_dir = run_dir / "train" / "tomeformer"
     assert (train_dir / "checkpoints" / "step_00000004" / "COMPLETE.json").is_file()
-    steps = [json.loads(x)["step"] for x in (train_dir / "metrics.jsonl").read_text().splitlines()
-             if '"loss"' in x and "eval/" not in x]
+    steps = [
+        json.loads(x)["step"]
+        for x in (train_dir / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in x and "eval/" not in x
+    ]
     assert steps[:4] == [1, 2, 3, 4]
     assert report["mlflow_run_id"] and (train_dir / "mlflow.db").is_file()
     # 5 evaluation on the held-out split
@@ -170,16 +214,21 @@ def test_short_demo_runs_every_stage(tmp_path):
     simvlg = str(Path(sys.executable).parent / "simvlg")
     fresh = tmp_path / "checkout"
     fresh.mkdir()
-    refused = subprocess.run([simvlg, "train", "demo"], capture_output=True, text=True, cwd=fresh,
-                             timeout=120)
+    refused = subprocess.run(
+        [simvlg, "train", "demo"], capture_output=True, text=True, cwd=fresh, timeout=120
+    )
     assert refused.returncode == 1 and "runs/demo/backbones/vit/model.safetensors" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     (fresh / "runs").mkdir()
     (fresh / "runs" / "demo").symlink_to(run_dir)
     ok = subprocess.run([simvlg, "config", "validate", "demo"], capture_output=True, text=True, cwd=fresh)
     assert ok.returncode == 0 and "65 -> 47 -> 29" in ok.stdout, ok.stderr
-    by_hand = subprocess.run([simvlg, "train", "demo", "--set", "train.steps=1", "--set",
-                              "tracking.enabled=false"], capture_output=True, text=True, cwd=fresh,
-                             timeout=900)
+    by_hand = subprocess.run(
+        [simvlg, "train", "demo", "--set", "train.steps=1", "--set", "tracking.enabled=false"],
+        capture_output=True,
+        text=True,
+        cwd=fresh,
+        timeout=900,
+    )
     assert by_hand.returncode == 0, (by_hand.stdout + by_hand.stderr)[-3000:]
     assert (run_dir / "train" / "by-hand" / "checkpoints" / "step_00000001" / "COMPLETE.json").is_file()

@@ -28,21 +28,46 @@ def test_label_shards_adds_each_captions_labels_and_keeps_the_rest(tmp_path):
     attrs = [a for _, _, a, _, _ in corpus.generate(3, 0, seed=1)]
     src = tmp_path / "data"
     (src / "shards").mkdir(parents=True)
-    write_shard(src / "shards" / "00000.tar",
-                [{"__key__": f"0000000{i}", "jpg": b"x" * (i + 1), "txt": corpus.caption(a),
-                  "json": json.dumps({"url": f"http://h/{i}.png", "status": "success"})}
-                 for i, a in enumerate(attrs)])
-    write_manifest(src, Manifest(recipe="urls", kind="image", created="", complete=True,
-                                 shards=str(src / "shards" / "{00000..00000}.tar"),
-                                 shards_relative="shards/{00000..00000}.tar", num_shards=1, num_samples=3))
+    write_shard(
+        src / "shards" / "00000.tar",
+        [
+            {
+                "__key__": f"0000000{i}",
+                "jpg": b"x" * (i + 1),
+                "txt": corpus.caption(a),
+                "json": json.dumps({"url": f"http://h/{i}.png", "status": "success"}),
+            }
+            for i, a in enumerate(attrs)
+        ],
+    )
+    write_manifest(
+        src,
+        Manifest(
+            recipe="urls",
+            kind="image",
+            created="",
+            complete=True,
+            shards=str(src / "shards" / "{00000..00000}.tar"),
+            shards_relative="shards/{00000..00000}.tar",
+            num_shards=1,
+            num_samples=3,
+        ),
+    )
     out = compact.label_shards(src / "manifest.json", tmp_path / "labelled")
     urls, n = resolve_spec(str(out))
     assert n == 3 and urls == [str(tmp_path / "labelled" / "shards" / "00000.tar")]
     for i, (s, a) in enumerate(zip(iter_tar_samples(urls[0]), attrs)):
         meta = json.loads(s["json"])
         assert meta["url"] == f"http://h/{i}.png" and s["jpg"] == b"x" * (i + 1)
-        assert meta["labels"] == {"objects": [{"name": a["shape"], "attributes": [a["size"], a["color"]],
-                                               "count": corpus.COUNTS.index(a["count"]) + 1}]}
+        assert meta["labels"] == {
+            "objects": [
+                {
+                    "name": a["shape"],
+                    "attributes": [a["size"], a["color"]],
+                    "count": corpus.COUNTS.index(a["count"]) + 1,
+                }
+            ]
+        }
     with tarfile.open(urls[0]) as tar:
         assert len(tar.getnames()) == 9
 
@@ -50,16 +75,33 @@ def test_label_shards_adds_each_captions_labels_and_keeps_the_rest(tmp_path):
 def test_task_tokenizer_splits_punctuation_off_words():
     tok = compact.build_tokenizer(["Question: is there a red triangle? Short answer: yes"])
     ids = tok("Question: is there a red triangle? Short answer:").input_ids
-    assert tok.convert_ids_to_tokens(ids) == ["</s>", "Question", ":", "is", "there", "a", "red", "triangle",
-                                              "?", "Short", "answer", ":"]
+    assert tok.convert_ids_to_tokens(ids) == [
+        "</s>",
+        "Question",
+        ":",
+        "is",
+        "there",
+        "a",
+        "red",
+        "triangle",
+        "?",
+        "Short",
+        "answer",
+        ":",
+    ]
     assert tok.unk_token_id not in ids
 
 
 def test_heldout_questions_are_answered_by_the_labels(tmp_path):
     held = [a for _, _, a, _, _ in corpus.generate(0, 20, seed=3)]
-    (tmp_path / "heldout.json").write_text(json.dumps(
-        [{"image": f"heldout/{i:06d}.png", "caption": [corpus.caption(a)], "attributes": a}
-         for i, a in enumerate(held)]))
+    (tmp_path / "heldout.json").write_text(
+        json.dumps(
+            [
+                {"image": f"heldout/{i:06d}.png", "caption": [corpus.caption(a)], "attributes": a}
+                for i, a in enumerate(held)
+            ]
+        )
+    )
     kinds = compact.heldout_questions(tmp_path, tmp_path / "q.json")
     assert kinds == dict.fromkeys(compact.ONE_GROUP_KINDS, 20)
     qs = json.loads((tmp_path / "q.json").read_text())
@@ -90,12 +132,38 @@ def test_heldout_questions_are_answered_by_the_labels(tmp_path):
 @pytest.mark.slow
 def test_short_tasks_demo_compares_uniform_and_adaptive_sampling(tmp_path):
     run_dir = tmp_path / "demo"
-    cmd = [str(Path(sys.executable).parent / "simvlg"), "demo", "--run-dir", str(run_dir),
-           "--tasks", "adaptive", "--train-images", "120", "--heldout-images", "12", "--lm-steps", "20",
-           "--vit-steps", "3",
-           "--task-lm-steps", "10", "--set", "train.steps=4", "--set", "train.log_every=1",
-           "--set", "train.ckpt_every=4", "--set", "train.warmup_steps=1", "--set", "eval.num_beams=1",
-           "--set", "eval.gallery_size=2", "--set", "eval.visualize_count=0"]
+    cmd = [
+        str(Path(sys.executable).parent / "simvlg"),
+        "demo",
+        "--run-dir",
+        str(run_dir),
+        "--tasks",
+        "adaptive",
+        "--train-images",
+        "120",
+        "--heldout-images",
+        "12",
+        "--lm-steps",
+        "20",
+        "--vit-steps",
+        "3",
+        "--task-lm-steps",
+        "10",
+        "--set",
+        "train.steps=4",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.ckpt_every=4",
+        "--set",
+        "train.warmup_steps=1",
+        "--set",
+        "eval.num_beams=1",
+        "--set",
+        "eval.gallery_size=2",
+        "--set",
+        "eval.visualize_count=0",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     report = json.loads((run_dir / "report.json").read_text())

@@ -34,8 +34,10 @@ from pipeline.eval.vqa import pre_question, score_vqa
 
 @pytest.fixture
 def java_missing_in_ci():
-    pytest.fail("CI=true but no `java` on PATH: pycocoevalcap's METEOR cannot run (.ci/run installs "
-                "default-jre-headless; a skip here would hide that the metric went untested)")
+    pytest.fail(
+        "CI=true but no `java` on PATH: pycocoevalcap's METEOR cannot run (.ci/run installs "
+        "default-jre-headless; a skip here would hide that the metric went untested)"
+    )
 
 
 def needs_java(test):
@@ -49,20 +51,34 @@ def needs_java(test):
 
 
 # ------------------------------------------------------------------------------ VQA normalisation
-@pytest.mark.parametrize("raw, norm", [
-    ("two", "2"), ("2", "2"), ("Two", "2"), ("none", "0"),          # number words
-    ("a dog", "dog"), ("The dog", "dog"), ("an apple", "apple"),   # articles
-    ("yes.", "yes"), ("Yes!", "yes"), ("hot dog?", "hot dog"),     # punctuation
-    ("dont", "don't"), ("isnt", "isn't"), ("whats", "what's"),     # contractions
-    ("black-and-white", "black and white"), ("3.5", "3.5"), ("1,000", "1000"),
-    ("  tennis\tracket\n", "tennis racket"),
-])
+@pytest.mark.parametrize(
+    "raw, norm",
+    [
+        ("two", "2"),
+        ("2", "2"),
+        ("Two", "2"),
+        ("none", "0"),  # number words
+        ("a dog", "dog"),
+        ("The dog", "dog"),
+        ("an apple", "apple"),  # articles
+        ("yes.", "yes"),
+        ("Yes!", "yes"),
+        ("hot dog?", "hot dog"),  # punctuation
+        ("dont", "don't"),
+        ("isnt", "isn't"),
+        ("whats", "what's"),  # contractions
+        ("black-and-white", "black and white"),
+        ("3.5", "3.5"),
+        ("1,000", "1000"),
+        ("  tennis\tracket\n", "tennis racket"),
+    ],
+)
 def test_vqa_normalisation_edge_cases(raw, norm):
     assert normalize_answer(raw) == norm
 
 
 def test_process_punctuation_matches_the_official_rules():
-    assert process_punctuation("t-shirt") == "t shirt"        # no space beside: becomes a space
+    assert process_punctuation("t-shirt") == "t shirt"  # no space beside: becomes a space
     assert process_punctuation("left - right") == "left  right"  # a space beside: deleted
     assert process_punctuation("10,000 people, maybe") == "10000 people maybe"  # digit comma: all deleted
     assert process_punctuation("end.") == "end" and process_punctuation("2.50") == "2.50"
@@ -90,9 +106,11 @@ def test_vqa_accuracy_averages_over_the_ten_leave_one_out_subsets():
 
 
 def test_score_vqa_overall_and_per_answer_type():
-    recs = [{"id": 1, "prediction": "yes", "references": ["yes"] * 10, "answer_type": "yes/no"},
-            {"id": 2, "prediction": "two", "references": ["2"] * 2 + ["3"] * 8, "answer_type": "number"},
-            {"id": 3, "prediction": "cat", "references": ["dog"] * 10, "answer_type": "other"}]
+    recs = [
+        {"id": 1, "prediction": "yes", "references": ["yes"] * 10, "answer_type": "yes/no"},
+        {"id": 2, "prediction": "two", "references": ["2"] * 2 + ["3"] * 8, "answer_type": "number"},
+        {"id": 3, "prediction": "cat", "references": ["dog"] * 10, "answer_type": "other"},
+    ]
     m = score_vqa(recs)
     assert m["accuracy"] == pytest.approx(100 * (1 + 0.6 + 0) / 3)
     assert m["accuracy/yes_no"] == 100 and m["accuracy/number"] == pytest.approx(60)
@@ -128,8 +146,14 @@ def test_okvqa_answers_are_lemmatised_and_say_by_what(tmp_path):
     (tmp_path / "okvqa").mkdir()
     (tmp_path / "coco" / "images").mkdir(parents=True)
     qs = [{"question_id": 1, "image_id": 100, "question": "What are these?"}]
-    anns = [{"question_id": 1, "image_id": 100, "answer_type": "other",
-             "answers": [{"answer": "dog", "answer_id": k} for k in range(10)]}]
+    anns = [
+        {
+            "question_id": 1,
+            "image_id": 100,
+            "answer_type": "other",
+            "answers": [{"answer": "dog", "answer_id": k} for k in range(10)],
+        }
+    ]
     (tmp_path / "okvqa" / "OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps({"questions": qs}))
     (tmp_path / "okvqa" / "mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": anns}))
     (tmp_path / "vqav2").mkdir()
@@ -154,9 +178,11 @@ def test_gqa_exact_match_and_question_cleaning():
 
 
 # ------------------------------------------------------------------------------ caption metrics
-CAPS = {1: "a man riding a wave on top of a surfboard",
-        2: "two cats sleeping on a red couch next to a pillow",
-        3: "a plate of food with broccoli and rice on a table"}
+CAPS = {
+    1: "a man riding a wave on top of a surfboard",
+    2: "two cats sleeping on a red couch next to a pillow",
+    3: "a plate of food with broccoli and rice on a table",
+}
 
 
 @needs_java
@@ -205,18 +231,34 @@ def _image_set(root: Path, n: int = 7) -> list[dict]:
         arr = np.full((48 + 8 * i, 64, 3), COLORS[c], dtype=np.uint8)
         arr[10:20, 10:30] = 255  # something to merge around
         Image.fromarray(arr).save(root / "images" / f)
-        rows.append({"image": f, "caption": [f"a {c} square on a plain background with a white patch",
-                                             f"a {c} picture with a small white rectangle"]})
+        rows.append(
+            {
+                "image": f,
+                "caption": [
+                    f"a {c} square on a plain background with a white patch",
+                    f"a {c} picture with a small white rectangle",
+                ],
+            }
+        )
     (root / "annotations").mkdir(exist_ok=True)
     (root / "annotations" / "caps.json").write_text(json.dumps(rows))
     return rows
 
 
 def _cfg(root: Path, *extra):
-    return load_config("demo", [f"eval.data_root={root}", "eval.datasets.tiny.kind=caption",
-                                "eval.datasets.tiny.annotations=annotations/caps.json",
-                                "eval.datasets.tiny.images=images", "data.num_workers=0",
-                                "eval.batch_size=3", "tracking.enabled=false", *extra])
+    return load_config(
+        "demo",
+        [
+            f"eval.data_root={root}",
+            "eval.datasets.tiny.kind=caption",
+            "eval.datasets.tiny.annotations=annotations/caps.json",
+            "eval.datasets.tiny.images=images",
+            "data.num_workers=0",
+            "eval.batch_size=3",
+            "tracking.enabled=false",
+            *extra,
+        ],
+    )
 
 
 def test_caption_readers_lavis_list_and_coco_style(tmp_path):
@@ -224,15 +266,24 @@ def test_caption_readers_lavis_list_and_coco_style(tmp_path):
     samples = read_captions(tmp_path / "annotations" / "caps.json")
     assert [s.id for s in samples] == [100, 101, 102, 103]  # COCO ids from the file names
     assert samples[0].media == rows[0]["image"] and len(samples[0].references) == 2
-    coco = {"images": [{"id": 7, "file_name": "a.jpg", "domain": "in-domain"},
-                       {"id": 8, "file_name": "b.jpg", "domain": "out-domain"}],
-            "annotations": [{"image_id": 7, "caption": "x"}, {"image_id": 8, "caption": "y"},
-                            {"image_id": 7, "caption": "z"}]}
+    coco = {
+        "images": [
+            {"id": 7, "file_name": "a.jpg", "domain": "in-domain"},
+            {"id": 8, "file_name": "b.jpg", "domain": "out-domain"},
+        ],
+        "annotations": [
+            {"image_id": 7, "caption": "x"},
+            {"image_id": 8, "caption": "y"},
+            {"image_id": 7, "caption": "z"},
+        ],
+    }
     p = tmp_path / "nocaps.json"
     p.write_text(json.dumps(coco))
     s = read_captions(p)
-    assert [(x.id, x.references, x.meta["domain"]) for x in s] == [(7, ["x", "z"], "in-domain"),
-                                                                  (8, ["y"], "out-domain")]
+    assert [(x.id, x.references, x.meta["domain"]) for x in s] == [
+        (7, ["x", "z"], "in-domain"),
+        (8, ["y"], "out-domain"),
+    ]
     coco["annotations"].append({"image_id": 99, "caption": "?"})
     p.write_text(json.dumps(coco))
     with pytest.raises(AnnotationError, match="mismatched ids"):
@@ -240,12 +291,28 @@ def test_caption_readers_lavis_list_and_coco_style(tmp_path):
 
 
 def test_vqa_gqa_and_video_readers(tmp_path):
-    qs = {"questions": [{"question_id": 1, "image_id": 42, "question": "Is it red?"},
-                        {"question_id": 2, "image_id": 42, "question": "How many?"}]}
-    anns = {"annotations": [{"question_id": 1, "image_id": 42, "answer_type": "yes/no",
-                             "answers": [{"answer": "yes", "answer_id": i} for i in range(10)]},
-                            {"question_id": 2, "image_id": 42, "answer_type": "number",
-                             "answers": [{"answer": "2", "answer_id": i} for i in range(10)]}]}
+    qs = {
+        "questions": [
+            {"question_id": 1, "image_id": 42, "question": "Is it red?"},
+            {"question_id": 2, "image_id": 42, "question": "How many?"},
+        ]
+    }
+    anns = {
+        "annotations": [
+            {
+                "question_id": 1,
+                "image_id": 42,
+                "answer_type": "yes/no",
+                "answers": [{"answer": "yes", "answer_id": i} for i in range(10)],
+            },
+            {
+                "question_id": 2,
+                "image_id": 42,
+                "answer_type": "number",
+                "answers": [{"answer": "2", "answer_id": i} for i in range(10)],
+            },
+        ]
+    }
     (tmp_path / "q.json").write_text(json.dumps(qs))
     (tmp_path / "a.json").write_text(json.dumps(anns))
     s = read_vqa(tmp_path / "q.json", tmp_path / "a.json", "val2014/COCO_val2014_{image_id:012d}.jpg")
@@ -258,9 +325,14 @@ def test_vqa_gqa_and_video_readers(tmp_path):
     (tmp_path / "g.json").write_text(json.dumps(gqa))
     g = read_gqa(tmp_path / "g.json", "{image_id}.jpg")
     assert (g[0].id, g[0].media, g[0].references) == ("201", "n1.jpg", ["table"])
-    info = {"videos": [{"video_id": "video1", "split": "train"}, {"video_id": "video7010", "split": "test"}],
-            "sentences": [{"video_id": "video1", "caption": "a"}, {"video_id": "video7010", "caption": "b"},
-                          {"video_id": "video7010", "caption": "c"}]}
+    info = {
+        "videos": [{"video_id": "video1", "split": "train"}, {"video_id": "video7010", "split": "test"}],
+        "sentences": [
+            {"video_id": "video1", "caption": "a"},
+            {"video_id": "video7010", "caption": "b"},
+            {"video_id": "video7010", "caption": "c"},
+        ],
+    }
     (tmp_path / "msrvtt.json").write_text(json.dumps(info))
     v = read_video_captions(tmp_path / "msrvtt.json")
     assert [(x.id, x.references) for x in v] == [("video7010", ["b", "c"])]
@@ -284,7 +356,7 @@ def test_clear_one_line_errors(tmp_path):
     (tmp_path / "images" / "val2014" / "COCO_val2014_000000000101.jpg").unlink()
     with pytest.raises(EvalDataError, match=r"1 of 3 images not found .* id 101"):
         load_task("tiny", cfg.eval)
-    (tmp_path / "annotations" / "caps.json").write_text("[{\"image\": 1")
+    (tmp_path / "annotations" / "caps.json").write_text('[{"image": 1')
     with pytest.raises(EvalDataError, match="not valid JSON"):
         load_task("tiny", cfg.eval)
     with pytest.raises(EvalDataError, match="unknown key"):
@@ -298,8 +370,10 @@ def test_media_from_shards(tmp_path):
     rows = _image_set(tmp_path, 3)
     with tarfile.open(tmp_path / "00000.tar", "w") as tar:
         for i, r in enumerate(rows):
-            for name, data in [(f"{i:05d}.jpg", (tmp_path / "images" / r["image"]).read_bytes()),
-                               (f"{i:05d}.json", json.dumps({"url": "file:///x/" + r["image"]}).encode())]:
+            for name, data in [
+                (f"{i:05d}.jpg", (tmp_path / "images" / r["image"]).read_bytes()),
+                (f"{i:05d}.json", json.dumps({"url": "file:///x/" + r["image"]}).encode()),
+            ]:
                 ti = tarfile.TarInfo(name)
                 ti.size = len(data)
                 tar.addfile(ti, io.BytesIO(data))
@@ -340,15 +414,19 @@ class ColourCaptioner(torch.nn.Module):
             pixel_values = pixel_values.float().mean(1)
         # uint8 pixels as the loader delivers them: the dominant channel has the largest mean
         colours = [names[int(px.float().mean(dim=(1, 2)).argmax())] for px in pixel_values]
-        return [f"{c.capitalize()}.\nQuestion: more" if q.startswith("Question:") else
-                f" a {c} square on a plain background with a white patch\nignored line"
-                for c, q in zip(colours, prompt)]
+        return [
+            f"{c.capitalize()}.\nQuestion: more"
+            if q.startswith("Question:")
+            else f" a {c} square on a plain background with a white patch\nignored line"
+            for c, q in zip(colours, prompt)
+        ]
 
     def merge_info(self, pixel_values, layers=None):
         B = pixel_values.shape[0]
         base = torch.arange(16)
-        return {i: (base // (2 ** (i + 1))).reshape(1, 4, 4).expand(B, 4, 4).clone()
-                for i in range(self.layers)}
+        return {
+            i: (base // (2 ** (i + 1))).reshape(1, 4, 4).expand(B, 4, 4).clone() for i in range(self.layers)
+        }
 
 
 def _gather_worker(rank, world, port, root, out):
@@ -410,10 +488,21 @@ def test_merge_visualisation_and_gallery_files(tmp_path):
         assert im.format == "PNG" and im.width > 3 * 256
     with pytest.raises(ValueError, match="square grid"):
         merge_overlay(img, torch.zeros(10, dtype=torch.long))
-    html = write_gallery([{"id": 1, "image": torch.from_numpy(img).permute(2, 0, 1), "prediction": "a <b>",
-                           "references": ["ref & more"], "question": "q?",
-                           "figures": [("merge", merge_figure(img, {1: grid}))]}],
-                         tmp_path / "g.html", title="t", notes=["SPICE skipped"]).read_text()
+    html = write_gallery(
+        [
+            {
+                "id": 1,
+                "image": torch.from_numpy(img).permute(2, 0, 1),
+                "prediction": "a <b>",
+                "references": ["ref & more"],
+                "question": "q?",
+                "figures": [("merge", merge_figure(img, {1: grid}))],
+            }
+        ],
+        tmp_path / "g.html",
+        title="t",
+        notes=["SPICE skipped"],
+    ).read_text()
     assert "a &lt;b&gt;" in html and "ref &amp; more" in html and html.count("data:image/") == 2
 
 
@@ -424,8 +513,10 @@ def test_evaluate_task_end_to_end(tmp_path):
     cfg = _cfg(tmp_path, "eval.visualize_layers=[0,2,9]", "eval.visualize_count=2", "eval.gallery_size=4")
     model = ColourCaptioner()
     logged = []
-    tracker = types.SimpleNamespace(log=lambda step, m: logged.append((step, m)),
-                                    artifact=lambda p, folder=None: logged.append((folder, Path(p).name)))
+    tracker = types.SimpleNamespace(
+        log=lambda step, m: logged.append((step, m)),
+        artifact=lambda p, folder=None: logged.append((folder, Path(p).name)),
+    )
     rep = evaluate_task(model, cfg, "tiny", tmp_path / "out", tracker=tracker, step=12, checkpoint="ck")
     out = tmp_path / "out"
     preds = json.loads((out / "predictions.json").read_text())
@@ -445,8 +536,9 @@ def test_evaluate_task_end_to_end(tmp_path):
     assert logged[0][0] == 12 and logged[0][1]["eval/tiny/CIDEr"] == rep["metrics"]["CIDEr"]
     assert ("eval/tiny", "predictions.json") in logged and ("eval/tiny/merge", "100.png") in logged
     # a partial run says so
-    rep = evaluate_task(model, _cfg(tmp_path, "eval.max_samples=2", "eval.gallery_size=0"), "tiny",
-                        tmp_path / "out2")
+    rep = evaluate_task(
+        model, _cfg(tmp_path, "eval.max_samples=2", "eval.gallery_size=0"), "tiny", tmp_path / "out2"
+    )
     assert rep["partial"] and rep["num_samples"] == 2 and "partial result" in rep["notes"][0]
 
 
@@ -457,11 +549,19 @@ def test_vqa_and_video_tasks_from_their_default_files(tmp_path):
     rows = _image_set(tmp_path / "coco", 3)  # coco/images/val2014/COCO_val2014_000000000100.jpg, ...
     colours = [r["caption"][0].split()[1] for r in rows]
     (tmp_path / "vqav2").mkdir()
-    qs = [{"question_id": 10 + i, "image_id": 100 + i, "question": "What colour is the SQUARE?"}
-          for i in range(3)]
-    anns = [{"question_id": 10 + i, "image_id": 100 + i, "answer_type": "other",
-             "answers": [{"answer": c if k < 9 else "pink", "answer_id": k} for k in range(10)]}
-            for i, c in enumerate(colours)]
+    qs = [
+        {"question_id": 10 + i, "image_id": 100 + i, "question": "What colour is the SQUARE?"}
+        for i in range(3)
+    ]
+    anns = [
+        {
+            "question_id": 10 + i,
+            "image_id": 100 + i,
+            "answer_type": "other",
+            "answers": [{"answer": c if k < 9 else "pink", "answer_id": k} for k in range(10)],
+        }
+        for i, c in enumerate(colours)
+    ]
     vqa = tmp_path / "vqav2"
     (vqa / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps({"questions": qs}))
     (vqa / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": anns}))
@@ -470,8 +570,12 @@ def test_vqa_and_video_tasks_from_their_default_files(tmp_path):
     rep = evaluate_task(model, cfg, "vqav2_val", tmp_path / "vqa")
     assert rep["metrics"] == {"accuracy": 100.0, "accuracy/other": 100.0}
     assert model.prompts[0] == "Question: what colour is the square? Short answer:"
-    assert model.kwargs == {"num_beams": 3, "max_new_tokens": 10, "length_penalty": 0.0,
-                            "repetition_penalty": 1.0}
+    assert model.kwargs == {
+        "num_beams": 3,
+        "max_new_tokens": 10,
+        "length_penalty": 0.0,
+        "repetition_penalty": 1.0,
+    }
     assert "VQA accuracy: the LAVIS copy of the 2017 VQA evaluation script" in rep["notes"]
     preds = json.loads((tmp_path / "vqa" / "predictions.json").read_text())
     assert preds[0]["prediction"] == "Red." and preds[0]["accuracy"] == 1.0 and preds[0]["question"]
@@ -479,11 +583,14 @@ def test_vqa_and_video_tasks_from_their_default_files(tmp_path):
     info = {"videos": [], "sentences": []}
     for i, c in enumerate(COLORS):
         vid = f"video{7010 + i}"
-        encode_video([np.full((40, 48, 3), COLORS[c], np.uint8)] * 6,
-                     str(tmp_path / "msrvtt" / "videos" / f"{vid}.mp4"))
+        encode_video(
+            [np.full((40, 48, 3), COLORS[c], np.uint8)] * 6,
+            str(tmp_path / "msrvtt" / "videos" / f"{vid}.mp4"),
+        )
         info["videos"].append({"video_id": vid, "split": "test"})
-        info["sentences"].append({"video_id": vid,
-                                  "caption": f"a {c} square on a plain background with a white patch"})
+        info["sentences"].append(
+            {"video_id": vid, "caption": f"a {c} square on a plain background with a white patch"}
+        )
     info["videos"].append({"video_id": "video1", "split": "train"})  # not in the test split
     (tmp_path / "msrvtt" / "test_videodatainfo.json").write_text(json.dumps(info))
     rep = evaluate_task(model, cfg, "msrvtt_test", tmp_path / "video")
@@ -508,8 +615,9 @@ def _connector_folder(path: Path, model) -> Path:
     from safetensors.torch import save_file
 
     path.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.connector.state_dict().items()},
-              str(path / "model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.connector.state_dict().items()}, str(path / "model.safetensors")
+    )
     (path / "config.json").write_text(json.dumps({"format": "simvlg-connector", "connector": "tomeformer"}))
     return path
 
@@ -528,10 +636,20 @@ def test_run_main_writes_report_and_fails_in_one_line(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     base = ["demo", "--checkpoint", str(ck), "--run-dir", str(tmp_path / "run")] + sum(
-        (["--set", s] for s in [f"eval.data_root={tmp_path}", "eval.datasets.tiny.kind=caption",
-                                "eval.datasets.tiny.annotations=annotations/caps.json",
-                                "eval.datasets.tiny.images=images", "data.num_workers=0",
-                                "tracking.enabled=false", "eval.gallery_size=2"]), [])
+        (
+            ["--set", s]
+            for s in [
+                f"eval.data_root={tmp_path}",
+                "eval.datasets.tiny.kind=caption",
+                "eval.datasets.tiny.annotations=annotations/caps.json",
+                "eval.datasets.tiny.images=images",
+                "data.num_workers=0",
+                "tracking.enabled=false",
+                "eval.gallery_size=2",
+            ]
+        ),
+        [],
+    )
     assert run(parser.parse_args(base + ["--task", "tiny"]), model=model) == 0
     assert loaded == [ck]
     report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
@@ -544,8 +662,10 @@ def test_run_main_writes_report_and_fails_in_one_line(tmp_path, capsys):
     # a training checkpoint folder: connector.* weights out of the DeepSpeed model states
     step = tmp_path / "run" / "checkpoints" / "step_00000040"
     (step / "ds").mkdir(parents=True)
-    w = {"connector.weight": torch.full((2, 2), 3.0, dtype=torch.bfloat16),
-         "connector.bias": torch.zeros(2, dtype=torch.bfloat16)}
+    w = {
+        "connector.weight": torch.full((2, 2), 3.0, dtype=torch.bfloat16),
+        "connector.bias": torch.zeros(2, dtype=torch.bfloat16),
+    }
     torch.save({"module": w, "global_steps": 40}, step / "ds" / "mp_rank_00_model_states.pt")
     files = {str(p.relative_to(step)): p.stat().st_size for p in step.rglob("*") if p.is_file()}
     (step / "COMPLETE.json").write_text(json.dumps({"step": 40, "world_size": 1, "files": files}))
@@ -564,15 +684,40 @@ def _tiny_backbones(root: Path) -> None:
     from transformers import BertConfig, BertModel, OPTConfig, OPTForCausalLM, ViTConfig, ViTModel
 
     torch.manual_seed(0)
-    vit = ViTConfig(image_size=64, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                    intermediate_size=64)
+    vit = ViTConfig(
+        image_size=64,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
     ViTModel(vit, add_pooling_layer=False).save_pretrained(root / "vit")
-    BertModel(BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=6, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=160)).save_pretrained(root / "bert")
+    BertModel(
+        BertConfig(
+            vocab_size=120,
+            hidden_size=32,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=160,
+        )
+    ).save_pretrained(root / "bert")
     tok = opt_tokenizer([r for c in COLORS for r in (f"a {c} square on a plain background", "\n")] * 4)
-    OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=48, num_hidden_layers=2, ffn_dim=96,
-                             num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=48,
-                             bos_token_id=2, eos_token_id=2, pad_token_id=1)).save_pretrained(root / "opt")
+    OPTForCausalLM(
+        OPTConfig(
+            vocab_size=len(tok),
+            hidden_size=48,
+            num_hidden_layers=2,
+            ffn_dim=96,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=48,
+            bos_token_id=2,
+            eos_token_id=2,
+            pad_token_id=1,
+        )
+    ).save_pretrained(root / "opt")
     tok.save_pretrained(root / "opt")
 
 
@@ -586,13 +731,27 @@ def test_simvlg_eval_command_with_a_real_tiny_model(tmp_path):
 
     _tiny_backbones(tmp_path)
     _image_set(tmp_path, 5)
-    sets = [f"model.vision.name={tmp_path / 'vit'}", "model.vision.loader=hf", "model.vision.precision=fp32",
-            "model.vision.arch_config=null", "model.vision.checkpoint=null",
-            f"model.tomeformer.init={tmp_path / 'bert'}", f"model.llm.name={tmp_path / 'opt'}",
-            "model.llm.precision=fp32", f"eval.data_root={tmp_path}", "eval.datasets.tiny.kind=caption",
-            "eval.datasets.tiny.annotations=annotations/caps.json", "eval.datasets.tiny.images=images",
-            "data.num_workers=0", "eval.num_beams=2", "eval.max_new_tokens=6", "eval.min_new_tokens=2",
-            "eval.visualize_count=2", "eval.gallery_size=3", f"tracking.uri=sqlite:///{tmp_path / 'ml.db'}"]
+    sets = [
+        f"model.vision.name={tmp_path / 'vit'}",
+        "model.vision.loader=hf",
+        "model.vision.precision=fp32",
+        "model.vision.arch_config=null",
+        "model.vision.checkpoint=null",
+        f"model.tomeformer.init={tmp_path / 'bert'}",
+        f"model.llm.name={tmp_path / 'opt'}",
+        "model.llm.precision=fp32",
+        f"eval.data_root={tmp_path}",
+        "eval.datasets.tiny.kind=caption",
+        "eval.datasets.tiny.annotations=annotations/caps.json",
+        "eval.datasets.tiny.images=images",
+        "data.num_workers=0",
+        "eval.num_beams=2",
+        "eval.max_new_tokens=6",
+        "eval.min_new_tokens=2",
+        "eval.visualize_count=2",
+        "eval.gallery_size=3",
+        f"tracking.uri=sqlite:///{tmp_path / 'ml.db'}",
+    ]
     cfg = load_config("demo", sets)
     ck = build_model(cfg.model).save_connector(tmp_path / "connector")
     argv = ["demo", "--checkpoint", str(ck), "--task", "tiny", "--run-dir", str(tmp_path / "run")]

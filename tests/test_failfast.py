@@ -41,14 +41,16 @@ def _no_children_left(pid: int) -> list:
 def test_loader_worker_error_ends_the_process_and_its_workers(tmp_path):
     """Before: a worker that ignores SIGTERM kept multiprocessing's exit-time join waiting forever."""
     script = tmp_path / "load.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         from pipeline.config import DataConfig, SourceConfig
         from pipeline.data import build_loader
         cfg = DataConfig(sources=[SourceConfig(name="x", shards="{tmp_path}/none/{{00000..00003}}.tar")],
                          num_workers=1)
         for b in build_loader(cfg, tokenize=None, batch_size=4):
             pass
-    """))
+    """)
+    )
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
     try:
@@ -70,7 +72,8 @@ def test_workers_die_with_their_parent(tmp_path):
     d.mkdir()
     write_shard(d / "00000.tar", [{"__key__": f"k{i}", "jpg": _jpeg(), "txt": f"cap {i}"} for i in range(8)])
     script = tmp_path / "load.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, sys, time
         from pipeline.config import DataConfig, SourceConfig
         from pipeline.data import build_loader
@@ -80,7 +83,8 @@ def test_workers_die_with_their_parent(tmp_path):
         next(it)
         print("ready", flush=True)
         time.sleep(600)
-    """))
+    """)
+    )
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     workers = _no_children_left(proc.pid)
@@ -96,8 +100,9 @@ def test_workers_die_with_their_parent(tmp_path):
 
 # ------------------------------------------------------------------- peers through the store
 def _rank_main(rank, world, port, log_dir, mode, wait, q):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SIMVLG_FAILFAST_POLL="0.5",
-                      SIMVLG_PEER_TIMEOUT="4")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SIMVLG_FAILFAST_POLL="0.5", SIMVLG_PEER_TIMEOUT="4"
+    )
     import importlib
 
     import torch
@@ -121,8 +126,9 @@ def _rank_main(rank, world, port, log_dir, mode, wait, q):
         dist.all_reduce(torch.ones(1))  # gloo: raises once rank 1's connection closes
 
 
-@pytest.mark.parametrize("mode,wait", [("raise", "all_reduce"), ("kill", "all_reduce"),
-                                       ("raise", "blind"), ("kill", "blind")])
+@pytest.mark.parametrize(
+    "mode,wait", [("raise", "all_reduce"), ("kill", "all_reduce"), ("raise", "blind"), ("kill", "blind")]
+)
 def test_a_failed_or_killed_peer_ends_the_other_rank(tmp_path, mode, wait):
     import socket
 
@@ -131,8 +137,9 @@ def test_a_failed_or_killed_peer_ends_the_other_rank(tmp_path, mode, wait):
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, str(tmp_path), mode, wait, q))
-             for r in range(2)]
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, 2, port, str(tmp_path), mode, wait, q)) for r in range(2)
+    ]
     for p in procs:
         p.start()
     t0 = time.time()
@@ -155,8 +162,10 @@ def test_a_failed_or_killed_peer_ends_the_other_rank(tmp_path, mode, wait):
 def test_one_line_names_the_cause():
     from pipeline.failfast import one_line
 
-    wrapped = RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback "
-                           "(most recent call last):\n  File \"x.py\", line 1\nRuntimeError: no data")
+    wrapped = RuntimeError(
+        "Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback "
+        '(most recent call last):\n  File "x.py", line 1\nRuntimeError: no data'
+    )
     assert one_line(wrapped) == "RuntimeError: no data"
     assert one_line(ValueError("bad value")) == "ValueError: bad value"
 
@@ -173,14 +182,16 @@ def usable(tmp_path):
         (tmp_path / name).mkdir()
     (tmp_path / "vit.safetensors").write_bytes(b"x")
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(textwrap.dedent(f"""
+    cfg.write_text(
+        textwrap.dedent(f"""
         inherit: demo.yaml
         data: {{sources: [{{name: s, shards: "{shards}/{{00000..00001}}.tar"}}]}}
         model:
           vision: {{checkpoint: {tmp_path}/vit.safetensors}}
           tomeformer: {{init: {tmp_path}/bert}}
           llm: {{name: {tmp_path}/opt}}
-    """))
+    """)
+    )
     return cfg
 
 
@@ -197,22 +208,29 @@ def test_validate_passes_a_usable_config_and_reports_token_counts(usable):
     assert out.returncode == 0 and "65 -> 47 -> 29" in out.stdout
 
 
-@pytest.mark.parametrize("override,words", [
-    ("data.sources.0.shards=/nowhere/{00000..00003}.tar",
-     "data.sources.0.shards: '/nowhere/{00000..00003}.tar' matches no files"),
-    ("data.sources=[]", "data.sources: empty"),
-    ("model.vision.checkpoint=null", "model.vision.checkpoint: not set"),
-    ("model.vision.checkpoint=/nowhere/vit.pth", "model.vision.checkpoint: file not found"),
-    ("model.llm.name=/nowhere/opt", "model.llm.name: not found: /nowhere/opt"),
-    ("model.tomeformer.init=runs/none/bert", "model.tomeformer.init: not found"),
-    ("model.tomeformer.r=500", "layer 0 would merge 500 of its 65 tokens, but at most 32"),
-    ("model.tomeformer.r=[18,30]", "layer 1 would merge 30 of its 47 tokens, but at most 23"),
-])
+@pytest.mark.parametrize(
+    "override,words",
+    [
+        (
+            "data.sources.0.shards=/nowhere/{00000..00003}.tar",
+            "data.sources.0.shards: '/nowhere/{00000..00003}.tar' matches no files",
+        ),
+        ("data.sources=[]", "data.sources: empty"),
+        ("model.vision.checkpoint=null", "model.vision.checkpoint: not set"),
+        ("model.vision.checkpoint=/nowhere/vit.pth", "model.vision.checkpoint: file not found"),
+        ("model.llm.name=/nowhere/opt", "model.llm.name: not found: /nowhere/opt"),
+        ("model.tomeformer.init=runs/none/bert", "model.tomeformer.init: not found"),
+        ("model.tomeformer.r=500", "layer 0 would merge 500 of its 65 tokens, but at most 32"),
+        ("model.tomeformer.r=[18,30]", "layer 1 would merge 30 of its 47 tokens, but at most 23"),
+    ],
+)
 def test_validate_refuses_what_train_would(usable, override, words, capsys):
     from pipeline.cli import main
 
-    with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("{", r"\{")
-                       .replace("}", r"\}").replace(".", r"\.")):
+    with pytest.raises(
+        ConfigError,
+        match=words.replace("[", r"\[").replace("{", r"\{").replace("}", r"\}").replace(".", r"\."),
+    ):
         _check(usable, override)
     # the command, in this process (the console script's own one-line exit: test_config.py)
     assert main(["config", "validate", str(usable), "--set", override]) == 1
@@ -226,8 +244,9 @@ def test_some_missing_shards_are_refused_too(usable):
 
 
 def test_file_checks_can_be_skipped_for_another_machines_config(usable):
-    report = _check(usable, "model.llm.name=/elsewhere/opt", "data.sources.0.shards=/elsewhere/{0..9}.tar",
-                    files=False)
+    report = _check(
+        usable, "model.llm.name=/elsewhere/opt", "data.sources.0.shards=/elsewhere/{0..9}.tar", files=False
+    )
     assert report["tokens"][-1] == 29
     with pytest.raises(ConfigError, match="at most 32"):  # the config-only checks still run
         _check(usable, "model.tomeformer.r=40", files=False)
@@ -243,9 +262,20 @@ def test_hub_ids_are_refused_offline_only_when_not_cached(usable, monkeypatch):
 
 def test_train_refuses_in_one_line_before_starting_any_rank(usable, tmp_path):
     t0 = time.time()
-    out = subprocess.run([SIMVLG, "train", str(usable), "--run-dir", str(tmp_path / "run"), "--set",
-                          "data.sources.0.shards=/nowhere/{00000..00003}.tar"],
-                         capture_output=True, text=True, timeout=90)
+    out = subprocess.run(
+        [
+            SIMVLG,
+            "train",
+            str(usable),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--set",
+            "data.sources.0.shards=/nowhere/{00000..00003}.tar",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert out.returncode == 1 and time.time() - t0 < 90
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "'/nowhere/{00000..00003}.tar' matches no files" in lines[0], out.stderr
@@ -253,12 +283,15 @@ def test_train_refuses_in_one_line_before_starting_any_rank(usable, tmp_path):
 
 
 # --------------------------------------------------------------------------- config messages
-@pytest.mark.parametrize("value,words", [
-    ("[18, -3]", "model.tomeformer.r: entries should be greater than or equal to 0, got -3 at index 1"),
-    ("[18, x]", "model.tomeformer.r: entries should be a valid integer, got 'x' at index 1"),
-    ("{start: 4}", "model.tomeformer.r.end: required key is missing"),
-    ("[1, 2, 3]", "model.tomeformer: r has 3 entries but num_layers is 2"),
-])
+@pytest.mark.parametrize(
+    "value,words",
+    [
+        ("[18, -3]", "model.tomeformer.r: entries should be greater than or equal to 0, got -3 at index 1"),
+        ("[18, x]", "model.tomeformer.r: entries should be a valid integer, got 'x' at index 1"),
+        ("{start: 4}", "model.tomeformer.r.end: required key is missing"),
+        ("[1, 2, 3]", "model.tomeformer: r has 3 entries but num_layers is 2"),
+    ],
+)
 def test_union_and_section_errors_name_the_real_problem(tmp_path, value, words):
     f = tmp_path / "c.yaml"
     f.write_text(f"inherit: demo.yaml\nmodel: {{tomeformer: {{r: {value}}}}}\n")
@@ -274,9 +307,26 @@ def test_bench_data_skips_and_counts_a_garbage_jpeg(tmp_path):
     samples = [{"__key__": f"k{i}", "jpg": _jpeg((20 * i, 90, 9)), "txt": f"a photo {i}"} for i in range(12)]
     samples[3]["jpg"] = b"\xff\xd8\xff garbage, not a jpeg"
     write_shard(d / "00000.tar", samples)
-    out = subprocess.run([SIMVLG, "bench", "data", "--shards", str(d / "00000.tar"), "--workers", "0",
-                          "--seconds", "0.3", "--batch-size", "4", "--image-size", "32"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            SIMVLG,
+            "bench",
+            "data",
+            "--shards",
+            str(d / "00000.tar"),
+            "--workers",
+            "0",
+            "--seconds",
+            "0.3",
+            "--batch-size",
+            "4",
+            "--image-size",
+            "32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert "skipped (reading for decode): corrupt_image 1" in out.stdout
@@ -317,8 +367,10 @@ def test_a_crash_in_generate_on_one_rank_ends_every_rank(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_eval_worker, args=(r, 2, port, str(tmp_path), str(tmp_path / "err")))
-             for r in range(2)]
+    procs = [
+        ctx.Process(target=_eval_worker, args=(r, 2, port, str(tmp_path), str(tmp_path / "err")))
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -340,5 +392,7 @@ def test_every_failure_cause_has_a_meaning_in_the_prep_readme():
     rows = {line.split("|")[1].strip().strip("`") for line in readme.splitlines() if line.startswith("| `")}
     assert {name for name, _ in _CAUSES} | {"other"} <= rows
     # OpenCV's raw assertion on a zero-byte body is a plain-words cause, not `other`
-    assert cause_category("OpenCV(4.10) error: (-215:Assertion failed) !buf.empty() in function "
-                          "'imdecode_'") == "empty_response"
+    assert (
+        cause_category("OpenCV(4.10) error: (-215:Assertion failed) !buf.empty() in function 'imdecode_'")
+        == "empty_response"
+    )

@@ -72,26 +72,35 @@ OPT = {
     "train.lr_schedule": ("lavis", "lr_sched: linear_warmup_cosine_lr, runner_iter"),
     "train.iters_per_inner_epoch": (5000, "iters_per_inner_epoch: 5000"),
     "eval.repetition_penalty": (1.0, "liptome_opt.generate repetition_penalty=1.0"),
-    "eval.tasks": (["coco_karpathy_val", "vqav2_val", "gqa_testdev", "okvqa_test"],
-                   "Table 1 columns; caption_coco eval test_splits: ['val']"),
+    "eval.tasks": (
+        ["coco_karpathy_val", "vqav2_val", "gqa_testdev", "okvqa_test"],
+        "Table 1 columns; caption_coco eval test_splits: ['val']",
+    ),
     "data.sources": ([("laion115m", 15), ("ccs14m", 4), ("coco", 1)], "train_dataset_ratios"),
 }
 PAPER = {  # config -> its own values on top of the shared ones
     "simvlg_opt2.7b": {**OPT, "train.steps": (250_000, "max_iters"), "model.tomeformer.r": (19, "tome_r")},
     "simvlg_opt2.7b_150k": {**OPT, "train.steps": (150_000, "Table 1"), "model.tomeformer.r": (19, "tome_r")},
-    "simvlg_opt2.7b_11m_150k": {**OPT, "train.steps": (150_000, "Table 1"),
-                                "data.sources": ([("ccs14m", 4), ("coco", 1)], "Table 1: 11M (no LAION)"),
-                                "model.tomeformer.r": (19, "tome_r")},
-    "simvlg_opt2.7b_55m_90k": {**OPT, "train.steps": (90_000, "Table 1"),
-                               "model.tomeformer.num_layers": (6, "Table 1: 55M"),
-                               "model.tomeformer.r": ([38, 38, 38, 43, 43, 28], "29 tokens in 6 layers")},
+    "simvlg_opt2.7b_11m_150k": {
+        **OPT,
+        "train.steps": (150_000, "Table 1"),
+        "data.sources": ([("ccs14m", 4), ("coco", 1)], "Table 1: 11M (no LAION)"),
+        "model.tomeformer.r": (19, "tome_r"),
+    },
+    "simvlg_opt2.7b_55m_90k": {
+        **OPT,
+        "train.steps": (90_000, "Table 1"),
+        "model.tomeformer.num_layers": (6, "Table 1: 55M"),
+        "model.tomeformer.r": ([38, 38, 38, 43, 43, 28], "29 tokens in 6 layers"),
+    },
     "simvlg_vicuna7b": {
         "model.llm.name": ("lmsys/vicuna-7b-v1.3", "pretrain_vicuna7b.yaml llm_model"),
         "model.llm.bos_token": ("</s>", "liptome_vicuna: add_special_tokens({'bos_token': '</s>'})"),
         "model.llm.bos_target": (False, "liptome_vicuna: the input part is masked"),
         "model.llm.caption_end": ("eos", "text_output + eos_token"),
         "eval.repetition_penalty": (1.5, "liptome_vicuna.generate repetition_penalty=1.5"),
-        "train.steps": (250_000, "Table 1"), "model.tomeformer.r": (19, "tome_r"),
+        "train.steps": (250_000, "Table 1"),
+        "model.tomeformer.r": (19, "tome_r"),
     },
 }
 OFFICIAL_VIDEO = {  # caption_msrvtt_opt2.7b_ft.yaml / _eval.yaml, liptome_video_opt.py, alpro processors
@@ -127,11 +136,19 @@ OFFICIAL_VIDEO = {  # caption_msrvtt_opt2.7b_ft.yaml / _eval.yaml, liptome_video
 }
 # what the variant overlay changes, and nothing else
 VARIANT = {
-    "data.mixing": "sample", "model.tomeformer.official": False, "model.tomeformer.merge_mode": "wavg",
-    "model.tomeformer.prop_attn": True, "model.tomeformer.token_order": "original",
-    "model.llm.precision": "bf16", "model.llm.prompt": "a photo of", "model.llm.truncation": "caption",
-    "model.llm.bos_target": False, "train.precision": "bf16", "train.grad_clip": 1.0,
-    "train.lr_schedule": "cosine", "eval.caption_prompt": "a photo of",
+    "data.mixing": "sample",
+    "model.tomeformer.official": False,
+    "model.tomeformer.merge_mode": "wavg",
+    "model.tomeformer.prop_attn": True,
+    "model.tomeformer.token_order": "original",
+    "model.llm.precision": "bf16",
+    "model.llm.prompt": "a photo of",
+    "model.llm.truncation": "caption",
+    "model.llm.bos_target": False,
+    "train.precision": "bf16",
+    "train.grad_clip": 1.0,
+    "train.lr_schedule": "cosine",
+    "eval.caption_prompt": "a photo of",
 }
 
 
@@ -157,8 +174,11 @@ def test_paper_configs_hold_the_official_values(name):
 
 def test_video_config_holds_the_official_values():
     cfg = load_config("simvlg_video_msrvtt")
-    wrong = {k: (value(cfg, k), want, where) for k, (want, where) in OFFICIAL_VIDEO.items()
-             if value(cfg, k) != want}
+    wrong = {
+        k: (value(cfg, k), want, where)
+        for k, (want, where) in OFFICIAL_VIDEO.items()
+        if value(cfg, k) != want
+    }
     assert not wrong, wrong
     assert [s.kind for s in cfg.data.sources] == ["video"]
     assert cfg.model.vision.grad_checkpointing  # ours, and numerically the same (tests/test_models.py)
@@ -170,7 +190,7 @@ def test_each_variant_changes_only_the_variant_fields(name):
     a, b = flatten(paper.to_dict()), flatten(variant.to_dict())
     changed = {k for k in a if a[k] != b[k]} - {"run.name", "train.ds_config", "inherit"}
     want = {k for k in VARIANT if str(value(paper, k)) != str(VARIANT[k])}
-    assert changed == want, (changed ^ want)
+    assert changed == want, changed ^ want
     for k, v in VARIANT.items():
         assert value(variant, k) == v, k
     assert variant.run.name == f"{name}_variant"
@@ -187,8 +207,12 @@ def test_official_is_resolved_in_the_config_and_conflicts_are_refused():
 
 
 def _show(name: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "pipeline", "config", "show", name], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline", "config", "show", name],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -198,9 +222,17 @@ def test_config_show_prints_the_effective_official_values():
     shown = yaml.safe_load(_show("simvlg_opt2.7b"))
     tf, llm = shown["model"]["tomeformer"], shown["model"]["llm"]
     assert (tf["official"], tf["merge_mode"], tf["prop_attn"], tf["token_order"]) == (
-        True, "mean", False, "tome")
-    assert (llm["prompt"], llm["precision"], llm["truncation"], llm["bos_target"]) == ("", "fp16", "sequence",
-                                                                                       True)
+        True,
+        "mean",
+        False,
+        "tome",
+    )
+    assert (llm["prompt"], llm["precision"], llm["truncation"], llm["bos_target"]) == (
+        "",
+        "fp16",
+        "sequence",
+        True,
+    )
     assert (shown["data"]["hflip"], shown["data"]["mixing"]) == (True, "batch")
     assert (shown["train"]["precision"], shown["train"]["grad_clip"]) == ("fp16", 0.0)
     assert shown["eval"]["caption_prompt"] == "" and "coco_karpathy_val" in shown["eval"]["tasks"]

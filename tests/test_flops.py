@@ -54,7 +54,7 @@ def test_paper_config_counts(paper):
     assert 1.9 < con_b / con_f < 2.1
     assert s["count"]["fwd"] == vit_f + con_f + llm_f
     assert s["count"]["total"] == s["count"]["fwd"] + s["count"]["bwd"]
-    assert 100 * 2 ** 20 < s["count"]["saved_bytes"] < 2 * 2 ** 30  # activations per sample
+    assert 100 * 2**20 < s["count"]["saved_bytes"] < 2 * 2**30  # activations per sample
 
 
 def test_blip2_comparison(paper, capsys):

@@ -27,8 +27,11 @@ def gates(m: JointConnector) -> list[torch.nn.Parameter]:
 @pytest.mark.parametrize("nv,length", [(1, 1), (17, 5), (65, 16)])
 def test_output_is_n_tokens_whatever_the_input_lengths(nv, length):
     m = tiny()
-    out = m(torch.randn(3, nv, DV), text_embeds=torch.randn(3, length, DL),
-            text_mask=torch.ones(3, length, dtype=torch.long))
+    out = m(
+        torch.randn(3, nv, DV),
+        text_embeds=torch.randn(3, length, DL),
+        text_mask=torch.ones(3, length, dtype=torch.long),
+    )
     assert out.shape == (3, 6, DL)
     assert m(torch.randn(2, nv, DV)).shape == (2, 6, DL)  # no text: the other connectors' call
 
@@ -74,8 +77,14 @@ def test_gradient_reaches_latents_gates_and_both_projections():
     m = tiny()
     out = m(torch.randn(2, 9, DV), text_embeds=torch.randn(2, 3, DL))
     F.mse_loss(out, torch.randn_like(out)).backward()
-    for p in [m.image_resampler.latents, m.text_resampler.latents, m.proj_vision.weight,
-              m.proj_text.weight, m.text_pos, *gates(m)]:
+    for p in [
+        m.image_resampler.latents,
+        m.text_resampler.latents,
+        m.proj_vision.weight,
+        m.proj_text.weight,
+        m.text_pos,
+        *gates(m),
+    ]:
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
@@ -151,8 +160,9 @@ def toy_fit(gate_init: float, steps: int, lr: float = 1e-3, seed: int = 0) -> tu
     img, q = torch.arange(n_img).repeat(n_q), torch.arange(n_q).repeat_interleave(n_img)
     blind = F.mse_loss(target.mean(0)[q], target[img, q]).item()
     torch.manual_seed(seed)
-    m = JointConnector(DV, DL, width=32, heads=4, num_latents=N, iterations=2, dropout=0.0,
-                       gate_init=gate_init)
+    m = JointConnector(
+        DV, DL, width=32, heads=4, num_latents=N, iterations=2, dropout=0.0, gate_init=gate_init
+    )
     opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0)
     curve = []
     for _ in range(steps):
@@ -186,9 +196,22 @@ def test_plugs_into_a_frozen_causal_lm_reading_only_the_text_input(one_thread):
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)
-    lm = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=DL, num_hidden_layers=2, ffn_dim=64,
-                                  num_attention_heads=4, max_position_embeddings=64,
-                                  word_embed_proj_dim=DL, init_std=0.3)).eval().requires_grad_(False)
+    lm = (
+        OPTForCausalLM(
+            OPTConfig(
+                vocab_size=64,
+                hidden_size=DL,
+                num_hidden_layers=2,
+                ffn_dim=64,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+                word_embed_proj_dim=DL,
+                init_std=0.3,
+            )
+        )
+        .eval()
+        .requires_grad_(False)
+    )
     m = tiny()
     # two rows: BOS + 3 text-input tokens + 2 target tokens; BOS + 2 + 1, right padded
     ids = torch.tensor([[2, 10, 11, 12, 40, 41], [2, 13, 14, 42, 1, 1]])
@@ -203,7 +226,7 @@ def test_plugs_into_a_frozen_causal_lm_reading_only_the_text_input(one_thread):
         soft = m(feats, text_embeds=embed(ids), text_mask=text_input_mask(mask, labels))  # [2, 6, DL]
         x = torch.cat([soft, embed(ids)], 1)
         full = torch.cat([torch.ones(2, soft.shape[1], dtype=mask.dtype), mask], 1)
-        logits = lm(inputs_embeds=x, attention_mask=full).logits[:, soft.shape[1] - 1:-1]
+        logits = lm(inputs_embeds=x, attention_mask=full).logits[:, soft.shape[1] - 1 : -1]
         return F.cross_entropy(logits.reshape(-1, 64), labels.reshape(-1), ignore_index=-100), soft
 
     loss, soft = loss_of(ids, labels)
@@ -234,7 +257,7 @@ def test_bench_flops_prints_the_joint_connector_beside_the_others(capsys, tmp_pa
 
     assert flops.main(["simvlg_opt2.7b", "--vs", "connectors", "--json", str(tmp_path / "f.json")]) == 0
     out = capsys.readouterr().out
-    table = out[out.index("Connectors side by side"):].splitlines()
+    table = out[out.index("Connectors side by side") :].splitlines()
     rows = {ln.split()[0]: ln.split() for ln in table[2:5]}
     assert list(rows) == ["tomeformer", "qformer", "joint"]
     assert [rows[c][3] for c in rows] == ["76.3", "38.6", "16.2"]  # connector GFLOP
@@ -258,14 +281,15 @@ def simvlg(tmp_path_factory):
     backbones.build_vit(root / "vit")
     words = ["Question:", "is", "there", "a", "Short", "answer:", "yes", "no"]
     sets = corpus.all_attribute_sets()
-    backbones.build_llm(root / "opt", sets, lambda a: corpus.caption(a) + " " + " ".join(words), "a photo of",
-                        steps=2)
-    cfg = ModelConfig(connector="joint",
-                      joint=JointConfig(width=32, heads=4, num_latents=5, iterations=2, dropout=0.0),
-                      vision=VisionConfig(name=str(root / "vit"), loader="hf", image_size=64,
-                                          precision="fp32"),
-                      llm=LLMConfig(name=str(root / "opt"), precision="fp32", prompt="a photo of",
-                                    max_text_tokens=12))
+    backbones.build_llm(
+        root / "opt", sets, lambda a: corpus.caption(a) + " " + " ".join(words), "a photo of", steps=2
+    )
+    cfg = ModelConfig(
+        connector="joint",
+        joint=JointConfig(width=32, heads=4, num_latents=5, iterations=2, dropout=0.0),
+        vision=VisionConfig(name=str(root / "vit"), loader="hf", image_size=64, precision="fp32"),
+        llm=LLMConfig(name=str(root / "opt"), precision="fp32", prompt="a photo of", max_text_tokens=12),
+    )
     torch.manual_seed(0)
     return build_model(cfg)
 
@@ -278,8 +302,9 @@ def test_simvlg_trains_the_joint_connector_on_task_rows(simvlg):
     tok = m.tokenizer
     assert m.soft_prompt_length() == 5
     caps = ["two small red circles on the left", "one large blue square on the top"]
-    assert {k: v.tolist() for k, v in tok.pairs(["a photo of"] * 2, caps).items()} == \
-        {k: v.tolist() for k, v in tok(caps).items()}  # captioning is the pair (prompt, caption)
+    assert {k: v.tolist() for k, v in tok.pairs(["a photo of"] * 2, caps).items()} == {
+        k: v.tolist() for k, v in tok(caps).items()
+    }  # captioning is the pair (prompt, caption)
     batch = tok.pairs(["a photo of", QUESTION], [caps[0], "yes"])
     x = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
     out = m(x, **batch)

@@ -28,11 +28,17 @@ def setup(tmp_path_factory):
     (root / "labelled").mkdir()
     for s in range(2):
         rows = []
-        for _split, i, attrs, caption, img in samples[s * 24:(s + 1) * 24]:
+        for _split, i, attrs, caption, img in samples[s * 24 : (s + 1) * 24]:
             path = root / "labelled" / f"{s}_{i}.png"
             img.save(path)
-            rows.append({"__key__": f"{s:05d}{i:04d}", "png": path.read_bytes(), "txt": caption,
-                         "json": json.dumps({"labels": compact.labels(attrs)})})
+            rows.append(
+                {
+                    "__key__": f"{s:05d}{i:04d}",
+                    "png": path.read_bytes(),
+                    "txt": caption,
+                    "json": json.dumps({"labels": compact.labels(attrs)}),
+                }
+            )
         write_shard(root / "labelled" / f"{s:05d}.tar", rows)
     heldout = []
     for _split, i, attrs, caption, img in samples[48:]:
@@ -68,10 +74,19 @@ eval:
 
 
 def simvlg(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions")}
-    proc = subprocess.run([str(Path(sys.executable).parent / "simvlg"), *map(str, args)], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions"),
+    }
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "simvlg"), *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=900,
+    )
     return proc.returncode, proc.stdout
 
 
@@ -122,8 +137,9 @@ def test_restart_from_the_middle_checkpoint_is_bit_identical(setup, reference):
 
 
 def test_simvlg_eval_scores_captions_and_questions_from_the_joint_connector(setup, reference):
-    code, out = simvlg("eval", setup["config"], "--checkpoint", reference / "connector",
-                       "--run-dir", reference)
+    code, out = simvlg(
+        "eval", setup["config"], "--checkpoint", reference / "connector", "--run-dir", reference
+    )
     assert code == 0, out[-4000:]
     caps = json.loads((reference / "eval" / "heldout" / "metrics.json").read_text())
     assert caps["num_samples"] == 6 and "CIDEr" in caps["metrics"]

@@ -26,8 +26,9 @@ HAS_TRITON = os.environ.get("TRITON_INTERPRET") == "1" and kernels.triton_availa
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton (interpreter) not available")
 BACKENDS = ["eager", pytest.param("triton", marks=needs_triton)]
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2, torch.float64: 1e-10}
-SETTINGS = dict(deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+SETTINGS = dict(
+    deadline=None, derandomize=True, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow]
+)
 
 
 def reference(x, metric, size, r, protect_first=True, mode="wavg"):
@@ -93,7 +94,8 @@ def expected_plan(match):
     merged into it, their positions sorted by (output row, position), and each input's row."""
     B = match.src_idx.shape[0]
     cnt = torch.zeros(B, match.n_out, dtype=torch.long).scatter_add_(
-        1, match.dst_out, torch.ones_like(match.dst_out))
+        1, match.dst_out, torch.ones_like(match.dst_out)
+    )
     key = match.dst_out * match.n + 2 * match.src_idx
     csr = key.sort(dim=1).values % match.n
     return dict(cnt=cnt, off=cnt.cumsum(1) - cnt, csr=csr, grp=match.group)
@@ -105,9 +107,17 @@ def check_plan(plan, match):
         assert torch.equal(plan[k].long(), want[k]), k
 
 
-shapes = dict(B=st.integers(1, 3), N=st.integers(1, 40), C=st.integers(1, 16),
-              Cm=st.integers(3, 16), r=st.integers(-2, 25), protect=st.booleans(),
-              mode=st.sampled_from(tome.MODES), sized=st.booleans(), seed=st.integers(0, 2**16))
+shapes = dict(
+    B=st.integers(1, 3),
+    N=st.integers(1, 40),
+    C=st.integers(1, 16),
+    Cm=st.integers(3, 16),
+    r=st.integers(-2, 25),
+    protect=st.booleans(),
+    mode=st.sampled_from(tome.MODES),
+    sized=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 
 
 @settings(max_examples=200, **SETTINGS)
@@ -126,10 +136,18 @@ def test_eager_matches_reference(B, N, C, Cm, r, protect, mode, sized, seed):
 
 @needs_triton
 @settings(max_examples=100, **SETTINGS)
-@given(B=st.integers(1, 2), N=st.integers(1, 33), C=st.integers(1, 40), Cm=st.integers(2, 20),
-       r=st.integers(-1, 20), protect=st.booleans(), mode=st.sampled_from(tome.MODES),
-       sized=st.booleans(), seed=st.integers(0, 2**16),
-       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+@given(
+    B=st.integers(1, 2),
+    N=st.integers(1, 33),
+    C=st.integers(1, 40),
+    Cm=st.integers(2, 20),
+    r=st.integers(-1, 20),
+    protect=st.booleans(),
+    mode=st.sampled_from(tome.MODES),
+    sized=st.booleans(),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+)
 def test_triton_matches_eager(B, N, C, Cm, r, protect, mode, sized, seed, dtype):
     x, metric, size = make(B, N, C, Cm, seed, dtype, sized)
     if dtype == torch.float32:
@@ -165,10 +183,23 @@ def test_triton_matches_eager(B, N, C, Cm, r, protect, mode, sized, seed, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("N,protect,r,n_out", [
-    (1, True, 5, 1), (1, False, 5, 1), (2, True, 5, 2), (2, False, 5, 1), (3, True, 5, 2),
-    (3, False, 5, 2), (10, True, 0, 10), (10, True, -4, 10), (10, True, 99, 6), (10, False, 99, 5),
-    (11, True, 99, 6), (11, False, 99, 6)])
+@pytest.mark.parametrize(
+    "N,protect,r,n_out",
+    [
+        (1, True, 5, 1),
+        (1, False, 5, 1),
+        (2, True, 5, 2),
+        (2, False, 5, 1),
+        (3, True, 5, 2),
+        (3, False, 5, 2),
+        (10, True, 0, 10),
+        (10, True, -4, 10),
+        (10, True, 99, 6),
+        (10, False, 99, 5),
+        (11, True, 99, 6),
+        (11, False, 99, 6),
+    ],
+)
 def test_clamp_and_small_n(backend, N, protect, r, n_out):
     x, metric, size = make(2, N, 5, 4, seed=N)
     x2, s2 = kernels.merge_tokens(x, metric, size, r, protect, backend=backend)
@@ -216,10 +247,9 @@ def test_batch_rows_independent(backend):
     x[2] *= -7
     x2, s2 = kernels.merge_tokens(x, metric, size, 7, backend=backend)
     for b in range(3):
-        xb, sb = kernels.merge_tokens(x[b:b + 1], metric[b:b + 1], size[b:b + 1], 7,
-                                      backend=backend)
-        torch.testing.assert_close(x2[b:b + 1], xb)
-        torch.testing.assert_close(s2[b:b + 1], sb)
+        xb, sb = kernels.merge_tokens(x[b : b + 1], metric[b : b + 1], size[b : b + 1], 7, backend=backend)
+        torch.testing.assert_close(x2[b : b + 1], xb)
+        torch.testing.assert_close(s2[b : b + 1], sb)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -229,8 +259,9 @@ def test_sizes_and_sources_over_layers(backend, protect):
     x0, metric, _ = make(B, N, 8, 6, seed=11)
     x, size, source = x0, None, None
     for r in (5, 7, 9, 30):
-        x, size, source = kernels.merge_tokens_with_source(x, metric, size, r, source, protect,
-                                                           backend=backend)
+        x, size, source = kernels.merge_tokens_with_source(
+            x, metric, size, r, source, protect, backend=backend
+        )
         metric = x[..., :6] + 0.1 * torch.randn_like(x[..., :6])
         n = x.shape[1]
         assert source.shape == (B, n, N)
@@ -317,7 +348,8 @@ def test_triton_grads_equal_eager(mode, dtype, which):
         s = None if which == "x_only_input" else s0.clone().requires_grad_()
         x2, s2 = kernels.merge_apply(match, x, s, mode, backend=backend)
         loss = {"x": (x2.float() * gx).sum(), "size": (s2 * gs).sum()}.get(
-            which, (x2.float() * gx).sum() + (s2 * gs).sum())
+            which, (x2.float() * gx).sum() + (s2 * gs).sum()
+        )
         loss.backward()
         grads.append((x.grad, None if s is None else s.grad))
     (xe, se), (xt, st_) = grads
@@ -386,9 +418,9 @@ def test_triton_deterministic():
 
 
 @needs_triton
-@pytest.mark.parametrize("B,N,C,Cm,r", [
-    (2, 257, 768, 64, 19), (1, 65, 4096, 4096, 20),
-    (1, 4097, 32, 48, 1500)])  # N = 4097: ~2 s
+@pytest.mark.parametrize(
+    "B,N,C,Cm,r", [(2, 257, 768, 64, 19), (1, 65, 4096, 4096, 20), (1, 4097, 32, 48, 1500)]
+)  # N = 4097: ~2 s
 def test_triton_large(B, N, C, Cm, r):
     tt = kernels._triton()
     x, metric, size = make(B, N, C, Cm, seed=4, dtype=torch.bfloat16)
@@ -434,8 +466,7 @@ def test_imports_without_triton():
         "    print('ok', e)\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok")
 
@@ -453,6 +484,7 @@ def test_bench_runs_small(tmp_path, monkeypatch):
     import io
 
     from kernels import bench
+
     monkeypatch.setitem(bench.SHAPES, "tiny", (33, 16, 8, 5, False, 2, 2))
     monkeypatch.setitem(bench.SHAPES, "tiny-ties", (33, 16, 8, 12, True, 2, 2))
     out = tmp_path / "bench.json"
@@ -463,13 +495,15 @@ def test_bench_runs_small(tmp_path, monkeypatch):
     assert all(r["launches"] and r["bytes"] for r in res["rows"])
     # the roofline table: every shape x GPU, with the eager estimate from the counted bytes
     assert {(e["shape"], e["gpu"]) for e in res["roofline"]} == {
-        (s, g) for s in ("tiny", "tiny-ties") for g in kernels.roofline.GPUS}
+        (s, g) for s in ("tiny", "tiny-ties") for g in kernels.roofline.GPUS
+    }
     assert all(e["triton_fwd_us"] < e["eager_fwd_us"] for e in res["roofline"])
     assert "Expected GPU time" in buf.getvalue()
 
 
 def test_roofline_counts_follow_the_shape():
     from kernels import roofline
+
     s = roofline.Shape(B=4, N=257, C=768, Cm=64, r=19)
     fwd = {k: b for k, b, _ in roofline.triton_kernels(s)}
     assert fwd["merge fwd"] >= roofline.min_bytes(s)  # x read once and x' written once, at least
@@ -483,6 +517,7 @@ def test_bench_check_and_variants_print(monkeypatch):
     import io
 
     from kernels import jit_check, selfcheck
+
     monkeypatch.setattr(selfcheck, "SHAPES", {"random": (1, 21, 8, 6, 5), "tie-heavy": (1, 21, 8, 6, 7)})
     buf = io.StringIO()
     assert selfcheck.report("cpu", dtypes=(torch.float32,), file=buf) == 0
@@ -612,7 +647,7 @@ def test_sizes_carry_no_grad_triton_grads_equal_eager():
         x, size = x0.clone().requires_grad_(), None
         xs = x
         for r in (6, 5, 4):
-            x, size = kernels.merge_tokens(x, metric[:, :x.shape[1]], size, r, backend=backend)
+            x, size = kernels.merge_tokens(x, metric[:, : x.shape[1]], size, r, backend=backend)
         (x.square().sum() + size.sum()).backward()  # size takes part in the loss: still no grad path
         grads.append(xs.grad)
     torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)
@@ -622,9 +657,16 @@ def tiny_tomeformer(backend, n_tokens=37, layers=3, r=4, hidden=32):
     from transformers import BertConfig
 
     from pipeline.models.tomeformer import TomeFormer
-    cfg = BertConfig(hidden_size=hidden, num_attention_heads=2, intermediate_size=2 * hidden,
-                     num_hidden_layers=layers, max_position_embeddings=n_tokens,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+    cfg = BertConfig(
+        hidden_size=hidden,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        max_position_embeddings=n_tokens,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(0)
     return TomeFormer(cfg, [r] * layers, backend=backend)
 
@@ -634,8 +676,9 @@ def test_tomeformer_sizes_carry_no_grad(backend):
     tf = tiny_tomeformer(backend)
     x0 = torch.randn(2, 37, 32)
     sizes = []
-    hooks = [layer.register_forward_hook(lambda m, i, out: sizes.append(out[1]))
-             for layer in tf.encoder.layer]
+    hooks = [
+        layer.register_forward_hook(lambda m, i, out: sizes.append(out[1])) for layer in tf.encoder.layer
+    ]
     y, saved = saved_tensors(lambda: tf(x0.clone().requires_grad_()))
     for h in hooks:
         h.remove()
@@ -666,9 +709,11 @@ def auto_on_cpu(monkeypatch):
     """`auto` treats CPU tensors like CUDA ones (the interpreter stands in for the GPU), with small
     self-check inputs; verdicts are reset before and after."""
     from kernels import selfcheck
+
     monkeypatch.setattr(kernels, "AUTO_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(selfcheck, "SHAPES", {"random": (1, 45, 20, 12, 16),
-                                              "tie-heavy": (1, 45, 20, 12, 20)})
+    monkeypatch.setattr(
+        selfcheck, "SHAPES", {"random": (1, 45, 20, 12, 16), "tie-heavy": (1, 45, 20, 12, 20)}
+    )
     selfcheck.reset()
     yield selfcheck
     selfcheck.reset()
@@ -679,10 +724,29 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _forgetful_merge_fwd(x_ptr, s_ptr, pos_ptr, cnt_ptr, off_ptr, csr_ptr, grp_ptr, out_ptr, sout_ptr,
-                             wsum_ptr, N, NOUT, R, C, MODE: tl.constexpr, HAS_SIZE: tl.constexpr,
-                             DOT16: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _forgetful_merge_fwd(
+        x_ptr,
+        s_ptr,
+        pos_ptr,
+        cnt_ptr,
+        off_ptr,
+        csr_ptr,
+        grp_ptr,
+        out_ptr,
+        sout_ptr,
+        wsum_ptr,
+        N,
+        NOUT,
+        R,
+        C,
+        MODE: tl.constexpr,
+        HAS_SIZE: tl.constexpr,
+        DOT16: tl.constexpr,
+        SPLIT: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
         # deliberately broken: copies each output row's own input row, drops the merged-in rows
         b = tl.program_id(0).to(tl.int64)
         o = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -746,6 +810,7 @@ def test_auto_falls_back_when_kernels_fail_to_launch(auto_on_cpu, monkeypatch):
 @contextlib.contextmanager
 def warnings_recorded():
     import warnings
+
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         yield w
@@ -756,6 +821,7 @@ def warnings_recorded():
 def test_tomeformer_forward_compiles_each_kernel_once():
     # SimVLG's shape: 257 tokens, 12 layers, r = 19 (small channels: the interpreter is slow)
     from kernels.jit_check import record_variants
+
     tf = tiny_tomeformer("triton", n_tokens=257, layers=12, r=19, hidden=16)
     x = torch.randn(1, 257, 16)
     with torch.no_grad(), record_variants() as variants, record_variants(True) as without_dns:
@@ -802,6 +868,7 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
     import json
 
     from kernels import jit_check
+
     with jit_check.record_variants() as seen:
         jit_check.tomeformer_pass(N=41, layers=3, r=5)
     assert len(seen) == 6
@@ -809,9 +876,14 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
     specs.write_text(json.dumps(list(seen.values())))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # really compile
-    res = subprocess.run([sys.executable, "-m", "kernels.jit_check", str(specs), "--arch", "80", "90"],
-                         env=env, capture_output=True, text=True, timeout=900,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    res = subprocess.run(
+        [sys.executable, "-m", "kernels.jit_check", str(specs), "--arch", "80", "90"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     rows = [json.loads(line) for line in res.stdout.splitlines()]
     assert res.returncode == 0 and len(rows) == 12 and all(r["ok"] for r in rows), res.stdout + res.stderr
     for r in rows:
@@ -819,8 +891,11 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
         assert "approx" not in ins and "div.full" not in ins  # exact sqrt and division only
         if r["kernel"] == "_match_kernel":  # 16-bit tensor cores
             assert "sqrt.rn.f32" in ins and "div.rn.f32" in ins
-            assert ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ins if r["arch"] == 80
-                    else "wgmma.mma_async" in ins and "bf16" in ins), ins
+            assert (
+                "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ins
+                if r["arch"] == 80
+                else "wgmma.mma_async" in ins and "bf16" in ins
+            ), ins
         if r["kernel"] == "_merge_fwd_kernel":  # the one-hot member tiles on tensor cores
             assert "bf16" in ins
 

@@ -17,16 +17,23 @@ import torch
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-compiled = pytest.mark.skipif(not CUDA or INTERPRET, reason="needs a CUDA GPU" if not CUDA
-                              else "runs in a subprocess without TRITON_INTERPRET")
+compiled = pytest.mark.skipif(
+    not CUDA or INTERPRET,
+    reason="needs a CUDA GPU" if not CUDA else "runs in a subprocess without TRITON_INTERPRET",
+)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
 
 @pytest.mark.skipif(not INTERPRET, reason="this process runs the compiled tests itself")
 def test_compiled_suite_in_subprocess():
     env = dict(os.environ, TRITON_INTERPRET="0")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                         env=env, capture_output=True, text=True, timeout=1800)
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
 
 
@@ -37,7 +44,7 @@ def _inputs(B, N, C, Cm, dtype, ties, seed=0):
     if ties:  # small integers (exact dot products) with long runs of one token
         metric = torch.randint(-2, 3, (B, N, Cm), generator=g).float()
         metric[..., 0] = 3.0
-        metric[:, N // 6: N * 5 // 6] = metric[:, 3:4]
+        metric[:, N // 6 : N * 5 // 6] = metric[:, 3:4]
     else:
         metric = torch.randn(B, N, Cm, generator=g)
     return x.cuda().to(dtype), metric.cuda().to(dtype), size.cuda()
@@ -93,6 +100,7 @@ def test_compiled_kernels_match_eager(N, dtype, ties):
 @compiled
 def test_selfcheck_passes_on_this_gpu():
     from kernels import selfcheck
+
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for mode in (None, "wavg", "mean", "sum"):
             v = selfcheck.check("cuda", dtype, mode)
@@ -103,6 +111,7 @@ def test_selfcheck_passes_on_this_gpu():
 def test_tomeformer_pass_compiles_six_variants():
     from kernels import jit_check
     from kernels import tome_triton as tt
+
     dev = torch.cuda.current_device()
     before = sum(len(k.device_caches[dev][0]) for k in tt.KERNELS if dev in k.device_caches)
     with jit_check.record_variants() as seen:
@@ -115,6 +124,7 @@ def test_tomeformer_pass_compiles_six_variants():
 @compiled
 def test_cuda_graph_replay_and_determinism():
     import kernels
+
     x, metric, size = _inputs(8, 257, 768, 64, torch.bfloat16, False)
     out = kernels.merge_tokens(x, metric, size, 19, backend="triton")
     again = kernels.merge_tokens(x, metric, size, 19, backend="triton")

@@ -308,5 +308,8 @@ def test_preflight_names_the_arms_and_refuses_what_the_loader_would(labelled):
     with pytest.raises(ConfigError, match=r"^my.yaml: data.tasks.minimum_per_batch 9 x 2 mixing arms"):
         check("data.sources.0.tasks={captioning: 1, masked: 1}", "data.tasks.minimum_per_batch=9")
     with pytest.raises(ConfigError, match=r"^my.yaml: data.adaptive_floor 0.5 x 2 mixing arms >= 1"):
-        check("data.sources.0.tasks={captioning: 1, masked: 1}", "data.mixing=adaptive",
-              "data.adaptive_floor=0.5")
+        check(
+            "data.sources.0.tasks={captioning: 1, masked: 1}",
+            "data.mixing=adaptive",
+            "data.adaptive_floor=0.5",
+        )

@@ -28,9 +28,14 @@ from pipeline.models import CaptionTokenizer, build_model, connector_config
 from pipeline.models.tomeformer import TomeFormer, layer_r, token_counts
 
 IMG = 32  # tiny ViTs: 32 px, patch 4 -> 64 patches + CLS = 65 tokens (as the demo's 64 px / 8)
-CORPUS = ["a photo of a red circle on a blue square", "a green triangle next to a yellow star",
-          "two small dogs play in the grass", "Question: what colour is it? Short answer: red",
-          "a cat sits on a mat\n", "three blue squares and one red circle"] * 4
+CORPUS = [
+    "a photo of a red circle on a blue square",
+    "a green triangle next to a yellow star",
+    "two small dogs play in the grass",
+    "Question: what colour is it? Short answer: red",
+    "a cat sits on a mat\n",
+    "three blue squares and one red circle",
+] * 4
 
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -47,18 +52,52 @@ def backbones(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("backbones")
     torch.manual_seed(0)
-    ViTModel(ViTConfig(image_size=IMG, patch_size=4, hidden_size=32, num_hidden_layers=3,
-                       num_attention_heads=4, intermediate_size=64), add_pooling_layer=False
-             ).save_pretrained(root / "vit")
-    BertModel(BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=160)).save_pretrained(root / "bert")
+    ViTModel(
+        ViTConfig(
+            image_size=IMG,
+            patch_size=4,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=64,
+        ),
+        add_pooling_layer=False,
+    ).save_pretrained(root / "vit")
+    BertModel(
+        BertConfig(
+            vocab_size=120,
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=160,
+        )
+    ).save_pretrained(root / "bert")
     tok = _tokenizer()
-    OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=48, num_hidden_layers=2, ffn_dim=96,
-                             num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=48,
-                             bos_token_id=2, eos_token_id=2, pad_token_id=1)).save_pretrained(root / "opt")
+    OPTForCausalLM(
+        OPTConfig(
+            vocab_size=len(tok),
+            hidden_size=48,
+            num_hidden_layers=2,
+            ffn_dim=96,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=48,
+            bos_token_id=2,
+            eos_token_id=2,
+            pad_token_id=1,
+        )
+    ).save_pretrained(root / "opt")
     tok.save_pretrained(root / "opt")
-    eva_kwargs = {"img_size": IMG, "patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 4,
-                  "mlp_ratio": 2.0, "num_classes": 0}
+    eva_kwargs = {
+        "img_size": IMG,
+        "patch_size": 4,
+        "embed_dim": 32,
+        "depth": 3,
+        "num_heads": 4,
+        "mlp_ratio": 2.0,
+        "num_classes": 0,
+    }
     eva = timm.create_model("eva_giant_patch14_224", pretrained=False, **eva_kwargs)
     save_file({k: v.contiguous() for k, v in eva.state_dict().items()}, str(root / "eva.safetensors"))
     (root / "eva.json").write_text(json.dumps({"timm_name": "eva_giant_patch14_224", "kwargs": eva_kwargs}))
@@ -117,7 +156,7 @@ def test_caption_tokenizer_layout_and_labels(model):
         assert text.startswith("a photo of")
     # the long caption is truncated to max_text_tokens (caption + end), the short one is whole
     assert int(mask[1].sum()) - n_prompt == tok.max_text_tokens
-    assert tok.tokenizer.decode(ids[0, n_prompt:int(mask[0].sum())]) == " a red circle\n"
+    assert tok.tokenizer.decode(ids[0, n_prompt : int(mask[0].sum())]) == " a red circle\n"
     # picklable for DataLoader workers, same output after the round trip
     tok2 = pickle.loads(pickle.dumps(tok))
     assert all(torch.equal(a, b) for a, b in zip(tok2(CAPS).values(), out.values()))
@@ -138,8 +177,9 @@ def test_caption_tokenizer_official_layouts(model):
     ids, no_loss = ours.encode(long)
     assert len(ids) == 9 and ids[-1] == ours.end_id and no_loss == 1  # BOS + 7 caption tokens + end
     # with a prompt, bos_target changes nothing: BOS and prompt never carry loss
-    assert CaptionTokenizer(base, "a photo of", 8, bos_target=True).encode("x")[1] == \
-        len(CaptionTokenizer(base, "a photo of", 8).prompt_ids)
+    assert CaptionTokenizer(base, "a photo of", 8, bos_target=True).encode("x")[1] == len(
+        CaptionTokenizer(base, "a photo of", 8).prompt_ids
+    )
     short = official.encode("a red circle")[0]
     assert short[-1] == official.end_id and short == ours.encode("a red circle")[0]
     swapped = CaptionTokenizer(base, "", 8, bos_token="<s>")
@@ -174,14 +214,21 @@ def test_hf_vit_features_are_penultimate_block(backbones, model):
 def test_timm_eva_loads_checkpoint_and_matches_block_forward(backbones):
     import timm
 
-    cfg = VisionConfig(name="eva_giant_patch14_224", loader="timm", image_size=IMG, precision="fp32",
-                       checkpoint=str(backbones / "eva.safetensors"), arch_config=str(backbones / "eva.json"))
+    cfg = VisionConfig(
+        name="eva_giant_patch14_224",
+        loader="timm",
+        image_size=IMG,
+        precision="fp32",
+        checkpoint=str(backbones / "eva.safetensors"),
+        arch_config=str(backbones / "eva.json"),
+    )
     from pipeline.models.vision import build_vision
 
     tower = build_vision(cfg)
     kwargs = json.loads((backbones / "eva.json").read_text())["kwargs"]
     ref = timm.create_model("eva_giant_patch14_224", pretrained=False, **kwargs).eval()
     from safetensors.torch import load_file
+
     ref.load_state_dict(load_file(str(backbones / "eva.safetensors")))
     x = pixels()
     with torch.no_grad():
@@ -202,8 +249,16 @@ def test_timm_vit_and_generic_hf_towers(tmp_path):
 
     torch.manual_seed(0)
     x = pixels()
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=IMG, patch_size=4,
-                            embed_dim=32, depth=3, num_heads=4, num_classes=0).eval()
+    vit = timm.create_model(
+        "vit_base_patch16_224",
+        pretrained=False,
+        img_size=IMG,
+        patch_size=4,
+        embed_dim=32,
+        depth=3,
+        num_heads=4,
+        num_classes=0,
+    ).eval()
     with torch.no_grad():
         want = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
         for blk in vit.blocks[:2]:
@@ -211,11 +266,19 @@ def test_timm_vit_and_generic_hf_towers(tmp_path):
     tower = VisionTower(vit, -2, TimmAdapter(vit))
     torch.testing.assert_close(tower(x), want, rtol=1e-5, atol=1e-5)
     # an HF tower without a block adapter (CLIP): hidden_states[feature_layer], images only
-    CLIPVisionModel(CLIPVisionConfig(image_size=IMG, patch_size=4, hidden_size=32, intermediate_size=64,
-                                     num_hidden_layers=3, num_attention_heads=4)
-                    ).save_pretrained(tmp_path / "clip")
-    clip = build_vision(VisionConfig(name=str(tmp_path / "clip"), loader="hf", image_size=IMG,
-                                     precision="fp32"))
+    CLIPVisionModel(
+        CLIPVisionConfig(
+            image_size=IMG,
+            patch_size=4,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+        )
+    ).save_pretrained(tmp_path / "clip")
+    clip = build_vision(
+        VisionConfig(name=str(tmp_path / "clip"), loader="hf", image_size=IMG, precision="fp32")
+    )
     assert clip.adapter is None and clip.num_tokens == 65
     with torch.no_grad():
         ref = CLIPVisionModel.from_pretrained(tmp_path / "clip")(pixel_values=x, output_hidden_states=True)
@@ -263,7 +326,7 @@ def _reference_official_layer(layer, x, r):
     h = layer.num_heads
     q, k, v = (m(x).view(B, N, h, C // h).transpose(1, 2) for m in (sa.query, sa.key, sa.value))
     att = ((q @ k.transpose(-1, -2)) / math.sqrt(C // h)).softmax(-1)
-    a = layer.attention.output(( att @ v).transpose(1, 2).reshape(B, N, C), x)
+    a = layer.attention.output((att @ v).transpose(1, 2).reshape(B, N, C), x)
     metric = k.mean(1)
     r = min(r, (N - 1) // 2)
     m = metric / metric.norm(dim=-1, keepdim=True)
@@ -286,12 +349,23 @@ def test_official_fields_match_plain_mean_tome(backbones):
     from transformers import BertConfig
 
     torch.manual_seed(1)
-    c = BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
-                   max_position_embeddings=128)
+    c = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     tf_cfg = TomeFormerConfig(official=True)  # resolved by the config, read by the model as fields
     assert (tf_cfg.merge_mode, tf_cfg.prop_attn, tf_cfg.token_order) == ("mean", False, "tome")
-    official = TomeFormer(c, [12, 12, 12], merge_mode=tf_cfg.merge_mode, prop_attn=tf_cfg.prop_attn,
-                          token_order=tf_cfg.token_order, backend="eager").eval()
+    official = TomeFormer(
+        c,
+        [12, 12, 12],
+        merge_mode=tf_cfg.merge_mode,
+        prop_attn=tf_cfg.prop_attn,
+        token_order=tf_cfg.token_order,
+        backend="eager",
+    ).eval()
     default = TomeFormer(c, [12, 12, 12], backend="eager").eval()
     default.load_state_dict(official.state_dict())
     x = torch.randn(2, 65, 32)
@@ -307,11 +381,15 @@ def test_official_fields_match_plain_mean_tome(backbones):
     assert not torch.allclose(other.sort(1).values, got.sort(1).values, atol=1e-3)
     # official = plain-mean merge without proportional attention: same numbers after layer 1 up to
     # token order (layer 1 sees all sizes = 1, so only the order differs)
-    one_off = TomeFormer(c, [12], merge_mode="mean", prop_attn=False, token_order="tome",
-                         backend="eager").eval()
+    one_off = TomeFormer(
+        c, [12], merge_mode="mean", prop_attn=False, token_order="tome", backend="eager"
+    ).eval()
     one_mean = TomeFormer(c, [12], merge_mode="mean", prop_attn=False, backend="eager").eval()
-    sd = {k: v for k, v in official.state_dict().items() if not k.startswith("encoder.layer.") or
-          k.startswith("encoder.layer.0.")}
+    sd = {
+        k: v
+        for k, v in official.state_dict().items()
+        if not k.startswith("encoder.layer.") or k.startswith("encoder.layer.0.")
+    }
     one_off.load_state_dict(sd)
     one_mean.load_state_dict(sd)
     with torch.no_grad():
@@ -335,8 +413,9 @@ def test_proportional_attention_uses_sizes():
     x = torch.randn(1, 41, 32)
     with torch.no_grad():
         # identical through layer 0's attention (all sizes 1), different once sizes are > 1
-        assert torch.allclose(on.encoder.layer[0](on.embeddings(x), None)[0],
-                              off.encoder.layer[0](off.embeddings(x), None)[0])
+        assert torch.allclose(
+            on.encoder.layer[0](on.embeddings(x), None)[0], off.encoder.layer[0](off.embeddings(x), None)[0]
+        )
         assert not torch.allclose(on(x), off(x), atol=1e-4)
 
 
@@ -403,8 +482,13 @@ def test_frozen_parts_untouched_by_an_optimizer_step(backbones):
     after = m.state_dict()
     assert all(torch.equal(after[k], v) for k, v in frozen.items())
     changed = [k for k, v in m.connector.state_dict().items() if not torch.equal(v, before[k])]
-    for name in ("ln_vision.weight", "proj1.weight", "tomeformer.encoder.layer.0.attention.self.query.weight",
-                 "tomeformer.embeddings.position_embeddings.weight", "proj2.weight"):
+    for name in (
+        "ln_vision.weight",
+        "proj1.weight",
+        "tomeformer.encoder.layer.0.attention.self.query.weight",
+        "tomeformer.embeddings.position_embeddings.weight",
+        "proj2.weight",
+    ):
         assert name in changed
     assert len(opt.state) == len(trainable)  # no optimizer state for frozen parameters
 
@@ -451,7 +535,7 @@ def test_greedy_generation_follows_the_soft_prompt(model):
             logits[:, model.tokenizer.stop_ids] = -float("inf")  # min_new_tokens
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
     model.train()
-    want = model.tokenizer.decode(ids[:, enc["input_ids"].shape[1]:])
+    want = model.tokenizer.decode(ids[:, enc["input_ids"].shape[1] :])
     assert got == want
 
 
@@ -465,6 +549,7 @@ def test_connector_save_load_gives_same_outputs(backbones, model, tmp_path):
     path = model.save_connector(tmp_path / "conn")
     assert (path / "model.safetensors").is_file() and (path / "config.json").is_file()
     from safetensors.torch import load_file
+
     keys = load_file(str(path / "model.safetensors")).keys()
     assert keys == model.connector_state_dict().keys()
     assert not any(k.startswith(("vision", "llm")) for k in keys)
@@ -481,8 +566,9 @@ def test_connector_save_load_gives_same_outputs(backbones, model, tmp_path):
 @pytest.fixture(scope="module")
 def video_model(backbones):
     torch.manual_seed(0)
-    return build_model(make_cfg(backbones, video=VideoConfig(enabled=True, temporal_dim=16,
-                                                              temporal_heads=4))).eval()
+    return build_model(
+        make_cfg(backbones, video=VideoConfig(enabled=True, temporal_dim=16, temporal_heads=4))
+    ).eval()
 
 
 def test_static_video_equals_image(video_model, model):
@@ -532,14 +618,27 @@ def test_vit_activation_checkpointing_same_outputs_and_grads_less_memory(backbon
     in backward gives the same loss and gradients and saves far fewer activations."""
     from pipeline.models.flops import saved_activation_bytes
 
-    vision = ({} if loader == "hf" else
-              {"name": "eva_giant_patch14_224", "loader": "timm", "arch_config": str(backbones / "eva.json"),
-               "checkpoint": str(backbones / "eva.safetensors"), "feature_layer": -1})
+    vision = (
+        {}
+        if loader == "hf"
+        else {
+            "name": "eva_giant_patch14_224",
+            "loader": "timm",
+            "arch_config": str(backbones / "eva.json"),
+            "checkpoint": str(backbones / "eva.safetensors"),
+            "feature_layer": -1,
+        }
+    )
     runs = {}
     for ckpt in (False, True):
         torch.manual_seed(0)
-        m = build_model(make_cfg(backbones, vision={**vision, "grad_checkpointing": ckpt},
-                                 video=VideoConfig(enabled=True, temporal_dim=16, temporal_heads=4))).train()
+        m = build_model(
+            make_cfg(
+                backbones,
+                vision={**vision, "grad_checkpointing": ckpt},
+                video=VideoConfig(enabled=True, temporal_dim=16, temporal_heads=4),
+            )
+        ).train()
         assert m.vision.grad_checkpointing is ckpt
         for t in m.connector.temporal:  # a trained gate, so the temporal path matters
             t.gate.data.fill_(0.5)
@@ -567,8 +666,12 @@ def test_video_trains_temporal_modules_and_concat_pool(backbones, video_model):
     assert all(p.grad is None for p in m.vision.parameters())
     m.zero_grad()
     m.eval()
-    cat = build_model(make_cfg(backbones, video=VideoConfig(enabled=True, temporal_pool="concat",
-                                                            temporal_dim=16, temporal_heads=4)))
+    cat = build_model(
+        make_cfg(
+            backbones,
+            video=VideoConfig(enabled=True, temporal_pool="concat", temporal_dim=16, temporal_heads=4),
+        )
+    )
     assert cat.soft_prompt(vid).shape == (2, 2 * 29, 48) and cat.soft_prompt_length(2) == 58
 
 
@@ -587,10 +690,12 @@ def test_qformer_connector_same_contract(backbones, tmp_path):
     assert {id(p) for p in m.trainable_parameters()} == {id(p) for p in m.connector.parameters()}
     bert = BertModel.from_pretrained(backbones / "bert").state_dict()
     q = m.connector.qformer.state_dict()
-    assert torch.equal(q["encoder.layer.1.attention.attention.key.weight"],
-                       bert["encoder.layer.1.attention.self.key.weight"])
-    assert torch.equal(q["encoder.layer.0.output_query.dense.weight"],
-                       bert["encoder.layer.0.output.dense.weight"])
+    assert torch.equal(
+        q["encoder.layer.1.attention.attention.key.weight"], bert["encoder.layer.1.attention.self.key.weight"]
+    )
+    assert torch.equal(
+        q["encoder.layer.0.output_query.dense.weight"], bert["encoder.layer.0.output.dense.weight"]
+    )
     assert isinstance(m.generate(x, num_beams=1, max_new_tokens=3, min_new_tokens=1)[0], str)
     with torch.no_grad():
         want = m.eval()(x, **batch)["loss"]
@@ -601,11 +706,14 @@ def test_qformer_connector_same_contract(backbones, tmp_path):
 
 
 # ------------------------------------------------------------------------ paper scale (meta)
-@pytest.mark.parametrize("name, trainable, tokens", [
-    ("simvlg_opt2.7b", 88_504_320, 29),
-    # 6 layers with a per-layer r: 257 -> 219 -> 181 -> 143 -> 100 -> 57 -> 29
-    ("simvlg_opt2.7b_55m_90k", 45_977_088, 29),
-])
+@pytest.mark.parametrize(
+    "name, trainable, tokens",
+    [
+        ("simvlg_opt2.7b", 88_504_320, 29),
+        # 6 layers with a per-layer r: 257 -> 219 -> 181 -> 143 -> 100 -> 57 -> 29
+        ("simvlg_opt2.7b_55m_90k", 45_977_088, 29),
+    ],
+)
 def test_paper_configs_on_meta(name, trainable, tokens):
     cfg = load_config(name)
     m = build_model(cfg.model, meta=True)

@@ -24,7 +24,8 @@ def test_transformers_does_not_take_our_kernels_for_hub_kernels():
     lo, hi = import_utils.KERNELS_MIN_VERSION, import_utils.KERNELS_MAX_VERSION
     assert not (version.parse(lo) <= version.parse(found_version) < version.parse(hi)), (
         f"simvlg's version {found_version} lies in transformers' hub-kernels range [{lo}, {hi}): "
-        "transformers would try `from kernels import get_kernel` on our package")
+        "transformers would try `from kernels import get_kernel` on our package"
+    )
     assert import_utils.is_kernels_available() is False
 
 
@@ -68,29 +69,47 @@ def test_wheel_ships_every_module_and_config_and_resolves_them_from_anywhere(tmp
         shutil.copy(REPO / name, src / name)
     for folder in ("pipeline", "kernels", "ds_configs"):
         shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("simvlg-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
 
     def tracked(folder, pattern):
-        return {str(p.relative_to(REPO)) for p in (REPO / folder).rglob(pattern)
-                if "__pycache__" not in p.parts}
+        return {
+            str(p.relative_to(REPO)) for p in (REPO / folder).rglob(pattern) if "__pycache__" not in p.parts
+        }
 
     modules = tracked("pipeline", "*.py") | tracked("kernels", "*.py")
     configs = tracked("pipeline/configs", "*.yaml") | tracked("pipeline/configs/arch", "*.json")
     ds = {f"pipeline/ds_configs/{p.name}" for p in (REPO / "ds_configs").glob("*.json")}
     assert ds and modules <= names and configs <= names and ds <= names, sorted(
-        (modules | configs | ds) - names)
+        (modules | configs | ds) - names
+    )
     assert not any(n.startswith(("tests/", "ds_configs/", "runs/")) for n in names), sorted(names)[:10]
 
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code = ("from pipeline.config import load_config; cfg = load_config('simvlg_opt2.7b'); "
-            "print(cfg.train.ds_config); print(load_config('demo').train.ds_config)")
+    code = (
+        "from pipeline.config import load_config; cfg = load_config('simvlg_opt2.7b'); "
+        "print(cfg.train.ds_config); print(load_config('demo').train.ds_config)"
+    )
     env = {**os.environ, "PYTHONPATH": str(site)}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=elsewhere, env=env)
     assert run.returncode == 0, run.stderr[-2000:]

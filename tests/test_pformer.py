@@ -31,9 +31,16 @@ from pipeline.models.pformer import (
 )
 from pipeline.schema import PFormerConfig
 
-SENTENCES = ["a red circle", "two small blue squares on the left of a green triangle",
-             "a big yellow star", "three green circles at the top", "a small red triangle on the right",
-             "one blue square", "two big yellow circles at the bottom of the picture", "a green star"]
+SENTENCES = [
+    "a red circle",
+    "two small blue squares on the left of a green triangle",
+    "a big yellow star",
+    "three green circles at the top",
+    "a small red triangle on the right",
+    "one blue square",
+    "two big yellow circles at the bottom of the picture",
+    "a green star",
+]
 N = 5
 
 
@@ -58,17 +65,36 @@ def folders(tmp_path_factory):
     (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
     bert_tok = BertTokenizerFast(str(root / "vocab.txt"))  # transformers 5 ignores vocab_file=: all [UNK]
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(bert_tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(root / "bert")
+    BertModel(
+        BertConfig(
+            vocab_size=len(bert_tok),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(root / "bert")
     bert_tok.save_pretrained(root / "bert")
     opt_tok = build_tokenizer(words + ["\n"])
     # init_std 0.2: at OPT's 0.02 a tiny random OPT answers every input with near-uniform logits, so no
     # prompt could steer it (measured: LM loss 3.42 -> 3.34 = ln 30 in 40 steps; 3.80 -> 1.74 at 0.2)
-    OPTForCausalLM(OPTConfig(vocab_size=len(opt_tok), hidden_size=48, num_hidden_layers=2, ffn_dim=96,
-                             init_std=0.2, num_attention_heads=4, max_position_embeddings=128,
-                             word_embed_proj_dim=48, pad_token_id=1, bos_token_id=2, eos_token_id=2,
-                             dropout=0.0)
-                   ).save_pretrained(root / "opt")
+    OPTForCausalLM(
+        OPTConfig(
+            vocab_size=len(opt_tok),
+            hidden_size=48,
+            num_hidden_layers=2,
+            ffn_dim=96,
+            init_std=0.2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=48,
+            pad_token_id=1,
+            bos_token_id=2,
+            eos_token_id=2,
+            dropout=0.0,
+        )
+    ).save_pretrained(root / "opt")
     opt_tok.save_pretrained(root / "opt")
     return root
 
@@ -80,8 +106,9 @@ def make(folders, **over):
     llm_cfg = LLMConfig(name=str(folders / "opt"), precision="fp32", prompt="", max_text_tokens=16)
     torch.manual_seed(1)
     stage0 = build_stage0(cfg, llm_cfg)
-    batcher = SentenceBatcher(AutoTokenizer.from_pretrained(folders / "bert"),
-                              CaptionTokenizer.from_config(llm_cfg), cfg, seed=0)
+    batcher = SentenceBatcher(
+        AutoTokenizer.from_pretrained(folders / "bert"), CaptionTokenizer.from_config(llm_cfg), cfg, seed=0
+    )
     return stage0, batcher
 
 
@@ -190,8 +217,8 @@ def _gather_worker(rank: int, world: int, store: str, out: str):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.manual_seed(0)
     full = F.normalize(torch.randn(world * 3, 8), dim=-1)
-    q = full[rank * 3:(rank + 1) * 3].clone().requires_grad_(True)
-    k = F.normalize(torch.randn(world * 3, 8), dim=-1)[rank * 3:(rank + 1) * 3].clone().requires_grad_(True)
+    q = full[rank * 3 : (rank + 1) * 3].clone().requires_grad_(True)
+    k = F.normalize(torch.randn(world * 3, 8), dim=-1)[rank * 3 : (rank + 1) * 3].clone().requires_grad_(True)
     loss = contrastive_loss(q, k, torch.tensor(0.1), 0.1)
     loss.backward()
     torch.save({"loss": loss.detach(), "q_grad": q.grad, "k_grad": k.grad}, f"{out}.{rank}")
@@ -214,9 +241,9 @@ def test_contrastive_gathers_across_two_gloo_ranks(tmp_path):
     full_k = F.normalize(torch.randn(world * 3, 8), dim=-1)
     for rank in range(world):
         res = torch.load(tmp_path / f"res.{rank}")
-        q = full_q[rank * 3:(rank + 1) * 3].clone().requires_grad_(True)
-        k_local = full_k[rank * 3:(rank + 1) * 3].clone().requires_grad_(True)
-        keys = torch.cat([full_k[:rank * 3], k_local, full_k[(rank + 1) * 3:]])  # others: no grad
+        q = full_q[rank * 3 : (rank + 1) * 3].clone().requires_grad_(True)
+        k_local = full_k[rank * 3 : (rank + 1) * 3].clone().requires_grad_(True)
+        keys = torch.cat([full_k[: rank * 3], k_local, full_k[(rank + 1) * 3 :]])  # others: no grad
         ref = F.cross_entropy(q @ keys.T / 0.1, torch.arange(3) + rank * 3, label_smoothing=0.1)
         ref.backward()
         torch.testing.assert_close(res["loss"], ref.detach())
@@ -303,8 +330,9 @@ def test_save_load_round_trip_and_strictness(folders, tmp_path):
     enc = tok(SENTENCES[:3], padding="longest", return_tensors="pt")
     pf.eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(enc["input_ids"], enc["attention_mask"]),
-                                   pf(enc["input_ids"], enc["attention_mask"]))
+        torch.testing.assert_close(
+            loaded(enc["input_ids"], enc["attention_mask"]), pf(enc["input_ids"], enc["attention_mask"])
+        )
 
     with pytest.raises(FileNotFoundError, match="nowhere: not a P-Former folder"):
         load_pformer(tmp_path / "nowhere")
@@ -345,9 +373,17 @@ def test_frozen_pformer_keeps_eval_through_parent_train_and_gets_no_gradient(fol
 
     # a dropout of 0.5 makes train-mode outputs differ run to run, so this test can fail
     torch.manual_seed(0)
-    bert = AutoModel.from_config(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2,
-                                            num_attention_heads=4, intermediate_size=64,
-                                            hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5))
+    bert = AutoModel.from_config(
+        BertConfig(
+            vocab_size=40,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            hidden_dropout_prob=0.5,
+            attention_probs_dropout_prob=0.5,
+        )
+    )
     ids = torch.randint(5, 40, (2, 7))
     live = PFormer(bert, N, 48)
     live.train()

@@ -50,25 +50,47 @@ def folders(tmp_path_factory):
     backbones.build_llm(root / "opt", corpus.all_attribute_sets(), corpus.caption, LLM_PROMPT, steps=30)
     backbones.build_vit(root / "vit")
     torch.manual_seed(0)
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-              ).save_pretrained(root / "tomeformer")
+    BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    ).save_pretrained(root / "tomeformer")
     (root / "grammar.txt").write_text("\n".join(grammar) + "\n")
-    assert prep.main(["sentences", "--input", str(root / "grammar.txt"), "--out", str(root / "sentences"),
-                      "--samples-per-shard", "100"]) == 0
+    assert (
+        prep.main(
+            [
+                "sentences",
+                "--input",
+                str(root / "grammar.txt"),
+                "--out",
+                str(root / "sentences"),
+                "--samples-per-shard",
+                "100",
+            ]
+        )
+        == 0
+    )
     return root
 
 
 def model_section(f: Path, **pformer) -> dict:
-    return {"vision": {"name": str(f / "vit"), "loader": "hf", "image_size": 64, "precision": "fp32",
-                       "arch_config": None, "checkpoint": None},
-            "tomeformer": {"init": str(f / "tomeformer"), "num_layers": 2, "r": 18},  # 65 -> 29 tokens
-            "qformer": {"init": str(f / "tomeformer"), "num_layers": 2, "num_queries": 29},
-            "llm": {"name": str(f / "opt"), "precision": "fp32", "prompt": LLM_PROMPT, "max_text_tokens": 16},
-            "pformer": {"init": str(f / "bert"), "num_prompts": 29, "max_text_tokens": 16, **pformer}}
+    return {
+        "vision": {
+            "name": str(f / "vit"),
+            "loader": "hf",
+            "image_size": 64,
+            "precision": "fp32",
+            "arch_config": None,
+            "checkpoint": None,
+        },
+        "tomeformer": {"init": str(f / "tomeformer"), "num_layers": 2, "r": 18},  # 65 -> 29 tokens
+        "qformer": {"init": str(f / "tomeformer"), "num_layers": 2, "num_queries": 29},
+        "llm": {"name": str(f / "opt"), "precision": "fp32", "prompt": LLM_PROMPT, "max_text_tokens": 16},
+        "pformer": {"init": str(f / "bert"), "num_prompts": 29, "max_text_tokens": 16, **pformer},
+    }
 
 
-def write_config(root: Path, f: Path, *, kind: str, steps: int = 4, micro: int = 4, lr: float = 3e-3,
-                 ckpt_every: int = 2) -> Path:
+def write_config(
+    root: Path, f: Path, *, kind: str, steps: int = 4, micro: int = 4, lr: float = 3e-3, ckpt_every: int = 2
+) -> Path:
     """A 2-rank config inheriting the demo's, on the sentence shards (pformer) or image shards."""
     text = f'[{{name: sentences, shards: "{f}/sentences/manifest.json", kind: text}}]'
     images = f'[{{name: shapes, shards: "{root}/images/{{00000..00001}}.tar"}}]'
@@ -106,12 +128,19 @@ OFFICIAL_STAGE0 = {  # key: (value, where the official code / its stage-0 log se
     "model.llm.truncation": ("sequence", "truncation=True over the whole row"),
     "model.llm.bos_target": (True, "targets masked only `if self.prompt`"),
     "model.llm.caption_end": ("newline", "text = [t + '\\n' ...]"),
-    "train.lr": (1e-4, "init_lr"), "train.min_lr": (1e-5, "min_lr"),
-    "train.warmup_steps": (2000, "warmup_steps"), "train.warmup_start_lr": (1e-6, "warmup_lr"),
-    "train.weight_decay": (0.05, "weight_decay"), "train.global_batch": (384, "128 x world_size 3"),
-    "train.steps": (156_250, "max_epoch 5 x 12M sentences / 384"), "train.precision": ("fp16", "amp: true"),
-    "train.grad_clip": (0.0, "LAVIS does not clip"), "train.align_weight": (0.0, "not a SimVLG run"),
-    "data.resampled": (False, "epochs"), "data.max_words": (50, "blip_caption"), "run.seed": (42, "seed"),
+    "train.lr": (1e-4, "init_lr"),
+    "train.min_lr": (1e-5, "min_lr"),
+    "train.warmup_steps": (2000, "warmup_steps"),
+    "train.warmup_start_lr": (1e-6, "warmup_lr"),
+    "train.weight_decay": (0.05, "weight_decay"),
+    "train.global_batch": (384, "128 x world_size 3"),
+    "train.steps": (156_250, "max_epoch 5 x 12M sentences / 384"),
+    "train.precision": ("fp16", "amp: true"),
+    "train.grad_clip": (0.0, "LAVIS does not clip"),
+    "train.align_weight": (0.0, "not a SimVLG run"),
+    "data.resampled": (False, "epochs"),
+    "data.max_words": (50, "blip_caption"),
+    "run.seed": (42, "seed"),
 }
 
 
@@ -131,8 +160,12 @@ def test_pformer_config_pins_the_official_stage0():
 
     main, aligned = (flatten(load_config(n).to_dict()) for n in ("simvlg_opt2.7b", "simvlg_opt2.7b_pformer"))
     changed = {k for k in aligned if aligned[k] != main.get(k)} - {"inherit", "run.name"}
-    assert changed == {"train.align_weight", "model.pformer_checkpoint", "model.pformer.arch_config",
-                       "model.pformer.num_prompts"}, changed
+    assert changed == {
+        "train.align_weight",
+        "model.pformer_checkpoint",
+        "model.pformer.arch_config",
+        "model.pformer.num_prompts",
+    }, changed
     assert (aligned["train.align_weight"], aligned["train.align_match"]) == ("100.0", "position")
 
 
@@ -147,12 +180,30 @@ def test_prep_sentences_writes_text_shards_the_loader_reads(folders, tmp_path, c
         names = t.getnames()
     assert len(names) == 100 and all(n.endswith(".txt") for n in names)
     # BLIP JSON (a caption, or a list of them) + a caption list; empty captions refused before writing
-    (tmp_path / "blip.json").write_text(json.dumps([{"image": "a.jpg", "caption": "a red circle"},
-                                                    {"url": "b", "caption": ["one", "two blue squares"]}]))
+    (tmp_path / "blip.json").write_text(
+        json.dumps(
+            [
+                {"image": "a.jpg", "caption": "a red circle"},
+                {"url": "b", "caption": ["one", "two blue squares"]},
+            ]
+        )
+    )
     (tmp_path / "more.txt").write_text("three green stars\n\n")
     out = tmp_path / "s"
-    assert prep.main(["sentences", "--input", str(tmp_path / "blip.json"), "--input",
-                      str(tmp_path / "more.txt"), "--out", str(out)]) == 0
+    assert (
+        prep.main(
+            [
+                "sentences",
+                "--input",
+                str(tmp_path / "blip.json"),
+                "--input",
+                str(tmp_path / "more.txt"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert read_manifest(out / "manifest.json").num_samples == 4
     (tmp_path / "bad.json").write_text(json.dumps([{"caption": "ok"}, {"caption": " "}]))
     assert prep.main(["sentences", "--input", str(tmp_path / "bad.json"), "--out", str(tmp_path / "b")]) == 2
@@ -161,8 +212,10 @@ def test_prep_sentences_writes_text_shards_the_loader_reads(folders, tmp_path, c
 
     # the loader: one pass delivers every sentence once, batches without pixels, P-Former inputs masked
     cfg = load_config(write_config(tmp_path, folders, kind="pformer"))
-    data = DataConfig(sources=[SourceConfig(name="s", shards=str(folders / "sentences" / "manifest.json"),
-                                            kind="text")], num_workers=0)
+    data = DataConfig(
+        sources=[SourceConfig(name="s", shards=str(folders / "sentences" / "manifest.json"), kind="text")],
+        num_workers=0,
+    )
     loader = build_loader(data, tokenize=training_tokenizer(cfg), batch_size=32, train=False)
     batches = list(loader)
     got = [c for b in batches for c in b["captions"]]
@@ -176,16 +229,34 @@ def test_prep_sentences_writes_text_shards_the_loader_reads(folders, tmp_path, c
 def test_text_sources_read_only_text_and_count_what_they_skip(tmp_path):
     from pipeline.data.streams import Source, SourceStream
 
-    write_shard(tmp_path / "00000.tar", [{"__key__": "a", "jpg": b"\xff" * 64, "txt": "a red circle"},
-                                         {"__key__": "b", "jpg": b"\xff" * 64, "txt": ""},
-                                         {"__key__": "c", "json": json.dumps({"captions": ["one star"]})}])
+    write_shard(
+        tmp_path / "00000.tar",
+        [
+            {"__key__": "a", "jpg": b"\xff" * 64, "txt": "a red circle"},
+            {"__key__": "b", "jpg": b"\xff" * 64, "txt": ""},
+            {"__key__": "c", "json": json.dumps({"captions": ["one star"]})},
+        ],
+    )
     src = Source("img", [str(tmp_path / "00000.tar")], 1.0, "text")
-    stream = SourceStream(0, src, seed=0, epoch=0, rank=0, world_size=1, worker=0, num_workers=1, mode="eval",
-                          shard_shuffle=False, buffer=0, on_skip=lambda *a: None)
+    stream = SourceStream(
+        0,
+        src,
+        seed=0,
+        epoch=0,
+        rank=0,
+        world_size=1,
+        worker=0,
+        num_workers=1,
+        mode="eval",
+        shard_shuffle=False,
+        buffer=0,
+        on_skip=lambda *a: None,
+    )
     raws = [stream.next() for _ in range(3)]
     assert all("jpg" not in r for r in raws)  # an image shard read as text: its images are never read
-    data = DataConfig(sources=[SourceConfig(name="img", shards=str(tmp_path / "00000.tar"), kind="text")],
-                      num_workers=0)
+    data = DataConfig(
+        sources=[SourceConfig(name="img", shards=str(tmp_path / "00000.tar"), kind="text")], num_workers=0
+    )
     loader = build_loader(data, tokenize=None, batch_size=8, train=False)
     (batch,) = list(loader)
     assert batch["captions"] == ["a red circle", "one star"] and "pixel_values" not in batch
@@ -193,8 +264,9 @@ def test_text_sources_read_only_text_and_count_what_they_skip(tmp_path):
 
 
 # ------------------------------------------------------------------------------ alignment, gradients
-def save_pformer_folder(f: Path, out: Path, *, num_prompts: int = 29, width: int | None = None,
-                        tokenizer: bool = True) -> Path:
+def save_pformer_folder(
+    f: Path, out: Path, *, num_prompts: int = 29, width: int | None = None, tokenizer: bool = True
+) -> Path:
     from transformers import AutoTokenizer
 
     from pipeline.models.pformer import build_pformer, save_pformer
@@ -213,9 +285,15 @@ def test_alignment_trains_only_the_connector_and_reports_both_losses(folders, tm
     from pipeline.train.engine import frozen_children_detached
 
     folder = save_pformer_folder(folders, tmp_path / "pf")
-    cfg = load_config(write_config(tmp_path, folders, kind="simvlg"),
-                      [f"model.connector={connector}", f"model.pformer_checkpoint={folder}",
-                       "train.align_weight=10", "train.align_match=assignment"])
+    cfg = load_config(
+        write_config(tmp_path, folders, kind="simvlg"),
+        [
+            f"model.connector={connector}",
+            f"model.pformer_checkpoint={folder}",
+            "train.align_weight=10",
+            "train.align_match=assignment",
+        ],
+    )
     model = build_training_model(cfg)
     batch = training_tokenizer(cfg)(["two small red circles on the left", "one large blue square on the top"])
     model.train()
@@ -261,24 +339,37 @@ def test_preflight_refuses_what_training_would(folders, tmp_path):
     write_shard(tmp_path / "images" / "00001.tar", [{"__key__": "b", "jpg": b"x", "txt": "b"}])
     simvlg_cfg = write_config(tmp_path, folders, kind="simvlg")
     good = save_pformer_folder(folders, tmp_path / "good")
-    ok = check_for_training(load_config(simvlg_cfg, ["train.align_weight=1",
-                                                     f"model.pformer_checkpoint={good}"]), "c.yaml")
+    ok = check_for_training(
+        load_config(simvlg_cfg, ["train.align_weight=1", f"model.pformer_checkpoint={good}"]), "c.yaml"
+    )
     assert ok["alignment"]["num_prompts"] == 29
     refused(simvlg_cfg, ["data.sources.0.kind=text"], "text sources have no images to train SimVLG on")
     refused(simvlg_cfg, ["train.align_weight=1"], "model.pformer_checkpoint: not set, but train.align_weight")
     aligned = lambda folder: ["train.align_weight=1", f"model.pformer_checkpoint={folder}"]
     refused(simvlg_cfg, aligned(tmp_path / "missing"), "model.pformer_checkpoint: not found")
-    refused(simvlg_cfg, aligned(good) + ["data.sources.0.tasks={captioning: 1, masked: 1}"],
-            r"data.sources \(.*\): tasks other than captioning cannot be trained with train.align_weight")
+    refused(
+        simvlg_cfg,
+        aligned(good) + ["data.sources.0.tasks={captioning: 1, masked: 1}"],
+        r"data.sources \(.*\): tasks other than captioning cannot be trained with train.align_weight",
+    )
     (tmp_path / "conn").mkdir()
     (tmp_path / "conn" / "config.json").write_text('{"format": "simvlg-connector"}')
     refused(simvlg_cfg, aligned(tmp_path / "conn"), "format is 'simvlg-connector', expected 'simvlg-pformer'")
-    refused(simvlg_cfg, aligned(save_pformer_folder(folders, tmp_path / "n5", num_prompts=5)),
-            "makes 5 prompts, the tomeformer connector's soft prompt has 29 tokens")
-    refused(simvlg_cfg, aligned(save_pformer_folder(folders, tmp_path / "w64", width=64)),
-            "prompts are 64 wide .* takes 128")
-    refused(simvlg_cfg, aligned(save_pformer_folder(folders, tmp_path / "notok", tokenizer=False)),
-            "no tokenizer/ folder")
+    refused(
+        simvlg_cfg,
+        aligned(save_pformer_folder(folders, tmp_path / "n5", num_prompts=5)),
+        "makes 5 prompts, the tomeformer connector's soft prompt has 29 tokens",
+    )
+    refused(
+        simvlg_cfg,
+        aligned(save_pformer_folder(folders, tmp_path / "w64", width=64)),
+        "prompts are 64 wide .* takes 128",
+    )
+    refused(
+        simvlg_cfg,
+        aligned(save_pformer_folder(folders, tmp_path / "notok", tokenizer=False)),
+        "no tokenizer/ folder",
+    )
     from safetensors.torch import load_file, save_file
 
     broken = save_pformer_folder(folders, tmp_path / "broken")  # a strict load: no key may be missing
@@ -293,19 +384,29 @@ def test_demo_compares_runs_on_their_lm_loss(tmp_path, capsys):
     from pipeline.demo import pformer as pformer_demo
 
     (tmp_path / "pformer" / "train").mkdir(parents=True)
-    (tmp_path / "pformer" / "train" / "metrics.jsonl").write_text("".join(
-        json.dumps({"step": s, "loss": 2.0, "lm_loss": lm, "contrastive_loss": 0.7, "vq_loss": 0.01}) + "\n"
-        for s, lm in ((1, 0.9), (2, 0.2))))
-    curves = {"tomeformer": [(s, {"loss": 1 / s}) for s in range(1, 11)],
-              "align_position": [(s, {"loss": 1 / s + 50 * 0.01, "lm_loss": 1 / s, "align_loss": 0.01})
-                                 for s in range(1, 11)]}
+    (tmp_path / "pformer" / "train" / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps({"step": s, "loss": 2.0, "lm_loss": lm, "contrastive_loss": 0.7, "vq_loss": 0.01})
+            + "\n"
+            for s, lm in ((1, 0.9), (2, 0.2))
+        )
+    )
+    curves = {
+        "tomeformer": [(s, {"loss": 1 / s}) for s in range(1, 11)],
+        "align_position": [
+            (s, {"loss": 1 / s + 50 * 0.01, "lm_loss": 1 / s, "align_loss": 0.01}) for s in range(1, 11)
+        ],
+    }
     runs = {}
     for name, rows in curves.items():
         (tmp_path / "train" / name).mkdir(parents=True)
         (tmp_path / "train" / name / "metrics.jsonl").write_text(
-            "".join(json.dumps({"step": s, **r}) + "\n" for s, r in rows))
-        runs[name] = {"train": {"curve": [(s, r["loss"]) for s, r in rows]},
-                      "eval": {"attribute_accuracy": {"shape": 0.9}, "exact_caption_match": 0.8}}
+            "".join(json.dumps({"step": s, **r}) + "\n" for s, r in rows)
+        )
+        runs[name] = {
+            "train": {"curve": [(s, r["loss"]) for s, r in rows]},
+            "eval": {"attribute_accuracy": {"shape": 0.9}, "exact_caption_match": 0.8},
+        }
     cmp = pformer_demo.compare(tmp_path, runs, [0.3])
     assert runs["align_position"]["train"]["curve"] == runs["tomeformer"]["train"]["curve"]  # LM part
     assert cmp["runs"]["align_position"]["steps_to_lm_loss"] == cmp["runs"]["tomeformer"]["steps_to_lm_loss"]
@@ -351,8 +452,11 @@ def test_pformer_trains_through_simvlg_train_and_resumes_bit_identically(folders
     last = sum(lm[s] for s in range(STEPS - 9, STEPS + 1)) / 10
     print(f"P-Former reconstruction (LM) loss, mean of 10 steps: {first:.3f} -> {last:.3f}")
     assert last < 0.9 * first, lm  # the frozen LLM reconstructs the sentences better from the prompts
-    module = torch.load(next((ref / "checkpoints" / f"step_{STEPS:08d}" / "ds").glob("mp_rank_00_model*.pt")),
-                        map_location="cpu", weights_only=False)["module"]
+    module = torch.load(
+        next((ref / "checkpoints" / f"step_{STEPS:08d}" / "ds").glob("mp_rank_00_model*.pt")),
+        map_location="cpu",
+        weights_only=False,
+    )["module"]
     assert module and all(k.startswith("pformer.") for k in module)  # the frozen LLM is not checkpointed
     pf = load_pformer(ref / "pformer", llm_width=128)  # strict, and usable as the alignment target
     assert pf.num_prompts == 29 and json.loads((ref / "pformer" / "config.json").read_text())["step"] == STEPS

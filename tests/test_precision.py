@@ -24,7 +24,7 @@ from tiny_models import opt_tokenizer
 
 pytestmark = pytest.mark.slow  # ~20 s per engine start on 2 CPU cores
 
-WORKER = textwrap.dedent('''
+WORKER = textwrap.dedent("""
     import json, sys, torch
     from pathlib import Path
     from pipeline.config import load_config
@@ -81,7 +81,7 @@ WORKER = textwrap.dedent('''
         "connector_dtype": str(model.connector_dtype), "vision_dtype": str(model.vision.dtype),
         "llm_dtype": str(model.llm_dtype), "n_frozen": len(loaded), "loss_scale": scale,
         "ds_fp16": deepspeed_config(cfg)["fp16"]}))
-''')
+""")
 
 
 def _free_port() -> int:
@@ -97,15 +97,42 @@ def backbones(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("prec")
     torch.manual_seed(0)
-    ViTModel(ViTConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=4, intermediate_size=64),
-             add_pooling_layer=False).save_pretrained(root / "vit")
-    BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=80)).save_pretrained(root / "bert")
+    ViTModel(
+        ViTConfig(
+            image_size=32,
+            patch_size=4,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+        ),
+        add_pooling_layer=False,
+    ).save_pretrained(root / "vit")
+    BertModel(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=80,
+        )
+    ).save_pretrained(root / "bert")
     hf_tok = opt_tokenizer(["a red circle", "two small dogs play", "\n"] * 8)
-    OPTForCausalLM(OPTConfig(vocab_size=len(hf_tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                             num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32,
-                             bos_token_id=2, eos_token_id=2, pad_token_id=1)).save_pretrained(root / "opt")
+    OPTForCausalLM(
+        OPTConfig(
+            vocab_size=len(hf_tok),
+            hidden_size=32,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=32,
+            bos_token_id=2,
+            eos_token_id=2,
+            pad_token_id=1,
+        )
+    ).save_pretrained(root / "opt")
     hf_tok.save_pretrained(root / "opt")
     return root
 
@@ -117,27 +144,41 @@ def start_trainer(bb: Path, tmp: Path, precision: str, vision: str, llm: str) ->
 run: {{name: prec-{precision}, seed: 0}}
 data: {{sources: [{{name: a, shards: "unused/{{0..1}}.tar"}}], num_workers: 0}}
 model:
-  vision: {{name: {bb / 'vit'}, loader: hf, image_size: 32, precision: {vision}}}
-  tomeformer: {{init: {bb / 'bert'}, num_layers: 2, r: 8}}
-  llm: {{name: {bb / 'opt'}, precision: {llm}, prompt: "", max_text_tokens: 8}}
+  vision: {{name: {bb / "vit"}, loader: hf, image_size: 32, precision: {vision}}}
+  tomeformer: {{init: {bb / "bert"}, num_layers: 2, r: 8}}
+  llm: {{name: {bb / "opt"}, precision: {llm}, prompt: "", max_text_tokens: 8}}
 train: {{steps: 2, global_batch: 2, micro_batch: 2, grad_accum: 1, lr: 1.0e-3, warmup_steps: 0,
         precision: {precision}, grad_clip: 0.0, zero_stage: 2,
-        ds_config: {repo / 'ds_configs/zero2_fp16.json'}}}
+        ds_config: {repo / "ds_configs/zero2_fp16.json"}}}
 tracking: {{enabled: false}}
 launch: {{nodes: 1, gpus_per_node: 1}}
 """)
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(repo)}
-    proc = subprocess.run([sys.executable, "-c", WORKER, str(cfg), str(tmp / precision)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(repo),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", WORKER, str(cfg), str(tmp / precision)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, (proc.stdout + proc.stderr)[-4000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
-@pytest.mark.parametrize("precision,vision,llm", [("bf16", "fp16", "bf16"), ("fp16", "fp16", "fp16"),
-                                                  ("bf16", "fp32", "fp16")])
+@pytest.mark.parametrize(
+    "precision,vision,llm", [("bf16", "fp16", "bf16"), ("fp16", "fp16", "fp16"), ("bf16", "fp32", "fp16")]
+)
 def test_frozen_weights_bit_identical_after_engine_start(backbones, tmp_path, precision, vision, llm):
     r = start_trainer(backbones, tmp_path, precision, vision, llm)
     assert r["n_frozen"] > 20
@@ -148,6 +189,12 @@ def test_frozen_weights_bit_identical_after_engine_start(backbones, tmp_path, pr
     assert r["connector_dtype"] == str({"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
     assert r["moved"] > 0 and r["loss"] == r["loss"]  # finite (not NaN)
     if precision == "fp16":
-        assert r["ds_fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
-                                "loss_scale_window": 2000, "hysteresis": 1, "min_loss_scale": 1}
-        assert r["loss_scale"] == 2 ** 16  # DeepSpeed's dynamic scaler, at its start value
+        assert r["ds_fp16"] == {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 2000,
+            "hysteresis": 1,
+            "min_loss_scale": 1,
+        }
+        assert r["loss_scale"] == 2**16  # DeepSpeed's dynamic scaler, at its start value

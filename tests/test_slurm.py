@@ -41,14 +41,29 @@ def test_sbatch_trains_checkpoints_on_usr1_requeues_and_resumes(cluster, tmp_pat
     config = make_tiny_run(tmp_path, steps=STEPS)
     run_dir, clone = tmp_path / "run", tmp_path / "clone"
     shutil.copytree(REPO / "launchers", clone / "launchers")
-    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin:/usr/sbin:/sbin",
-           "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions"),
-           "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin:/usr/sbin:/sbin",
+        "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions"),
+        "HF_HUB_OFFLINE": "1",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+    }
     # only the resources differ from the README's command: this machine has 2 CPUs and no GPU
     job = cluster.sbatch(
-        "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=8000",
-        "launchers/train_slurm.sbatch", str(config), "--run-dir", str(run_dir),
-        "--set", "train.ckpt_every=1000", "--set", "launch.gpus_per_node=2", env=env, cwd=clone)
+        "--ntasks-per-node=2",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        "--mem=8000",
+        "launchers/train_slurm.sbatch",
+        str(config),
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "train.ckpt_every=1000",
+        "--set",
+        "launch.gpus_per_node=2",
+        env=env,
+        cwd=clone,
+    )
     log = clone / f"simvlg-{job}.out"
     logs = clone / "logs"
     deadline = time.time() + 600
@@ -73,6 +88,7 @@ def test_sbatch_trains_checkpoints_on_usr1_requeues_and_resumes(cluster, tmp_pat
     assert steps.count(signal_step + 1) == 1
     hostfile = logs / f"hostfile-{job}"
     assert hostfile.read_text().split() == ["localhost", "slots=2"]
-    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True,
-                         env=cluster.env).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", job], capture_output=True, text=True, env=cluster.env
+    ).stdout
     assert "Restarts=1" in out

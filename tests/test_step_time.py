@@ -51,7 +51,7 @@ def test_captions_are_padded_to_the_batch_not_to_max_text_tokens():
     assert tok(["a b c d e"])["input_ids"].shape == (1, 7)
 
 
-SYNC_WORKER = textwrap.dedent('''
+SYNC_WORKER = textwrap.dedent("""
     import inspect, json, sys, torch
     import torch.distributed as dist
     from pathlib import Path
@@ -109,7 +109,7 @@ SYNC_WORKER = textwrap.dedent('''
     trainer.fit()
     lines = [json.loads(x) for x in (Path(sys.argv[2]) / "metrics.jsonl").read_text().splitlines()]
     print("RESULT " + json.dumps({"per_step": per_step, "calls": calls, "logged": lines}))
-''')
+""")
 
 
 @pytest.mark.slow
@@ -119,22 +119,35 @@ def test_no_host_sync_per_micro_batch_and_one_all_reduce_per_step(backbones, tmp
 run: {{name: sync, seed: 0}}
 data: {{sources: [{{name: a, shards: "unused/{{0..1}}.tar"}}], num_workers: 0}}
 model:
-  vision: {{name: {backbones / 'vit'}, loader: hf, image_size: 32, precision: fp32}}
-  tomeformer: {{init: {backbones / 'bert'}, num_layers: 2, r: 8}}
-  llm: {{name: {backbones / 'opt'}, precision: fp32, prompt: "", max_text_tokens: 8}}
+  vision: {{name: {backbones / "vit"}, loader: hf, image_size: 32, precision: fp32}}
+  tomeformer: {{init: {backbones / "bert"}, num_layers: 2, r: 8}}
+  llm: {{name: {backbones / "opt"}, precision: fp32, prompt: "", max_text_tokens: 8}}
 train: {{steps: 6, global_batch: 4, micro_batch: 2, grad_accum: 2, lr: 1.0e-3, warmup_steps: 0,
         precision: fp32, zero_stage: 2, log_every: 3, ckpt_every: 1000}}
 tracking: {{enabled: false}}
 launch: {{nodes: 1, gpus_per_node: 1}}
 """)
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", SYNC_WORKER, str(cfg), str(tmp_path / "run")], env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", SYNC_WORKER, str(cfg), str(tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, (proc.stdout + proc.stderr)[-4000:]
-    r = json.loads(lines[-1][len("RESULT "):])
+    r = json.loads(lines[-1][len("RESULT ") :])
     # inside a step (2 micro-batches each): the loop neither reads the device nor reduces anything
     assert all(s["train_step"] == {"all_reduce": 0, "host_reads": 0} for s in r["per_step"]), r["per_step"]
     # between steps: one all-reduce per step (stop flag; on log steps the metrics ride along)
@@ -150,19 +163,50 @@ def test_bench_step_prints_the_breakdown_and_mfu(tmp_path):
 
     config = make_tiny_run(tmp_path, steps=4)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([str(Path(sys.executable).parent / "simvlg"), "bench", "step", str(config),
-                          "--steps", "2", "--warmup", "1", "--vs", "legacy", "--json"],
-                         capture_output=True, text=True, timeout=900, env=env)
+    out = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "simvlg"),
+            "bench",
+            "step",
+            str(config),
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--vs",
+            "legacy",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    current, legacy = json.loads(out.stdout[out.stdout.rindex("[\n {"):])  # after the launcher logs
+    current, legacy = json.loads(out.stdout[out.stdout.rindex("[\n {") :])  # after the launcher logs
     for r in (current, legacy):
         assert r["ranks"] == 2 and r["steps"] == 2
-        assert set(r["ms_per_step"]) == {"data", "vit_forward", "connector_forward", "llm_forward",
-                                         "llm_backward", "connector_backward", "optimizer",
-                                         "communication", "other"}
+        assert set(r["ms_per_step"]) == {
+            "data",
+            "vit_forward",
+            "connector_forward",
+            "llm_forward",
+            "llm_backward",
+            "connector_backward",
+            "optimizer",
+            "communication",
+            "other",
+        }
         assert all(v >= 0 for v in r["ms_per_step"].values())
-        for phase in ("vit_forward", "connector_forward", "llm_forward", "llm_backward",
-                      "connector_backward", "optimizer", "communication"):
+        for phase in (
+            "vit_forward",
+            "connector_forward",
+            "llm_forward",
+            "llm_backward",
+            "connector_backward",
+            "optimizer",
+            "communication",
+        ):
             assert r["ms_per_step"][phase] > 0, phase
         assert sum(r["ms_per_step"].values()) == pytest.approx(r["step_ms"], rel=0.05)
         assert r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0
@@ -176,8 +220,11 @@ def test_uint8_pixels_are_normalised_on_the_device_by_the_vision_tower():
     from pipeline.models.vision import build_vision
 
     torch.manual_seed(0)
-    tower = build_vision(VisionConfig(name="vit_tiny_patch16_224", loader="timm", image_size=32,
-                                      precision="fp32", feature_layer=-1))
+    tower = build_vision(
+        VisionConfig(
+            name="vit_tiny_patch16_224", loader="timm", image_size=32, precision="fp32", feature_layer=-1
+        )
+    )
     pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.equal(tower(pixels), tower(normalize_batch(pixels)))

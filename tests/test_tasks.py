@@ -20,9 +20,11 @@ def shapes_labels(count: int, size: str, color: str, shape: str) -> dict:
 
 
 LABELS = shapes_labels(2, "small", "red", "triangle")
-POOL = [("one large blue square on the top", shapes_labels(1, "large", "blue", "square")),
-        ("three small green circles on the left", shapes_labels(3, "small", "green", "circle")),
-        ("one large red circle on the bottom", shapes_labels(1, "large", "red", "circle"))]
+POOL = [
+    ("one large blue square on the top", shapes_labels(1, "large", "blue", "square")),
+    ("three small green circles on the left", shapes_labels(3, "small", "green", "circle")),
+    ("one large red circle on the bottom", shapes_labels(1, "large", "red", "circle")),
+]
 
 
 def examples(task, seed, n=50, caption=CAPTION, labels=LABELS, pool=POOL):
@@ -40,7 +42,7 @@ def test_completion_splits_the_caption_between_input_and_target():
     seen = set()
     for ex in examples("completion", 0, n=200):
         assert ex.task == "completion" and ex.text_input.startswith(PROMPT + " ")
-        given = ex.text_input[len(PROMPT) + 1:].split()
+        given = ex.text_input[len(PROMPT) + 1 :].split()
         assert given and ex.target and given + ex.target.split() == CAPTION.split()
         seen.add(len(given))
     assert seen == set(range(1, len(CAPTION.split())))  # every split point, never all or nothing
@@ -105,9 +107,19 @@ def oracle(question: str, labels: dict) -> str:
     return "yes" if (all(found) if op == "and" else any(found)) else "no"
 
 
-@pytest.mark.parametrize("labels", [LABELS, shapes_labels(1, "large", "green", "circle"),
-                                    {"objects": [{"name": "dog", "attributes": ["brown"], "count": 2},
-                                                 {"name": "frisbee", "attributes": ["red"], "count": 1}]}])
+@pytest.mark.parametrize(
+    "labels",
+    [
+        LABELS,
+        shapes_labels(1, "large", "green", "circle"),
+        {
+            "objects": [
+                {"name": "dog", "attributes": ["brown"], "count": 2},
+                {"name": "frisbee", "attributes": ["red"], "count": 1},
+            ]
+        },
+    ],
+)
 def test_object_questions_are_answerable_from_the_labels(labels):
     exs = examples("objects", 5, n=400, labels=labels)
     kinds = {ex.kind for ex in exs}

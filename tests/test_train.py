@@ -39,10 +39,15 @@ def simvlg_train(config, run_dir, *overrides, env_extra=None, **popen):
     cmd = [str(Path(sys.executable).parent / "simvlg"), "train", str(config), "--run-dir", str(run_dir)]
     for ov in overrides:
         cmd += ["--set", ov]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions"), **(env_extra or {})}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            **popen)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions"),
+        **(env_extra or {}),
+    }
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
 
 
 def losses(run_dir) -> dict[int, float]:
@@ -98,8 +103,11 @@ def test_two_rank_run_learns_checkpoints_and_tracks(reference):
 
 def _ranks(simvlg_pid: int) -> dict[int, psutil.Process]:
     """{rank: process} under `simvlg train` (simvlg -> deepspeed launcher -> ranks -> workers)."""
-    launchers = [p for p in psutil.Process(simvlg_pid).children()
-                 if "deepspeed.launcher.launch" in " ".join(p.cmdline())]
+    launchers = [
+        p
+        for p in psutil.Process(simvlg_pid).children()
+        if "deepspeed.launcher.launch" in " ".join(p.cmdline())
+    ]
     return {int(p.environ()["RANK"]): p for p in launchers[0].children()} if launchers else {}
 
 
@@ -166,18 +174,23 @@ def test_chaos_sigkill_one_rank_then_resume_is_bit_identical(setup, reference):
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1  # the resumed job continued the killed job's MLflow run
-    assert runs[0].info.run_id == json.loads((run_dir / "train_summary.json").read_text())[
-        "mlflow_run_id"]
+    assert runs[0].info.run_id == json.loads((run_dir / "train_summary.json").read_text())["mlflow_run_id"]
     assert {m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")} == set(
-        range(1, STEPS + 1))
+        range(1, STEPS + 1)
+    )
 
 
 def test_data_that_fails_at_run_time_ends_every_rank_with_one_line(setup):
     """The shards vanish after the config was checked (preflight skipped): before, each rank printed
     a 50-line traceback and then waited forever on its DataLoader worker."""
     run_dir = setup["root"] / "nodata"
-    proc = simvlg_train(setup["config"], run_dir, "data.sources.0.shards=/nowhere/{00000..00003}.tar",
-                        env_extra={"SIMVLG_PREFLIGHT_DONE": "1"}, start_new_session=True)
+    proc = simvlg_train(
+        setup["config"],
+        run_dir,
+        "data.sources.0.shards=/nowhere/{00000..00003}.tar",
+        env_extra={"SIMVLG_PREFLIGHT_DONE": "1"},
+        start_new_session=True,
+    )
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0 and not _left_behind(run_dir), out[-3000:]
     assert "Traceback" not in out, out[-3000:]
@@ -194,10 +207,17 @@ def test_a_worker_raising_mid_epoch_ends_every_rank(setup, tmp_path):
     run_dir = tmp_path / "fault"
     script = Path(__file__).with_name("fault_rank.py")
     cmd = launcher_command(2, _free_port(), [str(script), str(setup["config"]), "--run-dir", str(run_dir)])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SIMVLG_PREFLIGHT_DONE": "1", "FAULT_RANK": "1",
-           "FAULT_BATCH": "4", "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions")}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "SIMVLG_PREFLIGHT_DONE": "1",
+        "FAULT_RANK": "1",
+        "FAULT_BATCH": "4",
+        "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions"),
+    }
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0 and not _left_behind(run_dir), out[-3000:]
     assert "rank 1 failed: RuntimeError: injected fault in a DataLoader worker of rank 1" in out, out[-3000:]
@@ -210,12 +230,25 @@ def test_a_worker_raising_mid_epoch_ends_every_rank(setup, tmp_path):
 def test_sigterm_checkpoints_and_exits_zero_with_mlflow_down(setup):
     """Through launchers/train_local.sh, the one-node launch path users are told to use."""
     run_dir = setup["root"] / "sigterm"
-    cmd = [str(REPO / "launchers" / "train_local.sh"), str(setup["config"]), "2", "--run-dir", str(run_dir),
-           "--set", "train.steps=1000", "--set", "train.ckpt_every=500",
-           "--set", "tracking.uri=http://127.0.0.1:9"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions")}
+    cmd = [
+        str(REPO / "launchers" / "train_local.sh"),
+        str(setup["config"]),
+        "2",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "train.steps=1000",
+        "--set",
+        "train.ckpt_every=500",
+        "--set",
+        "tracking.uri=http://127.0.0.1:9",
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions"),
+    }
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
@@ -240,6 +273,7 @@ def test_global_batch_mismatch_is_a_clear_error(setup):
     from pipeline.train.deepspeed_setup import check_world
 
     cfg = load_config(setup["config"])
-    with pytest.raises(SystemExit, match="global_batch is 8 but micro_batch 4 x grad_accum 1 x 1 "
-                                         "running ranks = 4"):
+    with pytest.raises(
+        SystemExit, match="global_batch is 8 but micro_batch 4 x grad_accum 1 x 1 running ranks = 4"
+    ):
         check_world(cfg, 1)

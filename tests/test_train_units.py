@@ -44,8 +44,11 @@ def test_no_weight_decay_on_biases_and_norms():
 def test_deepspeed_config_takes_batch_and_precision_from_yaml():
     cfg = load_config("demo", ["train.precision=fp16", "train.grad_clip=0.5"])
     ds = deepspeed_config(cfg)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"],
-            ds["gradient_accumulation_steps"]) == (32, 16, 1)
+    assert (
+        ds["train_batch_size"],
+        ds["train_micro_batch_size_per_gpu"],
+        ds["gradient_accumulation_steps"],
+    ) == (32, 16, 1)
     assert ds["fp16"]["enabled"] is True and ds["fp16"]["loss_scale"] == 0  # dynamic loss scaling
     assert ds["bf16"] == {"enabled": False}
     assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 2
@@ -65,8 +68,16 @@ class FileWritingEngine:
 
 
 def save(root, step, keep=3):
-    return checkpoint.save(FileWritingEngine(), root, step, {"loader": {"n": step}}, rank=0,
-                           world_size=1, keep=keep, barrier=lambda: None)
+    return checkpoint.save(
+        FileWritingEngine(),
+        root,
+        step,
+        {"loader": {"n": step}},
+        rank=0,
+        world_size=1,
+        keep=keep,
+        barrier=lambda: None,
+    )
 
 
 def test_checkpoint_is_complete_and_latest_moves(tmp_path):
@@ -84,8 +95,7 @@ def test_keep_last_k(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (1, 2, 3, 4):
         save(root, step, keep=2)
-    assert [p.name for p in checkpoint.complete_checkpoints(root)] == ["step_00000003",
-                                                                        "step_00000004"]
+    assert [p.name for p in checkpoint.complete_checkpoints(root)] == ["step_00000003", "step_00000004"]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete", "no_marker"])
@@ -171,8 +181,15 @@ def test_lavis_schedule_is_the_official_staircase():
     cos = lambda e: 1e-5 + 0.9e-4 * 0.5 * (1 + math.cos(math.pi * e / 50))
     assert lr_at(5000, t) == pytest.approx(cos(1)) and lr_at(9999, t) == lr_at(5000, t)  # flat per epoch
     assert lr_at(10_000, t) == pytest.approx(cos(2)) and lr_at(249_999, t) == pytest.approx(cos(49))
-    short = TrainConfig(steps=10, lr=1e-4, min_lr=1e-5, warmup_steps=2, warmup_start_lr=0.0,
-                        lr_schedule="lavis", iters_per_inner_epoch=5)
+    short = TrainConfig(
+        steps=10,
+        lr=1e-4,
+        min_lr=1e-5,
+        warmup_steps=2,
+        warmup_start_lr=0.0,
+        lr_schedule="lavis",
+        iters_per_inner_epoch=5,
+    )
     assert [round(lr_at(s, short) / 1e-4, 3) for s in range(10)] == [0, 0.5, 1, 1, 1] + [0.55] * 5
     with pytest.raises(ValueError, match="iters_per_inner_epoch"):
         TrainConfig(lr_schedule="lavis")

@@ -20,17 +20,24 @@ def make_tiny_run(root: Path, steps: int) -> Path:
     samples = list(corpus.generate(96, 0, seed=5))
     for s in range(3):
         with wds.TarWriter(str(shards / f"{s:05d}.tar")) as sink:
-            for _split, i, attrs, caption, img in samples[s * 32:(s + 1) * 32]:
+            for _split, i, attrs, caption, img in samples[s * 32 : (s + 1) * 32]:
                 buf = io.BytesIO()
                 img.save(buf, format="JPEG", quality=95)
-                sink.write({"__key__": f"{s:05d}{i:04d}", "jpg": buf.getvalue(), "txt": caption,
-                            "json": json.dumps(attrs).encode()})
+                sink.write(
+                    {
+                        "__key__": f"{s:05d}{i:04d}",
+                        "jpg": buf.getvalue(),
+                        "txt": caption,
+                        "json": json.dumps(attrs).encode(),
+                    }
+                )
     bb = root / "backbones"
     backbones.build_vit(bb / "vit")
     backbones.build_llm(bb / "opt", corpus.all_attribute_sets(), corpus.caption, "a photo of", steps=30)
     torch.manual_seed(0)
-    BertModel(BertConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                         intermediate_size=128)).save_pretrained(bb / "bert")
+    BertModel(
+        BertConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128)
+    ).save_pretrained(bb / "bert")
     cfg = root / "train.yaml"
     cfg.write_text(f"""inherit: demo.yaml
 run: {{name: train-test, seed: 3}}

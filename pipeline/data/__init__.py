@@ -5,5 +5,14 @@ share (shards, manifest, annotation files, splits); bench.py measures the throug
 from .loader import SKIP_KINDS, StreamingLoader, build_loader
 from .transforms import CLIP_MEAN, CLIP_STD, EvalTransform, TrainTransform, build_transform, pre_caption
 
-__all__ = ["SKIP_KINDS", "StreamingLoader", "build_loader", "CLIP_MEAN", "CLIP_STD", "EvalTransform",
-           "TrainTransform", "build_transform", "pre_caption"]
+__all__ = [
+    "SKIP_KINDS",
+    "StreamingLoader",
+    "build_loader",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "EvalTransform",
+    "TrainTransform",
+    "build_transform",
+    "pre_caption",
+]

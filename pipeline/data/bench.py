@@ -29,6 +29,7 @@ from PIL import Image
 def _photos() -> list[np.ndarray]:
     try:
         import skimage.data as d
+
         imgs = [d.astronaut(), d.coffee(), d.chelsea(), d.rocket()]
         return [i if i.ndim == 3 else np.stack([i] * 3, -1) for i in imgs]
     except Exception:  # scikit-image is a dev extra
@@ -37,8 +38,9 @@ def _photos() -> list[np.ndarray]:
         return [np.asarray(Image.fromarray(a).resize((512, 384))) for a in small]
 
 
-def make_synthetic_shards(folder: str | Path, n: int, per_shard: int = 500, size: int = 384,
-                          seed: int = 0) -> str:
+def make_synthetic_shards(
+    folder: str | Path, n: int, per_shard: int = 500, size: int = 384, seed: int = 0
+) -> str:
     """n JPEG samples shaped like `simvlg prep` output (shorter side `size`, q95) -> brace pattern."""
     from .formats.shards import write_shard
 
@@ -62,9 +64,14 @@ def make_synthetic_shards(folder: str | Path, n: int, per_shard: int = 500, size
         samples = []
         for i in range(min(per_shard, n - sid * per_shard)):
             key = f"{sid:05d}{i:04d}"
-            samples.append({"__key__": key, "jpg": encoded[rng.randrange(len(encoded))],
-                            "txt": f"a synthetic photo number {sid * per_shard + i}",
-                            "json": json.dumps({"key": key, "status": "success"})})
+            samples.append(
+                {
+                    "__key__": key,
+                    "jpg": encoded[rng.randrange(len(encoded))],
+                    "txt": f"a synthetic photo number {sid * per_shard + i}",
+                    "json": json.dumps({"key": key, "status": "success"}),
+                }
+            )
         write_shard(folder / f"{sid:05d}.tar", samples)
     return str(folder / f"{{00000..{n_shards - 1:05d}}}.tar")
 
@@ -101,11 +108,13 @@ def bench_decode(pattern: str, *, image_size: int, min_scale: float, seconds: fl
             break
     read_s = time.perf_counter() - t0
     if not raw:
-        raise SystemExit(f"simvlg bench data: no decodable jpg sample in {pattern} (skipped: "
-                         f"{dict(skips) or 'nothing'})")
+        raise SystemExit(
+            f"simvlg bench data: no decodable jpg sample in {pattern} (skipped: {dict(skips) or 'nothing'})"
+        )
     tf = TrainTransform(image_size, min_scale)
     rng = random.Random(0)
     import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     n, t0 = 0, time.perf_counter()
@@ -117,19 +126,39 @@ def bench_decode(pattern: str, *, image_size: int, min_scale: float, seconds: fl
         n += 1
     dt = time.perf_counter() - t0
     torch.set_num_threads(threads)
-    return {"decode_augment_per_s": n / dt, "tar_read_samples_per_s": len(raw) / read_s if read_s else None,
-            "n": n, "image_wh": list(img.size), "skipped": dict(skips)}
+    return {
+        "decode_augment_per_s": n / dt,
+        "tar_read_samples_per_s": len(raw) / read_s if read_s else None,
+        "n": n,
+        "image_wh": list(img.size),
+        "skipped": dict(skips),
+    }
 
 
-def bench_loader(pattern: str, *, workers: int, batch_size: int, image_size: int, min_scale: float,
-                 seconds: float, step_ms: float, warmup_batches: int = 3, float32: bool = False) -> dict:
+def bench_loader(
+    pattern: str,
+    *,
+    workers: int,
+    batch_size: int,
+    image_size: int,
+    min_scale: float,
+    seconds: float,
+    step_ms: float,
+    warmup_batches: int = 3,
+    float32: bool = False,
+) -> dict:
     from pipeline.config import DataConfig, SourceConfig
 
     from .bench_vs import Float32Stream, batch_bytes_per_sample
     from .loader import build_loader
 
-    cfg = DataConfig(sources=[SourceConfig(name="bench", shards=pattern)], num_workers=workers,
-                     image_size=image_size, min_scale=min_scale, shuffle_buffer=500)
+    cfg = DataConfig(
+        sources=[SourceConfig(name="bench", shards=pattern)],
+        num_workers=workers,
+        image_size=image_size,
+        min_scale=min_scale,
+        shuffle_buffer=500,
+    )
     loader = build_loader(cfg, tokenize=None, batch_size=batch_size, seed=0)
     if float32:  # the worker stage as it was (see bench_vs)
         loader.dataset.__class__ = Float32Stream
@@ -147,26 +176,40 @@ def bench_loader(pattern: str, *, workers: int, batch_size: int, image_size: int
     wait = loader.wait_time - w0
     it.close()  # stops the workers now
     skipped = loader.skip_counts(nested=True).get("bench", {})
-    return {"workers": workers, "samples_per_s": n / dt, "wait_fraction": wait / dt,
-            "wait_ms_per_batch": 1000 * wait / max(1, n // batch_size), "skipped": skipped,
-            "bytes_per_sample": bytes_per_sample}
+    return {
+        "workers": workers,
+        "samples_per_s": n / dt,
+        "wait_fraction": wait / dt,
+        "wait_ms_per_batch": 1000 * wait / max(1, n // batch_size),
+        "skipped": skipped,
+        "bytes_per_sample": bytes_per_sample,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="simvlg bench data", description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", help="brace pattern, manifest.json or folder of local shards")
-    p.add_argument("--synthetic", type=int, default=0, metavar="N",
-                   help="first write N synthetic 384-px JPEG samples into a temp folder and use them")
+    p.add_argument(
+        "--synthetic",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first write N synthetic 384-px JPEG samples into a temp folder and use them",
+    )
     p.add_argument("--workers", default="0,1,2", help="comma-separated worker counts for the full loader")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--min-scale", type=float, default=0.5)
     p.add_argument("--seconds", type=float, default=8.0, help="per measurement")
     p.add_argument("--step-ms", type=float, default=0.0, help="simulated trainer step per batch")
-    p.add_argument("--vs", default="", metavar="OTHER[,OTHER]",
-                   help="also measure, side by side: webdataset (an open_clip-style webdataset pipeline, "
-                        "same decode and augmentation) and/or float32 (our loader as it was, float32 "
-                        "through the worker queue)")
+    p.add_argument(
+        "--vs",
+        default="",
+        metavar="OTHER[,OTHER]",
+        help="also measure, side by side: webdataset (an open_clip-style webdataset pipeline, "
+        "same decode and augmentation) and/or float32 (our loader as it was, float32 "
+        "through the worker queue)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
     others = [v for v in args.vs.split(",") if v]
@@ -179,13 +222,23 @@ def main(argv: list[str] | None = None) -> int:
     if not args.shards:
         p.error("give --shards PATTERN or --synthetic N")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    out = {"shards": args.shards, "cores": cores, "batch_size": args.batch_size,
-           "image_size": args.image_size}
-    out["decode"] = bench_decode(args.shards, image_size=args.image_size, min_scale=args.min_scale,
-                                 seconds=args.seconds)
+    out = {
+        "shards": args.shards,
+        "cores": cores,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+    }
+    out["decode"] = bench_decode(
+        args.shards, image_size=args.image_size, min_scale=args.min_scale, seconds=args.seconds
+    )
     out["loader"] = []
-    kw = dict(batch_size=args.batch_size, image_size=args.image_size, min_scale=args.min_scale,
-              seconds=args.seconds, step_ms=args.step_ms)
+    kw = dict(
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        min_scale=args.min_scale,
+        seconds=args.seconds,
+        step_ms=args.step_ms,
+    )
     for k in [int(x) for x in args.workers.split(",") if x.strip()]:
         r = bench_loader(args.shards, workers=k, **kw)
         r["samples_per_s_per_core"] = r["samples_per_s"] / max(1, min(k, cores))
@@ -203,28 +256,41 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=1))
     else:
         d = out["decode"]
-        print(f"shards {args.shards}  ({cores} cores, batch {args.batch_size}, {args.image_size} px, "
-              f"stored {d['image_wh'][0]}x{d['image_wh'][1]})")
-        print(f"decode+augment, one process: {d['decode_augment_per_s']:8.1f} samples/s   "
-              f"(tar read {d['tar_read_samples_per_s'] or 0:.0f} samples/s)")
-        print(f"{'workers':>8} {'samples/s':>10} {'per core':>9} {'data wait':>10} {'wait/batch':>11} "
-              f"{'bytes/sample':>13}" + "".join(f" {'vs ' + o + ' samples/s':>26}" for o in others))
+        print(
+            f"shards {args.shards}  ({cores} cores, batch {args.batch_size}, {args.image_size} px, "
+            f"stored {d['image_wh'][0]}x{d['image_wh'][1]})"
+        )
+        print(
+            f"decode+augment, one process: {d['decode_augment_per_s']:8.1f} samples/s   "
+            f"(tar read {d['tar_read_samples_per_s'] or 0:.0f} samples/s)"
+        )
+        print(
+            f"{'workers':>8} {'samples/s':>10} {'per core':>9} {'data wait':>10} {'wait/batch':>11} "
+            f"{'bytes/sample':>13}" + "".join(f" {'vs ' + o + ' samples/s':>26}" for o in others)
+        )
         for r in out["loader"]:
-            cells = "".join(f" {v['samples_per_s']:>17.1f} ({v['samples_per_s'] / r['samples_per_s']:.2f}x)"
-                            + (f" {v['bytes_per_sample']}B" if o == "float32" else "")
-                            for o, v in ((o, r["vs"][o]) for o in others))
-            print(f"{r['workers']:>8} {r['samples_per_s']:>10.1f} {r['samples_per_s_per_core']:>9.1f} "
-                  f"{100 * r['wait_fraction']:>9.1f}% {r['wait_ms_per_batch']:>9.1f}ms "
-                  f"{r['bytes_per_sample']:>12}B{cells}")
+            cells = "".join(
+                f" {v['samples_per_s']:>17.1f} ({v['samples_per_s'] / r['samples_per_s']:.2f}x)"
+                + (f" {v['bytes_per_sample']}B" if o == "float32" else "")
+                for o, v in ((o, r["vs"][o]) for o in others)
+            )
+            print(
+                f"{r['workers']:>8} {r['samples_per_s']:>10.1f} {r['samples_per_s_per_core']:>9.1f} "
+                f"{100 * r['wait_fraction']:>9.1f}% {r['wait_ms_per_batch']:>9.1f}ms "
+                f"{r['bytes_per_sample']:>12}B{cells}"
+            )
         for where, counts in [("reading for decode", d["skipped"])] + [
-                (f"loader, {r['workers']} workers", r["skipped"]) for r in out["loader"]]:
+            (f"loader, {r['workers']} workers", r["skipped"]) for r in out["loader"]
+        ]:
             if counts:
                 print(f"skipped ({where}): " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         per_core = d["decode_augment_per_s"]
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        print(f"one core decodes+augments {per_core:.0f} samples/s -> 8 free cores ~{8 * per_core:.0f} "
-              f"samples/s (target >= 500 = 5 x one GPU at ~100 samples/s); load average now {load:.1f} "
-              f"on {cores} cores")
+        print(
+            f"one core decodes+augments {per_core:.0f} samples/s -> 8 free cores ~{8 * per_core:.0f} "
+            f"samples/s (target >= 500 = 5 x one GPU at ~100 samples/s); load average now {load:.1f} "
+            f"on {cores} cores"
+        )
     if tmp:
         tmp.cleanup()
     return 0

@@ -30,8 +30,16 @@ class Float32Stream(MixedStream):
         return meta, batch
 
 
-def webdataset_loader(urls: list[str], *, batch_size: int, workers: int, image_size: int, min_scale: float,
-                      shuffle: int = 500, seed: int = 0):
+def webdataset_loader(
+    urls: list[str],
+    *,
+    batch_size: int,
+    workers: int,
+    image_size: int,
+    min_scale: float,
+    shuffle: int = 500,
+    seed: int = 0,
+):
     """An open_clip-style webdataset pipeline with our decode and augmentation (uint8 out)."""
     import webdataset as wds
 
@@ -55,14 +63,27 @@ def webdataset_loader(urls: list[str], *, batch_size: int, workers: int, image_s
         wds.map(decode_augment, handler=wds.warn_and_continue),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )
-    return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
-                         persistent_workers=False)
+    return wds.WebLoader(
+        pipeline, batch_size=None, shuffle=False, num_workers=workers, persistent_workers=False
+    )
 
 
-def bench_webdataset(urls: list[str], *, workers: int, batch_size: int, image_size: int, min_scale: float,
-                     seconds: float, step_ms: float, warmup_batches: int = 3) -> dict:
-    it = iter(webdataset_loader(urls, batch_size=batch_size, workers=workers, image_size=image_size,
-                                min_scale=min_scale))
+def bench_webdataset(
+    urls: list[str],
+    *,
+    workers: int,
+    batch_size: int,
+    image_size: int,
+    min_scale: float,
+    seconds: float,
+    step_ms: float,
+    warmup_batches: int = 3,
+) -> dict:
+    it = iter(
+        webdataset_loader(
+            urls, batch_size=batch_size, workers=workers, image_size=image_size, min_scale=min_scale
+        )
+    )
     for _ in range(warmup_batches):
         next(it)
     n, wait, t0 = 0, 0.0, time.perf_counter()
@@ -75,8 +96,13 @@ def bench_webdataset(urls: list[str], *, workers: int, batch_size: int, image_si
             time.sleep(step_ms / 1000)
     dt = time.perf_counter() - t0
     del it
-    return {"workers": workers, "samples_per_s": n / dt, "wait_fraction": wait / dt,
-            "wait_ms_per_batch": 1000 * wait / max(1, n // batch_size), "skipped": {}}
+    return {
+        "workers": workers,
+        "samples_per_s": n / dt,
+        "wait_fraction": wait / dt,
+        "wait_ms_per_batch": 1000 * wait / max(1, n // batch_size),
+        "skipped": {},
+    }
 
 
 def batch_bytes_per_sample(batch: dict) -> int:

@@ -53,7 +53,6 @@ source in the workers, shipped with each batch, summed in the trainer process ov
 (`skip_counts()`: a fixed key set per source, so ranks can all-reduce it), restored with the state.
 """
 
-
 from __future__ import annotations
 
 import atexit
@@ -95,8 +94,17 @@ class TrainLoader(Protocol):
     def adaptive(self) -> bool: ...  # whether report_loss must be fed every step
 
 
-SKIP_KINDS = ("unreadable_shard", "corrupt_tar", "corrupt_image", "corrupt_video", "missing_image",
-              "missing_caption", "oversized", "dead_source", "bad_labels")
+SKIP_KINDS = (
+    "unreadable_shard",
+    "corrupt_tar",
+    "corrupt_image",
+    "corrupt_video",
+    "missing_image",
+    "missing_caption",
+    "oversized",
+    "dead_source",
+    "bad_labels",
+)
 STATE_VERSION = 2
 
 
@@ -164,8 +172,15 @@ class StreamingLoader:
     """The trainer side: wraps a torch DataLoader around MixedStream, tracks consumed positions,
     skip counts and data-wait time, and feeds adaptive mixing."""
 
-    def __init__(self, dataset: MixedStream, *, num_workers: int, prefetch_factor: int = 2,
-                 pin_memory: bool = False, mixer: AdaptiveMixer | None = None):
+    def __init__(
+        self,
+        dataset: MixedStream,
+        *,
+        num_workers: int,
+        prefetch_factor: int = 2,
+        pin_memory: bool = False,
+        mixer: AdaptiveMixer | None = None,
+    ):
         self.dataset = dataset
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
@@ -201,8 +216,11 @@ class StreamingLoader:
     def __iter__(self):
         W = max(1, self.num_workers)
         ds = self.dataset
-        ds.start = {"epoch": self._state["epoch"], "offset": self._state["consumed"] % W,
-                    "workers": {k: dict(v) for k, v in self._state["workers"].items()}}
+        ds.start = {
+            "epoch": self._state["epoch"],
+            "offset": self._state["consumed"] % W,
+            "workers": {k: dict(v) for k, v in self._state["workers"].items()},
+        }
         kw = {}
         if self.num_workers > 0:
             kw = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
@@ -211,8 +229,14 @@ class StreamingLoader:
         generator = torch.Generator().manual_seed(self._state["epoch"])
         if self.num_workers > 0:
             kw["worker_init_fn"] = _worker_init
-        dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                        generator=generator, **kw)
+        dl = DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            generator=generator,
+            **kw,
+        )
         self._publish()
         it = iter(dl)
         _LIVE_ITERATORS.add(it)
@@ -229,7 +253,9 @@ class StreamingLoader:
                 if batch is None:  # an eval pass's trailing skips, no batch
                     continue
                 self._state["workers"][str(meta.worker)] = {
-                    "batches": int(meta.batches), "pos": [[int(a), int(b)] for a, b in meta.positions]}
+                    "batches": int(meta.batches),
+                    "pos": [[int(a), int(b)] for a, b in meta.positions],
+                }
                 self._state["consumed"] += 1
                 self.batches += 1
                 yield batch
@@ -274,8 +300,9 @@ class StreamingLoader:
         with the non-zero counts only."""
         if nested:
             return {s: dict(kinds) for s, kinds in self._skips.items() if kinds}
-        return {f"{s}/{k}": int(self._skips.get(s, {}).get(k, 0))
-                for s in self.dataset.names for k in SKIP_KINDS}
+        return {
+            f"{s}/{k}": int(self._skips.get(s, {}).get(k, 0)) for s in self.dataset.names for k in SKIP_KINDS
+        }
 
     def stats(self) -> dict:
         return {"data_wait_s": self.wait_time, "batches": self.batches}
@@ -283,9 +310,18 @@ class StreamingLoader:
     # -- checkpointing
     def _identity(self) -> dict:
         d = self.dataset
-        return {"sources": d.names, "seed": d.seed, "rank": d.rank, "world_size": d.world_size,
-                "num_workers": max(1, self.num_workers), "batch_size": d.batch_size, "mode": d.mode,
-                "mixing": d.mixing, "epoch_batches": d.epoch_batches, **self._identity_since_tasks()}
+        return {
+            "sources": d.names,
+            "seed": d.seed,
+            "rank": d.rank,
+            "world_size": d.world_size,
+            "num_workers": max(1, self.num_workers),
+            "batch_size": d.batch_size,
+            "mode": d.mode,
+            "mixing": d.mixing,
+            "epoch_batches": d.epoch_batches,
+            **self._identity_since_tasks(),
+        }
 
     def _identity_since_tasks(self) -> dict:
         """Identity keys a state written before tasks existed does not hold (accepted when absent)."""
@@ -296,10 +332,15 @@ class StreamingLoader:
 
     def state_dict(self) -> dict:
         """JSON-serialisable position of this rank's loader after the batches consumed so far."""
-        out = {"version": STATE_VERSION, **self._identity(), "salt": self.dataset.salt,
-               "epoch": self._state["epoch"], "consumed": self._state["consumed"],
-               "workers": {k: dict(v) for k, v in self._state["workers"].items()},
-               "skips": self.skip_counts(nested=True)}
+        out = {
+            "version": STATE_VERSION,
+            **self._identity(),
+            "salt": self.dataset.salt,
+            "epoch": self._state["epoch"],
+            "consumed": self._state["consumed"],
+            "workers": {k: dict(v) for k, v in self._state["workers"].items()},
+            "skips": self.skip_counts(nested=True),
+        }
         if self.mixer is not None:
             out["adaptive"] = self.mixer.state_dict()
             # the shares already fixed for the batches after the consumed ones (mixing.py)
@@ -309,8 +350,11 @@ class StreamingLoader:
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         mine = self._identity()
         new_keys = self._identity_since_tasks()
-        diff = {k: (state.get(k), v) for k, v in mine.items()
-                if state.get(k) != v and not (k in new_keys and k not in state)}
+        diff = {
+            k: (state.get(k), v)
+            for k, v in mine.items()
+            if state.get(k) != v and not (k in new_keys and k not in state)
+        }
         self._skips = defaultdict(lambda: defaultdict(int))
         for s, kinds in state.get("skips", {}).items():
             for k, v in kinds.items():
@@ -319,17 +363,23 @@ class StreamingLoader:
             self.mixer.load_state_dict(state["adaptive"])
         if diff:
             if strict:
-                raise ValueError("data loader state does not match this loader (exact resume impossible): "
-                                 + ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items()))
+                raise ValueError(
+                    "data loader state does not match this loader (exact resume impossible): "
+                    + ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+                )
             # approximate: fresh streams with new seeds, so nothing is replayed in distribution
             self.dataset.salt = int(state.get("salt", 0)) + 1
             self._state = {"epoch": int(state.get("epoch", 0)), "consumed": 0, "workers": {}}
             return
         self.dataset.salt = int(state.get("salt", 0))
-        self._state = {"epoch": int(state["epoch"]), "consumed": int(state["consumed"]),
-                       "workers": {str(k): {"batches": int(v["batches"]),
-                                            "pos": [[int(a), int(b)] for a, b in v["pos"]]}
-                                   for k, v in state["workers"].items()}}
+        self._state = {
+            "epoch": int(state["epoch"]),
+            "consumed": int(state["consumed"]),
+            "workers": {
+                str(k): {"batches": int(v["batches"]), "pos": [[int(a), int(b)] for a, b in v["pos"]]}
+                for k, v in state["workers"].items()
+            },
+        }
         if self.mixer is not None and "adaptive_published" in state:
             self.mixer.schedule.restore(self._consumed_total(), state["adaptive_published"])
 
@@ -347,9 +397,20 @@ def resolve_sources(data_cfg) -> list[Source]:
     return out
 
 
-def build_loader(data_cfg, *, tokenize, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 train: bool = True, epoch_batches: int | None = None, num_workers: int | None = None,
-                 prefetch_factor: int = 2, pin_memory: bool = False) -> StreamingLoader:
+def build_loader(
+    data_cfg,
+    *,
+    tokenize,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    train: bool = True,
+    epoch_batches: int | None = None,
+    num_workers: int | None = None,
+    prefetch_factor: int = 2,
+    pin_memory: bool = False,
+) -> StreamingLoader:
     """A loader over `data_cfg.sources` for one rank (see the module docstring for the guarantees).
 
     tokenize: picklable `list[str] -> dict(input_ids, attention_mask, labels)` run in the workers, or
@@ -362,34 +423,57 @@ def build_loader(data_cfg, *, tokenize, batch_size: int, rank: int = 0, world_si
     sources = resolve_sources(data_cfg)
     kinds = {s.kind for s in sources}
     if len(kinds) > 1 and data_cfg.mixing != "batch" and train:
-        raise ValueError(f"sources of different kinds ({', '.join(sorted(kinds))}) can only be mixed with "
-                         "data.mixing: batch (a batch holds one kind)")
+        raise ValueError(
+            f"sources of different kinds ({', '.join(sorted(kinds))}) can only be mixed with "
+            "data.mixing: batch (a batch holds one kind)"
+        )
     if train and not data_cfg.resampled and epoch_batches is None:
         if any(s.num_samples is None for s in sources):
             missing = [s.name for s in sources if s.num_samples is None]
-            raise ValueError(f"epoch mode (data.resampled: false) needs num_samples for {missing} "
-                             "(set data.sources.N.num_samples, point shards at a manifest.json, or pass "
-                             "epoch_batches)")
+            raise ValueError(
+                f"epoch mode (data.resampled: false) needs num_samples for {missing} "
+                "(set data.sources.N.num_samples, point shards at a manifest.json, or pass "
+                "epoch_batches)"
+            )
         epoch_batches = sum(s.num_samples for s in sources) // (batch_size * world_size)
         if epoch_batches < 1:
-            raise ValueError(f"epoch mode: {sum(s.num_samples for s in sources)} samples are fewer than "
-                             f"one batch of {batch_size} per rank on {world_size} ranks")
+            raise ValueError(
+                f"epoch mode: {sum(s.num_samples for s in sources)} samples are fewer than "
+                f"one batch of {batch_size} per rank on {world_size} ranks"
+            )
     if not train:
         epoch_batches = None
-    arms = make_arms([s.name for s in sources], [s.weight for s in sources],
-                     [dict(s.tasks) for s in data_cfg.sources])
+    arms = make_arms(
+        [s.name for s in sources], [s.weight for s in sources], [dict(s.tasks) for s in data_cfg.sources]
+    )
     check_arms(data_cfg, [a.name for a in arms], batch_size, train)
     nw = data_cfg.num_workers if num_workers is None else num_workers
     mixer = None
     if data_cfg.mixing == "adaptive" and train:
         # shares are fixed `delay` batches ahead, past what the workers have prefetched (mixing.py)
-        mixer = AdaptiveMixer([a.name for a in arms], [a.weight for a in arms], data_cfg.adaptive_floor,
-                              data_cfg.adaptive_window, delay=nw * prefetch_factor + 1)
-    ds = MixedStream(sources, data_cfg=data_cfg, tokenize=tokenize, batch_size=batch_size, rank=rank,
-                     world_size=world_size, seed=seed, train=train, epoch_batches=epoch_batches,
-                     arms=arms, schedule=mixer.schedule if mixer else None)
-    return StreamingLoader(ds, num_workers=nw, prefetch_factor=prefetch_factor, pin_memory=pin_memory,
-                           mixer=mixer)
+        mixer = AdaptiveMixer(
+            [a.name for a in arms],
+            [a.weight for a in arms],
+            data_cfg.adaptive_floor,
+            data_cfg.adaptive_window,
+            delay=nw * prefetch_factor + 1,
+        )
+    ds = MixedStream(
+        sources,
+        data_cfg=data_cfg,
+        tokenize=tokenize,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        train=train,
+        epoch_batches=epoch_batches,
+        arms=arms,
+        schedule=mixer.schedule if mixer else None,
+    )
+    return StreamingLoader(
+        ds, num_workers=nw, prefetch_factor=prefetch_factor, pin_memory=pin_memory, mixer=mixer
+    )
 
 
 def check_arms(data_cfg, arms: list[str], batch_size: int, train: bool = True) -> None:
@@ -402,13 +486,17 @@ def check_arms(data_cfg, arms: list[str], batch_size: int, train: bool = True) -
     if not train:
         return
     if data_cfg.mixing == "adaptive" and len(arms) * data_cfg.adaptive_floor >= 1:
-        raise ValueError(f"data.adaptive_floor {data_cfg.adaptive_floor} x {len(arms)} mixing arms >= 1: "
-                         "every share would be pinned at the floor; lower the floor")
+        raise ValueError(
+            f"data.adaptive_floor {data_cfg.adaptive_floor} x {len(arms)} mixing arms >= 1: "
+            "every share would be pinned at the floor; lower the floor"
+        )
     m = data_cfg.tasks.minimum_per_batch
     per_batch = len(arms) if data_cfg.mixing != "batch" else max(len(s.tasks) for s in data_cfg.sources)
     if m * per_batch > batch_size:
-        raise ValueError(f"data.tasks.minimum_per_batch {m} x {per_batch} mixing arms is more than a "
-                         f"micro-batch of {batch_size} ({', '.join(arms)})")
+        raise ValueError(
+            f"data.tasks.minimum_per_batch {m} x {per_batch} mixing arms is more than a "
+            f"micro-batch of {batch_size} ({', '.join(arms)})"
+        )
 
 
 __all__ = ["SKIP_KINDS", "StreamingLoader", "TrainLoader", "build_loader", "check_arms", "resolve_sources"]

@@ -60,14 +60,17 @@ def make_arms(sources: list[str], weights: list[float], tasks: list[dict[str, fl
     for name, own in zip(sources, tasks):
         bad = [t for t in own if t not in TASKS]
         if bad or not own:
-            raise ValueError(f"data source {name!r}: unknown task(s) {bad or '(none)'}; tasks: "
-                             f"{', '.join(TASKS)}")
+            raise ValueError(
+                f"data source {name!r}: unknown task(s) {bad or '(none)'}; tasks: {', '.join(TASKS)}"
+            )
     shares = normalize(weights)
     if all(list(own) == ["captioning"] for own in tasks):
         return [Arm(n, i, "captioning", s) for i, (n, s) in enumerate(zip(sources, shares))]
-    return [Arm(pair_name(n, t), i, t, s * w)
-            for i, (n, s, own) in enumerate(zip(sources, shares, tasks))
-            for t, w in zip(own, normalize(list(own.values())))]
+    return [
+        Arm(pair_name(n, t), i, t, s * w)
+        for i, (n, s, own) in enumerate(zip(sources, shares, tasks))
+        for t, w in zip(own, normalize(list(own.values())))
+    ]
 
 
 def normalize(weights: list[float]) -> list[float]:
@@ -139,8 +142,10 @@ class ShareSchedule:
         while int(self.ready[0]) < g:  # only when a worker runs more than `delay` batches ahead
             time.sleep(0.001)
         if g <= int(self.ready[0]) - self.size:
-            raise RuntimeError(f"the shares of batch {g} were overwritten before a worker read them "
-                               f"(published up to {int(self.ready[0])}, ring of {self.size})")
+            raise RuntimeError(
+                f"the shares of batch {g} were overwritten before a worker read them "
+                f"(published up to {int(self.ready[0])}, ring of {self.size})"
+            )
         return self.ring[g % self.size].tolist()
 
     def rows(self, start: int) -> list[list[float]]:
@@ -158,8 +163,9 @@ class AdaptiveMixer:
     """Trainer-process side of adaptive mixing: a loss window per arm -> shares, published per batch
     through a ShareSchedule that the workers read."""
 
-    def __init__(self, names: list[str], base_weights: list[float], floor: float, window: int,
-                 delay: int = 1):
+    def __init__(
+        self, names: list[str], base_weights: list[float], floor: float, window: int, delay: int = 1
+    ):
         if len(set(names)) != len(names):
             raise ValueError(f"mixing arms repeat: {names}")
         self.names = list(names)

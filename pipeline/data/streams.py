@@ -36,7 +36,6 @@ class _Dead(Exception):
     pass
 
 
-
 class SourceStream:
     """One source's raw samples for one logical worker.
 
@@ -47,9 +46,23 @@ class SourceStream:
     segment by scanning tar headers.
     """
 
-    def __init__(self, index: int, src: Source, *, seed: int, epoch: int, rank: int, world_size: int,
-                 worker: int, num_workers: int, mode: str, shard_shuffle: bool, buffer: int,
-                 on_skip, start: tuple[int, int] = (0, 0)):
+    def __init__(
+        self,
+        index: int,
+        src: Source,
+        *,
+        seed: int,
+        epoch: int,
+        rank: int,
+        world_size: int,
+        worker: int,
+        num_workers: int,
+        mode: str,
+        shard_shuffle: bool,
+        buffer: int,
+        on_skip,
+        start: tuple[int, int] = (0, 0),
+    ):
         self.index, self.src = index, src
         self.seed, self.epoch, self.rank = seed, epoch, rank
         self.G = world_size * num_workers
@@ -74,8 +87,9 @@ class SourceStream:
     def _segments(self):
         urls, K = self.src.urls, SEGMENT_SHARDS
         if self.mode == "resampled":
-            rng = random.Random(stable_seed(self.seed, "shards", self.index, self.rank, self.worker,
-                                            self.epoch))
+            rng = random.Random(
+                stable_seed(self.seed, "shards", self.index, self.rank, self.worker, self.epoch)
+            )
             while True:
                 yield [(rng.choice(urls), None) for _ in range(K)], False
         pas = 0
@@ -84,14 +98,15 @@ class SourceStream:
             if self.shard_shuffle and self.mode == "epoch":
                 random.Random(stable_seed(self.seed, "perm", self.index, self.epoch, pas)).shuffle(order)
             if len(order) >= self.G:
-                mine = [(u, None) for u in order[self.g::self.G]]
+                mine = [(u, None) for u in order[self.g :: self.G]]
                 if self.shard_shuffle and self.mode == "epoch":
-                    random.Random(stable_seed(self.seed, "local", self.index, self.g, self.epoch,
-                                              pas)).shuffle(mine)
+                    random.Random(
+                        stable_seed(self.seed, "local", self.index, self.g, self.epoch, pas)
+                    ).shuffle(mine)
             else:  # fewer shards than workers: every worker reads every shard, keeps its samples
                 mine = [(u, (self.G, (self.g + j) % self.G)) for j, u in enumerate(order)]
             for i in range(0, len(mine), K):
-                yield mine[i:i + K], i + K >= len(mine)
+                yield mine[i : i + K], i + K >= len(mine)
             if self.mode == "eval":
                 return
             pas += 1
@@ -107,8 +122,11 @@ class SourceStream:
         for url, split in shards:
             got = 0
             # when splitting by sample, other workers' samples are only header-scanned (local files)
-            for j, sample in enumerate(iter_tar_samples(url, lazy=always_lazy if split else lazy,
-                                                        on_error=self._on_error, allowed=allowed)):
+            for j, sample in enumerate(
+                iter_tar_samples(
+                    url, lazy=always_lazy if split else lazy, on_error=self._on_error, allowed=allowed
+                )
+            ):
                 if split is not None and j % split[0] != split[1]:
                     continue
                 got += 1
@@ -124,8 +142,9 @@ class SourceStream:
             if seg < start_seg:
                 pass_from_start = pass_end  # the next segment starts a pass
                 continue
-            rng = random.Random(stable_seed(self.seed, "buffer", self.index, self.rank, self.worker,
-                                            self.epoch, seg))
+            rng = random.Random(
+                stable_seed(self.seed, "buffer", self.index, self.rank, self.worker, self.epoch, seg)
+            )
             for sample in self._shuffled(self._read(shards, counter), rng):
                 yield seg, sample
             if self.mode == "resampled" and counter["empty_run"] >= limit:

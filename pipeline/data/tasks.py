@@ -47,8 +47,10 @@ QUESTION_KINDS = ("exists", "and", "or", "count", "list")
 QUESTION = "Question: {q} Short answer:"  # as eval.vqa_prompt
 MASKED = "Fill in the blanks: {text}. Answer:"
 MASK = "___"
-NUMBERS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-           "fifteen sixteen seventeen eighteen nineteen twenty").split()
+NUMBERS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen twenty"
+).split()
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,9 @@ def completion(caption: str, rng: random.Random, prompt: str = "") -> Example:
     return Example("completion", _join(prompt, " ".join(words[:k])), " ".join(words[k:]))
 
 
-def masked(caption: str, rng: random.Random, rate: float = 0.15, template: str = MASKED,
-           prompt: str = "") -> Example:
+def masked(
+    caption: str, rng: random.Random, rate: float = 0.15, template: str = MASKED, prompt: str = ""
+) -> Example:
     """rate of the words masked in expectation (stochastic rounding), at least one, never all."""
     words = caption.split()
     if len(words) < 2:
@@ -91,8 +94,9 @@ def masked(caption: str, rng: random.Random, rate: float = 0.15, template: str =
     return Example("masked", template.format(text=" ".join(shown)), ", ".join(words[i] for i in hidden))
 
 
-def matching(caption: str, rng: random.Random, negatives: Sequence[str] = (),
-             template: str = QUESTION) -> Example:
+def matching(
+    caption: str, rng: random.Random, negatives: Sequence[str] = (), template: str = QUESTION
+) -> Example:
     """Yes/no with even odds. The no-caption is another sample's (one that differs from this one), else
     this caption's words shuffled; a one-word caption with no other caption can only be a yes."""
     shown, answer = caption, "yes"
@@ -108,9 +112,13 @@ def matching(caption: str, rng: random.Random, negatives: Sequence[str] = (),
     return Example("matching", template.format(q=f'does the caption "{shown}" describe the image?'), answer)
 
 
-def object_question(objects: Sequence[LabeledObject], rng: random.Random,
-                    others: Sequence[LabeledObject] = (), kinds: Sequence[str] = QUESTION_KINDS,
-                    template: str = QUESTION) -> Example | None:
+def object_question(
+    objects: Sequence[LabeledObject],
+    rng: random.Random,
+    others: Sequence[LabeledObject] = (),
+    kinds: Sequence[str] = QUESTION_KINDS,
+    template: str = QUESTION,
+) -> Example | None:
     """A question about `objects` (what the image holds); `others` lend names and attributes for
     negatives. None when no kind in `kinds` can be asked (no objects)."""
     if not objects:
@@ -124,8 +132,12 @@ def object_question(objects: Sequence[LabeledObject], rng: random.Random,
     kind = rng.choice(usable)
     pool = list(objects) + list(others)
     if kind == "list":
-        return Example("objects", template.format(q="list all objects"),
-                       ", ".join(_unique(_phrase(o.name, o.attributes) for o in objects)), kind)
+        return Example(
+            "objects",
+            template.format(q="list all objects"),
+            ", ".join(_unique(_phrase(o.name, o.attributes) for o in objects)),
+            kind,
+        )
     if kind == "count":
         name, attrs = _true_phrase(objects, rng) if rng.random() < 0.75 else _false_phrase(objects, pool, rng)
         n = sum(o.count for o in objects if _matches(o, name, attrs))
@@ -150,10 +162,18 @@ def object_question(objects: Sequence[LabeledObject], rng: random.Random,
     return Example("objects", template.format(q=q), _yes_no(objects, pair, test), kind)
 
 
-def make_example(task: str, caption: str, labels: dict | None, rng: random.Random, *,
-                 pool: Sequence[tuple[str, dict | None]] = (), prompt: str = "",
-                 question_template: str = QUESTION, kinds: Sequence[str] = QUESTION_KINDS,
-                 mask_rate: float = 0.15) -> Example:
+def make_example(
+    task: str,
+    caption: str,
+    labels: dict | None,
+    rng: random.Random,
+    *,
+    pool: Sequence[tuple[str, dict | None]] = (),
+    prompt: str = "",
+    question_template: str = QUESTION,
+    kinds: Sequence[str] = QUESTION_KINDS,
+    mask_rate: float = 0.15,
+) -> Example:
     """One sample's (text input, target) for `task`; `pool` holds the (caption, labels) of the other
     samples of the batch: matching's negative captions and the object questions' negatives."""
     if task == "captioning":
@@ -231,8 +251,9 @@ def _true_phrase(objects: Sequence[LabeledObject], rng: random.Random) -> tuple[
     return o.name, _subset(o.attributes, rng)
 
 
-def _false_phrase(objects: Sequence[LabeledObject], pool: Sequence[LabeledObject], rng: random.Random,
-                  tries: int = 20) -> tuple[str, tuple[str, ...]]:
+def _false_phrase(
+    objects: Sequence[LabeledObject], pool: Sequence[LabeledObject], rng: random.Random, tries: int = 20
+) -> tuple[str, tuple[str, ...]]:
     """A name and attributes drawn from the pool that no object of the image matches; a true phrase if
     20 draws find none (the answer is computed from the labels either way)."""
     names = _unique(o.name for o in pool)

@@ -42,8 +42,9 @@ def pre_caption(caption: str, max_words: int = 50) -> str:
     return caption
 
 
-def random_resized_crop_params(width: int, height: int, scale: tuple[float, float],
-                               ratio: tuple[float, float], rng: random.Random) -> tuple[int, int, int, int]:
+def random_resized_crop_params(
+    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], rng: random.Random
+) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop.get_params, drawing from `rng`. Returns (top, left, h, w)."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -97,8 +98,13 @@ class TrainTransform:
     """RandomResizedCrop + optional hflip. `params(w, h, rng)` then `apply(img, params)` lets a video
     clip share one crop over all its frames."""
 
-    def __init__(self, image_size: int = 224, min_scale: float = 0.5, hflip: bool = False,
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+    def __init__(
+        self,
+        image_size: int = 224,
+        min_scale: float = 0.5,
+        hflip: bool = False,
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    ):
         self.size = image_size
         self.scale = (min_scale, 1.0)
         self.ratio = ratio

@@ -80,8 +80,7 @@ def video_frames(data: bytes, transform, num_frames: int, mode: str, rng: random
     return np.stack([transform.apply(f, params) for f in frames])
 
 
-def video_to_tensor(data: bytes, transform, num_frames: int, mode: str,
-                    rng: random.Random) -> torch.Tensor:
+def video_to_tensor(data: bytes, transform, num_frames: int, mode: str, rng: random.Random) -> torch.Tensor:
     """uint8 [T, 3, H, W]."""
     return torch.from_numpy(video_frames(data, transform, num_frames, mode, rng)).permute(0, 3, 1, 2)
 

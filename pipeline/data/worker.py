@@ -47,9 +47,21 @@ class MixedStream(IterableDataset):
     """The worker side: yields (BatchMeta, collated batch) pairs; the batch is None when an eval pass
     ends with skips after its last full batch (they still reach the trainer's counts)."""
 
-    def __init__(self, sources: list[Source], *, data_cfg, tokenize, batch_size: int, rank: int,
-                 world_size: int, seed: int, train: bool, epoch_batches: int | None,
-                 arms: list[Arm] | None = None, schedule: ShareSchedule | None = None):
+    def __init__(
+        self,
+        sources: list[Source],
+        *,
+        data_cfg,
+        tokenize,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        train: bool,
+        epoch_batches: int | None,
+        arms: list[Arm] | None = None,
+        schedule: ShareSchedule | None = None,
+    ):
         super().__init__()
         self.sources = sources
         self.names = [s.name for s in sources]
@@ -67,8 +79,9 @@ class MixedStream(IterableDataset):
         self.train = train
         self.epoch_batches = epoch_batches
         self.source_shares = normalize([s.weight for s in sources])
-        self.arms = arms or make_arms(self.names, [s.weight for s in sources],
-                                      [{"captioning": 1.0}] * len(sources))
+        self.arms = arms or make_arms(
+            self.names, [s.weight for s in sources], [{"captioning": 1.0}] * len(sources)
+        )
         self.static_shares = [a.weight for a in self.arms]
         self.schedule = schedule  # adaptive: the shares of each batch, published by the trainer's side
         self.tasks = data_cfg.tasks
@@ -122,16 +135,41 @@ class MixedStream(IterableDataset):
         streams, alive = [], []
         for i, (s, start) in enumerate(zip(self.sources, pos)):
             try:
-                streams.append(SourceStream(i, s, seed=seed, epoch=epoch, rank=self.rank,
-                                            world_size=self.world_size, worker=lw, num_workers=W,
-                                            mode=self.mode, shard_shuffle=self.shard_shuffle,
-                                            buffer=self.buffer, on_skip=on_skip, start=start))
+                streams.append(
+                    SourceStream(
+                        i,
+                        s,
+                        seed=seed,
+                        epoch=epoch,
+                        rank=self.rank,
+                        world_size=self.world_size,
+                        worker=lw,
+                        num_workers=W,
+                        mode=self.mode,
+                        shard_shuffle=self.shard_shuffle,
+                        buffer=self.buffer,
+                        on_skip=on_skip,
+                        start=start,
+                    )
+                )
                 alive.append(True)
             except (StopIteration, _Dead):  # ran out while fast-forwarding
-                streams.append(SourceStream(i, s, seed=seed, epoch=epoch, rank=self.rank,
-                                            world_size=self.world_size, worker=lw, num_workers=W,
-                                            mode=self.mode, shard_shuffle=self.shard_shuffle,
-                                            buffer=self.buffer, on_skip=on_skip))
+                streams.append(
+                    SourceStream(
+                        i,
+                        s,
+                        seed=seed,
+                        epoch=epoch,
+                        rank=self.rank,
+                        world_size=self.world_size,
+                        worker=lw,
+                        num_workers=W,
+                        mode=self.mode,
+                        shard_shuffle=self.shard_shuffle,
+                        buffer=self.buffer,
+                        on_skip=on_skip,
+                    )
+                )
                 alive.append(False)
         quota = self._quota(lw, W)
         if self.mode == "eval":
@@ -150,11 +188,16 @@ class MixedStream(IterableDataset):
                 if got is None:  # source dead
                     alive[s] = False
                     skips[self.names[s]]["dead_source"] += 1
-                    warnings.warn(f"data source {self.names[s]!r} gives no samples on rank {self.rank} "
-                                  f"worker {lw}; mixing continues without it", stacklevel=2)
+                    warnings.warn(
+                        f"data source {self.names[s]!r} gives no samples on rank {self.rank} "
+                        f"worker {lw}; mixing continues without it",
+                        stacklevel=2,
+                    )
                     if not any(alive):
-                        raise RuntimeError(f"no data source gives samples on rank {self.rank} worker {lw}: "
-                                           f"check the shards of {self.names}")
+                        raise RuntimeError(
+                            f"no data source gives samples on rank {self.rank} worker {lw}: "
+                            f"check the shards of {self.names}"
+                        )
                     if self.mixing == "batch":
                         src = choose(self.source_shares, rng, alive)
                         due = self._minimum(src, alive)
@@ -176,8 +219,12 @@ class MixedStream(IterableDataset):
     def _minimum(self, src: int | None, alive: list[bool]) -> list[int]:
         """data.tasks.minimum_per_batch slots of every arm (of the batch's source in batch mode)."""
         m = self.tasks.minimum_per_batch
-        return [a for a, arm in enumerate(self.arms) for _ in range(m)
-                if alive[arm.source] and (src is None or arm.source == src)]
+        return [
+            a
+            for a, arm in enumerate(self.arms)
+            for _ in range(m)
+            if alive[arm.source] and (src is None or arm.source == src)
+        ]
 
     def _draw_arm(self, shares: list[float], rng: random.Random, src: int | None, alive: list[bool]) -> int:
         if src is None:  # sample / adaptive: every slot draws its arm
@@ -194,12 +241,26 @@ class MixedStream(IterableDataset):
         captions = [it[1] for it in items]
         pool = list(zip(captions, labels))
         t = self.tasks
-        examples = [make_example(self.arms[a].task, captions[i], labels[i], rng, pool=pool[:i] + pool[i + 1:],
-                                 prompt=self.prompt, kinds=t.question_kinds, mask_rate=t.mask_rate)
-                    for i, a in enumerate(arms)]
+        examples = [
+            make_example(
+                self.arms[a].task,
+                captions[i],
+                labels[i],
+                rng,
+                pool=pool[:i] + pool[i + 1 :],
+                prompt=self.prompt,
+                kinds=t.question_kinds,
+                mask_rate=t.mask_rate,
+            )
+            for i, a in enumerate(arms)
+        ]
         arm_idx = [self.arm_of.get((self.arms[a].source, ex.task), a) for a, ex in zip(arms, examples)]
-        rows = {"task": [ex.task for ex in examples], "arm_idx": torch.tensor(arm_idx, dtype=torch.long),
-                "text_inputs": [ex.text_input for ex in examples], "targets": [ex.target for ex in examples]}
+        rows = {
+            "task": [ex.task for ex in examples],
+            "arm_idx": torch.tensor(arm_idx, dtype=torch.long),
+            "text_inputs": [ex.text_input for ex in examples],
+            "targets": [ex.target for ex in examples],
+        }
         if self.tokenize_pairs is not None:
             rows.update(self.tokenize_pairs(rows["text_inputs"], rows["targets"]))
         return rows
@@ -296,8 +357,9 @@ class MixedStream(IterableDataset):
         exts = VIDEO_EXTS if kind == "video" else IMAGE_EXTS
         ext = next((e for e in exts if e in raw), None)
         if ext is None:
-            on_skip(si, "corrupt_tar" if damaged else
-                    "oversized" if raw.get("__oversized__") else "missing_image")
+            on_skip(
+                si, "corrupt_tar" if damaged else "oversized" if raw.get("__oversized__") else "missing_image"
+            )
             return None
         caption = self._caption(raw, rng)
         if not caption:
@@ -321,8 +383,13 @@ class MixedStream(IterableDataset):
 
     @staticmethod
     def _meta(lw, epoch, n, streams, skips) -> BatchMeta:
-        return BatchMeta(worker=lw, epoch=epoch, batches=n, positions=[s.position for s in streams],
-                         skips={k: dict(v) for k, v in skips.items()})
+        return BatchMeta(
+            worker=lw,
+            epoch=epoch,
+            batches=n,
+            positions=[s.position for s in streams],
+            skips={k: dict(v) for k, v in skips.items()},
+        )
 
     def _collate(self, items, lw, epoch, n, streams, skips) -> tuple[BatchMeta, dict]:
         pixels, captions, sis, keys = zip(*items)
@@ -331,10 +398,12 @@ class MixedStream(IterableDataset):
         batch = {} if pixels[0] is None else {"pixel_values": stack_hwc(pixels)}
         if self.tokenize is not None:
             batch.update(self.tokenize(list(captions)))
-        batch.update({
-            "captions": list(captions),
-            "source": [self.names[i] for i in sis],
-            "source_idx": torch.tensor(sis, dtype=torch.long),
-            "keys": list(keys),
-        })
+        batch.update(
+            {
+                "captions": list(captions),
+                "source": [self.names[i] for i in sis],
+                "source_idx": torch.tensor(sis, dtype=torch.long),
+                "keys": list(keys),
+            }
+        )
         return self._meta(lw, epoch, n, streams, skips), batch

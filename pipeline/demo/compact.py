@@ -40,19 +40,34 @@ from pipeline.data.tasks import QUESTION_KINDS, TASKS, make_example, object_ques
 
 from . import backbones, corpus
 
-JOINT = ["model.connector=joint", "model.joint.width=128", "model.joint.heads=4",
-         "model.joint.num_latents=29", "model.joint.iterations=2", "model.joint.mlp_ratio=2.0",
-         "model.joint.max_text_len=32"]
+JOINT = [
+    "model.connector=joint",
+    "model.joint.width=128",
+    "model.joint.heads=4",
+    "model.joint.num_latents=29",
+    "model.joint.iterations=2",
+    "model.joint.mlp_ratio=2.0",
+    "model.joint.max_text_len=32",
+]
 TASK_LM_STEPS = 1500
 ONE_GROUP_KINDS = ("exists", "or", "count", "list")  # "and" needs two different objects
-SAMPLING = {"tasks_uniform": ["data.mixing=sample"],
-            "tasks_adaptive": ["data.mixing=adaptive", "data.adaptive_floor=0.05", "data.adaptive_window=50"]}
+SAMPLING = {
+    "tasks_uniform": ["data.mixing=sample"],
+    "tasks_adaptive": ["data.mixing=adaptive", "data.adaptive_floor=0.05", "data.adaptive_window=50"],
+}
 
 
 def labels(a: dict) -> dict:
     """A corpus image's object labels (data/tasks.py's format)."""
-    return {"objects": [{"name": a["shape"], "attributes": [a["size"], a["color"]],
-                         "count": corpus.COUNTS.index(a["count"]) + 1}]}
+    return {
+        "objects": [
+            {
+                "name": a["shape"],
+                "attributes": [a["size"], a["color"]],
+                "count": corpus.COUNTS.index(a["count"]) + 1,
+            }
+        ]
+    }
 
 
 # ------------------------------------------------------------------------------ labelled shards
@@ -102,8 +117,9 @@ def build_tokenizer(texts: list[str]):
     tok.pre_tokenizer = split
     tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def build_task_llm(out: Path, prompt: str, steps: int = TASK_LM_STEPS, seed: int = 0) -> dict:
@@ -115,8 +131,10 @@ def build_task_llm(out: Path, prompt: str, steps: int = TASK_LM_STEPS, seed: int
     if info.is_file():
         done = json.loads(info.read_text())
         if done.get("steps") != steps:
-            raise SystemExit(f"simvlg demo: {out} holds a task LM trained {done.get('steps')} steps, not "
-                             f"{steps}; pass another --run-dir, or delete that folder to train it again")
+            raise SystemExit(
+                f"simvlg demo: {out} holds a task LM trained {done.get('steps')} steps, not "
+                f"{steps}; pass another --run-dir, or delete that folder to train it again"
+            )
         return done
     rng, sets = random.Random(seed), corpus.all_attribute_sets()
     vocab_rng = random.Random(seed + 1)
@@ -145,8 +163,11 @@ def build_task_llm(out: Path, prompt: str, steps: int = TASK_LM_STEPS, seed: int
     loss = backbones.train_lm(model, line, steps, tok.pad_token_id, name="task LM", every=250, lr_at=lr_at)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    result = {"task_lm": f"OPTForCausalLM 3 x 128 on task text, vocab {len(tok)}, loss {loss:.4f} "
-                         f"after {steps} steps", "steps": steps}
+    result = {
+        "task_lm": f"OPTForCausalLM 3 x 128 on task text, vocab {len(tok)}, loss {loss:.4f} "
+        f"after {steps} steps",
+        "steps": steps,
+    }
     info.write_text(json.dumps(result))
     return result
 
@@ -166,8 +187,12 @@ def heldout_questions(corpus_dir: Path, out: Path) -> dict:
         others = [o for j in near if j != i for o in objects[j]]
         for kind in ONE_GROUP_KINDS:
             ex = object_question(objects[i], rng, others, kinds=[kind], template="{q}")
-            questions[f"{i}-{kind}"] = {"imageId": h["image"], "question": ex.text_input, "kind": kind,
-                                        "answer": process_digit_article(process_punctuation(ex.target))}
+            questions[f"{i}-{kind}"] = {
+                "imageId": h["image"],
+                "question": ex.text_input,
+                "kind": kind,
+                "answer": process_digit_article(process_punctuation(ex.target)),
+            }
     out.write_text(json.dumps(questions, indent=0))
     return {k: sum(q["kind"] == k for q in questions.values()) for k in ONE_GROUP_KINDS}
 
@@ -186,7 +211,7 @@ model:
   llm: {{name: "{llm}"}}
 eval:
   datasets:
-    shapes_questions: {{kind: gqa, questions: "{questions}", images: "{run_dir / 'corpus'}",
+    shapes_questions: {{kind: gqa, questions: "{questions}", images: "{run_dir / "corpus"}",
                         image_template: "{{image_id}}"}}
 """)
     return path
@@ -209,8 +234,10 @@ def evaluate_questions(config: Path, run_dir: Path, overrides: list[str]) -> dic
     out = run_dir / "eval" / "shapes_questions"
     evaluate_task(model, cfg, "shapes_questions", out)
     records = json.loads((out / "predictions.json").read_text())
-    kinds = {qid: q["kind"] for qid, q in
-             json.loads(Path(cfg.eval.datasets["shapes_questions"]["questions"]).read_text()).items()}
+    kinds = {
+        qid: q["kind"]
+        for qid, q in json.loads(Path(cfg.eval.datasets["shapes_questions"]["questions"]).read_text()).items()
+    }
     acc = {"all": round(100 * sum(r["accuracy"] for r in records) / len(records), 1)}
     for k in ONE_GROUP_KINDS:
         mine = [r["accuracy"] for r in records if kinds[str(r["id"])] == k]
@@ -228,14 +255,30 @@ def run(stages, run_dir: Path, demo_config: Path, args, base, targets: list[floa
     from .run import evaluate, steps_to_loss, train
 
     overrides = args.overrides
-    shards = stages.run("labelled shards", label_shards, run_dir / "data" / "manifest.json",
-                        run_dir / "data_labelled")
-    lm = stages.run("task LM", build_task_llm, run_dir / "backbones" / "opt_tasks", base.model.llm.prompt,
-                    steps=args.task_lm_steps, seed=base.run.seed)
-    kinds = stages.run("held-out questions", heldout_questions, run_dir / "corpus",
-                       run_dir / "corpus" / "heldout_questions.json")
-    config = write_config(run_dir, demo_config, run_dir / "corpus" / "heldout_questions.json", shards,
-                          run_dir / "backbones" / "opt_tasks")
+    shards = stages.run(
+        "labelled shards", label_shards, run_dir / "data" / "manifest.json", run_dir / "data_labelled"
+    )
+    lm = stages.run(
+        "task LM",
+        build_task_llm,
+        run_dir / "backbones" / "opt_tasks",
+        base.model.llm.prompt,
+        steps=args.task_lm_steps,
+        seed=base.run.seed,
+    )
+    kinds = stages.run(
+        "held-out questions",
+        heldout_questions,
+        run_dir / "corpus",
+        run_dir / "corpus" / "heldout_questions.json",
+    )
+    config = write_config(
+        run_dir,
+        demo_config,
+        run_dir / "corpus" / "heldout_questions.json",
+        shards,
+        run_dir / "backbones" / "opt_tasks",
+    )
     runs = {}
     for name, extra in SAMPLING.items():
         vdir, ov = run_dir / "train" / name, overrides + extra
@@ -247,8 +290,10 @@ def run(stages, run_dir: Path, demo_config: Path, args, base, targets: list[floa
         res["steps_to_loss"] = {t: steps_to_loss(curve, t) for t in targets}
         last = {a: round(sum(x for _, x in arm_curve(vdir, f"shapes/{a}")[-5:]) / 5, 4) for a in TASKS}
         q = res["questions"]["accuracy"]
-        res["rows"] = [("question accuracy", ", ".join(f"{k} {v:.1f}%" for k, v in q.items())),
-                       ("final loss by task (5 logged)", ", ".join(f"{a} {v}" for a, v in last.items()))]
+        res["rows"] = [
+            ("question accuracy", ", ".join(f"{k} {v:.1f}%" for k, v in q.items())),
+            ("final loss by task (5 logged)", ", ".join(f"{a} {v}" for a, v in last.items())),
+        ]
         res["final_task_losses"] = last
         runs[name] = res
     runs["tasks_uniform"]["task_lm"] = lm | {"questions_by_kind": kinds}
@@ -265,5 +310,13 @@ def print_comparison(runs: dict) -> None:
         print(side_by_side(curves))
 
 
-__all__ = ["JOINT", "QUESTION_KINDS", "SAMPLING", "build_task_llm", "heldout_questions", "label_shards",
-           "labels", "run"]
+__all__ = [
+    "JOINT",
+    "QUESTION_KINDS",
+    "SAMPLING",
+    "build_task_llm",
+    "heldout_questions",
+    "label_shards",
+    "labels",
+    "run",
+]

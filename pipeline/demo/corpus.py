@@ -35,8 +35,10 @@ def caption(a: dict) -> str:
     return f"{a['count']} {a['size']} {a['color']} {noun} on the {a['position']}"
 
 
-CAPTION_RE = re.compile(r"\b(one|two|three)\s+(small|large)\s+(red|green|blue|yellow)\s+"
-                        r"(circle|square|triangle)s?\s+on\s+the\s+(left|right|top|bottom)\b")
+CAPTION_RE = re.compile(
+    r"\b(one|two|three)\s+(small|large)\s+(red|green|blue|yellow)\s+"
+    r"(circle|square|triangle)s?\s+on\s+the\s+(left|right|top|bottom)\b"
+)
 
 
 def parse_caption(text: str) -> dict | None:
@@ -49,8 +51,10 @@ def parse_caption(text: str) -> dict | None:
 
 
 def all_attribute_sets() -> list[dict]:
-    return [dict(zip(("shape", "color", "count", "size", "position"), combo))
-            for combo in itertools.product(SHAPES, COLORS, COUNTS, SIZES, POSITIONS)]
+    return [
+        dict(zip(("shape", "color", "count", "size", "position"), combo))
+        for combo in itertools.product(SHAPES, COLORS, COUNTS, SIZES, POSITIONS)
+    ]
 
 
 def all_captions() -> list[str]:
@@ -67,8 +71,12 @@ def _region(position: str, size: int) -> tuple[int, int, int, int]:
     so that "left" and "top" groups never look alike."""
     near, band0, band1 = round(size * 0.42), round(size * 0.27), round(size * 0.73)
     far = size - near
-    return {"left": (0, band0, near, band1), "right": (far, band0, size, band1),
-            "top": (band0, 0, band1, near), "bottom": (band0, far, band1, size)}[position]
+    return {
+        "left": (0, band0, near, band1),
+        "right": (far, band0, size, band1),
+        "top": (band0, 0, band1, near),
+        "bottom": (band0, far, band1, size),
+    }[position]
 
 
 def _draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
@@ -78,8 +86,9 @@ def _draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: flo
         s = r * 0.9
         d.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
     else:
-        pts = [(cx + r * math.cos(math.radians(a)), cy + r * math.sin(math.radians(a)))
-               for a in (-90, 30, 150)]
+        pts = [
+            (cx + r * math.cos(math.radians(a)), cy + r * math.sin(math.radians(a))) for a in (-90, 30, 150)
+        ]
         d.polygon(pts, fill=fill)
 
 
@@ -108,8 +117,13 @@ def layout(a: dict, rng: random.Random, size: int = 64) -> tuple[list[tuple[floa
     cx = min(max((x0 + x1) / 2, edge), size - edge)
     cy = min(max((y0 + y1) / 2, edge), size - edge)
     turn = rng.uniform(0, 2 * math.pi)
-    return [(cx + spread * math.cos(turn + 2 * math.pi * k / n),
-             cy + spread * math.sin(turn + 2 * math.pi * k / n)) for k in range(n)], r
+    return [
+        (
+            cx + spread * math.cos(turn + 2 * math.pi * k / n),
+            cy + spread * math.sin(turn + 2 * math.pi * k / n),
+        )
+        for k in range(n)
+    ], r
 
 
 def render(a: dict, rng: random.Random, size: int = 64, rgb: tuple | None = None) -> Image.Image:

@@ -47,8 +47,16 @@ def build_bert(out: Path, words: list[str], seed: int = 0) -> Path:
     (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tok = BertTokenizerFast(str(out / "vocab.txt"))  # the vocab path (transformers 5 ignores vocab_file=)
     torch.manual_seed(seed)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=256, max_position_embeddings=64)).save_pretrained(out)
+    BertModel(
+        BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=256,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
@@ -71,8 +79,14 @@ train: {{steps: {steps}, lr: 1.0e-3, min_lr: 1.0e-4, warmup_steps: 50, log_every
     return path
 
 
-def pretrain(run_dir: Path, demo_config: Path, overrides: list[str], corpus_info: dict,
-             steps: int = PFORMER_STEPS, align_weight: float = ALIGN_WEIGHT) -> dict[str, list[str]]:
+def pretrain(
+    run_dir: Path,
+    demo_config: Path,
+    overrides: list[str],
+    corpus_info: dict,
+    steps: int = PFORMER_STEPS,
+    align_weight: float = ALIGN_WEIGHT,
+) -> dict[str, list[str]]:
     """Sentences, BERT and P-Former training (each reused when done); -> the demo's extra variants."""
     from pipeline.data import prep
 
@@ -82,8 +96,17 @@ def pretrain(run_dir: Path, demo_config: Path, overrides: list[str], corpus_info
         root.mkdir(parents=True, exist_ok=True)
         (root / "captions.txt").write_text("\n".join(captions) + "\n")
         (root / "grammar.txt").write_text("\n".join(grammar * REPEAT) + "\n")
-        code = prep.main(["sentences", "--input", str(root / "captions.txt"),
-                          "--input", str(root / "grammar.txt"), "--out", str(root / "sentences")])
+        code = prep.main(
+            [
+                "sentences",
+                "--input",
+                str(root / "captions.txt"),
+                "--input",
+                str(root / "grammar.txt"),
+                "--out",
+                str(root / "sentences"),
+            ]
+        )
         if code != 0:
             raise SystemExit(f"simvlg demo: prep sentences failed (exit {code}); see above")
     if not (root / "bert" / "vocab.txt").is_file():
@@ -97,8 +120,14 @@ def pretrain(run_dir: Path, demo_config: Path, overrides: list[str], corpus_info
         code = subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if code != 0 or not (folder / "config.json").is_file():
             raise SystemExit(f"simvlg demo: P-Former training failed (exit {code}); run dir {root / 'train'}")
-    return {f"align_{m}": [f"train.align_weight={align_weight}", f"train.align_match={m}",
-                           f"model.pformer_checkpoint={folder}"] for m in MATCHES}
+    return {
+        f"align_{m}": [
+            f"train.align_weight={align_weight}",
+            f"train.align_match={m}",
+            f"model.pformer_checkpoint={folder}",
+        ]
+        for m in MATCHES
+    }
 
 
 def _lm_curve(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
@@ -115,26 +144,34 @@ def compare(run_dir: Path, runs: dict, targets: list[float]) -> dict:
 
     pformer = json.loads((run_dir / "pformer" / "train" / "metrics.jsonl").read_text().splitlines()[-1])
     first = json.loads((run_dir / "pformer" / "train" / "metrics.jsonl").read_text().splitlines()[0])
-    out = {"pformer": {k: (round(first.get(k, float("nan")), 4), round(pformer.get(k, float("nan")), 4))
-                       for k in ("lm_loss", "contrastive_loss", "vq_loss")},
-           "runs": {}}
+    out = {
+        "pformer": {
+            k: (round(first.get(k, float("nan")), 4), round(pformer.get(k, float("nan")), 4))
+            for k in ("lm_loss", "contrastive_loss", "vq_loss")
+        },
+        "runs": {},
+    }
     for name, res in runs.items():
         lm, align = _lm_curve(run_dir / "train" / name)
         res["train"]["curve"] = lm
         res["steps_to_loss"] = {t: steps_to_loss(lm, t) for t in targets}
         ev = res.get("eval", {})
-        out["runs"][name] = {"steps_to_lm_loss": res["steps_to_loss"],
-                             "final_lm_loss": round(sum(v for _, v in lm[-5:]) / max(1, len(lm[-5:])), 4),
-                             "align_loss": (round(align[0][1], 4), round(align[-1][1], 4)) if align else None,
-                             "attribute_accuracy": ev.get("attribute_accuracy", {}),
-                             "exact_caption_match": ev.get("exact_caption_match")}
+        out["runs"][name] = {
+            "steps_to_lm_loss": res["steps_to_loss"],
+            "final_lm_loss": round(sum(v for _, v in lm[-5:]) / max(1, len(lm[-5:])), 4),
+            "align_loss": (round(align[0][1], 4), round(align[-1][1], 4)) if align else None,
+            "attribute_accuracy": ev.get("attribute_accuracy", {}),
+            "exact_caption_match": ev.get("exact_caption_match"),
+        }
     return out
 
 
 def print_comparison(cmp: dict) -> None:
     pf, runs = cmp["pformer"], cmp["runs"]
-    print("\nP-Former stage 0 (captions + grammar sentences), first -> last logged: "
-          + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in pf.items()))
+    print(
+        "\nP-Former stage 0 (captions + grammar sentences), first -> last logged: "
+        + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in pf.items())
+    )
     names = list(runs)
     first = runs[names[0]]
     rows = [("", names)]

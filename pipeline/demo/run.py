@@ -51,10 +51,13 @@ def check_inputs(run_dir: Path, inputs: dict) -> None:
             raise SystemExit(
                 f"simvlg demo: {run_dir} holds a demo made with other inputs ("
                 + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
-                + "); pass another --run-dir, or delete that folder to start over")
+                + "); pass another --run-dir, or delete that folder to start over"
+            )
     elif run_dir.is_dir() and any(run_dir.iterdir()):
-        raise SystemExit(f"simvlg demo: {run_dir} is not empty and was not made by this version of "
-                         "the demo; pass another --run-dir, or delete that folder to start over")
+        raise SystemExit(
+            f"simvlg demo: {run_dir} is not empty and was not made by this version of "
+            "the demo; pass another --run-dir, or delete that folder to start over"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(inputs, indent=1))
 
@@ -120,17 +123,36 @@ def make_shards(corpus_dir: Path, out: Path, rows: list[dict]) -> Manifest:
             w.writerow(["url", "caption"])
             for r in rows:
                 w.writerow([f"{server.url}/{r['path']}", r["caption"]])
-        code = prep.main(["urls", "--input", str(url_list), "--out", str(out), "--image-size", "64",
-                          "--processes", "1", "--threads", "8", "--samples-per-shard", "1000",
-                          "--timeout", "30", "--retries", "0"])
+        code = prep.main(
+            [
+                "urls",
+                "--input",
+                str(url_list),
+                "--out",
+                str(out),
+                "--image-size",
+                "64",
+                "--processes",
+                "1",
+                "--threads",
+                "8",
+                "--samples-per-shard",
+                "1000",
+                "--timeout",
+                "30",
+                "--retries",
+                "0",
+            ]
+        )
     if code != 0 or not manifest.is_file():
         raise SystemExit(f"simvlg demo: the shards stage failed (prep exit {code}); see above")
     return read_manifest(manifest)
 
 
 # ------------------------------------------------------------------------------------- stage 3
-def make_backbones(out: Path, vit_arch: str, vit_steps: int, prompt: str, lm_steps: int,
-                   tomeformer_init: str, seed: int) -> dict:
+def make_backbones(
+    out: Path, vit_arch: str, vit_steps: int, prompt: str, lm_steps: int, tomeformer_init: str, seed: int
+) -> dict:
     from pipeline.demo import backbones, corpus
 
     info_file = out / "backbones.json"
@@ -139,15 +161,18 @@ def make_backbones(out: Path, vit_arch: str, vit_steps: int, prompt: str, lm_ste
     t0 = time.time()
     vit = backbones.pretrain_vit(out / "vit", Path(vit_arch), steps=vit_steps, seed=seed)
     vit_s = time.time() - t0
-    lm = backbones.build_llm(out / "opt", corpus.all_attribute_sets(), corpus.caption, prompt,
-                             steps=lm_steps, seed=seed)
+    lm = backbones.build_llm(
+        out / "opt", corpus.all_attribute_sets(), corpus.caption, prompt, steps=lm_steps, seed=seed
+    )
     tomeformer = backbones.build_tomeformer_init(out / "tomeformer", tomeformer_init, seed=seed)
-    info = {"vit": f"timm {backbones.DEMO_VIT} ({Path(vit_arch).name}), pre-trained on random-colour "
-                   f"shapes: {vit['vit_pretrain_images']} images in {vit_s:.0f} s, final loss "
-                   f"{vit['vit_pretrain_loss']}; frozen",
-            "llm": f"OPTForCausalLM 3 x 128, word-level vocab {lm['vocab_size']}, "
-                   f"caption-text loss {lm['lm_text_loss']} after {lm_steps} steps",
-            "tomeformer_init": tomeformer}
+    info = {
+        "vit": f"timm {backbones.DEMO_VIT} ({Path(vit_arch).name}), pre-trained on random-colour "
+        f"shapes: {vit['vit_pretrain_images']} images in {vit_s:.0f} s, final loss "
+        f"{vit['vit_pretrain_loss']}; frozen",
+        "llm": f"OPTForCausalLM 3 x 128, word-level vocab {lm['vocab_size']}, "
+        f"caption-text loss {lm['lm_text_loss']} after {lm_steps} steps",
+        "tomeformer_init": tomeformer,
+    }
     info_file.write_text(json.dumps(info, indent=1))
     return info
 
@@ -185,8 +210,10 @@ def train(config: Path, run_dir: Path, overrides: list[str]) -> dict:
     if code != 0:
         raise SystemExit(f"simvlg demo: training failed (exit {code}); logs above, run dir {run_dir}")
     curve = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"summary": json.loads((run_dir / "train_summary.json").read_text()),
-            "curve": [(r["step"], r["loss"]) for r in curve if "loss" in r and "eval" not in r]}
+    return {
+        "summary": json.loads((run_dir / "train_summary.json").read_text()),
+        "curve": [(r["step"], r["loss"]) for r in curve if "loss" in r and "eval" not in r],
+    }
 
 
 # ------------------------------------------------------------------------------------- stage 5
@@ -206,8 +233,14 @@ def evaluate(config: Path, run_dir: Path, overrides: list[str]) -> dict:
     run_id = json.loads((run_dir / "train_summary.json").read_text())["mlflow_run_id"]
     tracker = Tracker(cfg, run_dir, run_id=run_id)
     try:
-        report = evaluate_task(model, cfg, "shapes_heldout", run_dir / "eval" / "shapes_heldout",
-                               tracker=tracker, step=loaded.get("step") or 0)
+        report = evaluate_task(
+            model,
+            cfg,
+            "shapes_heldout",
+            run_dir / "eval" / "shapes_heldout",
+            tracker=tracker,
+            step=loaded.get("step") or 0,
+        )
         records = json.loads((run_dir / "eval" / "shapes_heldout" / "predictions.json").read_text())
         heldout = json.loads(Path(cfg.eval.datasets["shapes_heldout"]["annotations"]).read_text())
         truth = {corpus.caption(h["attributes"]): h["attributes"] for h in heldout}
@@ -221,22 +254,27 @@ def evaluate(config: Path, run_dir: Path, overrides: list[str]) -> dict:
                 correct[a] += got.get(a) == want[a]
         n = len(records)
         accuracy = {a: round(correct[a] / n, 4) for a in corpus.ATTRIBUTES}
-        exact = sum(corpus.parse_caption(r["prediction"]) == truth[r["references"][0]]
-                    for r in records) / n
+        exact = sum(corpus.parse_caption(r["prediction"]) == truth[r["references"][0]] for r in records) / n
         tracker.log(loaded.get("step") or 0, {f"eval/attr_acc/{a}": v for a, v in accuracy.items()})
     finally:
         tracker.close()
-    return {"metrics": report["metrics"] if report else {}, "attribute_accuracy": accuracy,
-            "exact_caption_match": round(exact, 4), "grammatical": round(parsed / n, 4), "n": n,
-            "checkpoint": loaded, "samples": records[:8],
-            "files": {k: str(v) for k, v in (report or {}).get("files", {}).items()}}
+    return {
+        "metrics": report["metrics"] if report else {},
+        "attribute_accuracy": accuracy,
+        "exact_caption_match": round(exact, 4),
+        "grammatical": round(parsed / n, 4),
+        "n": n,
+        "checkpoint": loaded,
+        "samples": records[:8],
+        "files": {k: str(v) for k, v in (report or {}).get("files", {}).items()},
+    }
 
 
 # ------------------------------------------------------------------------------------- stage 6
 def steps_to_loss(curve: list[tuple[int, float]], target: float, window: int = 5) -> int | None:
     """First step at which the mean of the last `window` logged losses is below `target`."""
     for i in range(window - 1, len(curve)):
-        if sum(loss for _, loss in curve[i - window + 1:i + 1]) / window < target:
+        if sum(loss for _, loss in curve[i - window + 1 : i + 1]) / window < target:
             return curve[i][0]
     return None
 
@@ -247,7 +285,7 @@ def side_by_side(curves: dict[str, list[tuple[int, float]]], rows: int = 12) -> 
     common = sorted(set.intersection(*(set(s for s, _ in c) for c in curves.values())))
     if not common:
         return ""
-    shown = common[max(1, len(common) // rows) - 1:: max(1, len(common) // rows)]
+    shown = common[max(1, len(common) // rows) - 1 :: max(1, len(common) // rows)]
     shown = shown if shown[-1] == common[-1] else shown + [common[-1]]
     lines = ["mean loss to step" + "".join(f"{n:>14}" for n in curves)]
     prev = 0
@@ -265,23 +303,38 @@ def print_table(report: dict) -> None:
     rows = [("stage timings (s)", ", ".join(f"{k} {v}" for k, v in report["timings"].items()))]
     if "shards" in report:  # the failures prep counted, by cause (the demo's list has four on purpose)
         failed = report["shards"]["counts"]["by_category"]
-        rows.append(("shards", f"{report['shards']['num_samples']} samples; failed URLs: "
-                               + (", ".join(f"{k} {v}" for k, v in failed.items()) or "none")))
+        rows.append(
+            (
+                "shards",
+                f"{report['shards']['num_samples']} samples; failed URLs: "
+                + (", ".join(f"{k} {v}" for k, v in failed.items()) or "none"),
+            )
+        )
     for name, res in report["runs"].items():
         ev = res.get("eval", {})
         acc = ev.get("attribute_accuracy", {})
         summary, curve = res["train"]["summary"], res["train"]["curve"]
         # from the logged curve: a re-run that resumes at the last step trains no step itself
         losses = f"loss {curve[0][1]:.3f} -> {curve[-1][1]:.3f}" if curve else "no loss logged"
-        rows += [(f"[{name}] train", f"{summary['steps']} steps, {losses}"),
-                 (f"[{name}] attribute accuracy", ", ".join(f"{a} {v:.1%}" for a, v in acc.items())),
-                 (f"[{name}] exact captions", f"{ev.get('exact_caption_match', 0):.1%} of {ev.get('n')}"),
-                 (f"[{name}] CIDEr / BLEU-4", f"{ev.get('metrics', {}).get('CIDEr', float('nan')):.1f} / "
-                                              f"{ev.get('metrics', {}).get('BLEU-4', float('nan')):.1f}")]
+        rows += [
+            (f"[{name}] train", f"{summary['steps']} steps, {losses}"),
+            (f"[{name}] attribute accuracy", ", ".join(f"{a} {v:.1%}" for a, v in acc.items())),
+            (f"[{name}] exact captions", f"{ev.get('exact_caption_match', 0):.1%} of {ev.get('n')}"),
+            (
+                f"[{name}] CIDEr / BLEU-4",
+                f"{ev.get('metrics', {}).get('CIDEr', float('nan')):.1f} / "
+                f"{ev.get('metrics', {}).get('BLEU-4', float('nan')):.1f}",
+            ),
+        ]
         if "steps_to_loss" in res:
-            rows.append((f"[{name}] steps to reach loss",
-                         ", ".join(f"{t}: {s if s is not None else 'never'}"
-                                   for t, s in res["steps_to_loss"].items())))
+            rows.append(
+                (
+                    f"[{name}] steps to reach loss",
+                    ", ".join(
+                        f"{t}: {s if s is not None else 'never'}" for t, s in res["steps_to_loss"].items()
+                    ),
+                )
+            )
         rows += [(f"[{name}] {label}", value) for label, value in res.get("rows", [])]  # compact.py
     w = max(len(k) for k, _ in rows)
     print("\n" + "=" * (w + 60) + "\nsimvlg demo\n" + "=" * (w + 60))
@@ -289,40 +342,70 @@ def print_table(report: dict) -> None:
         print(f"{k:<{w}}  {v}")
     if len(report["runs"]) > 1:
         print("\n" + side_by_side({n: r["train"]["curve"] for n, r in report["runs"].items()}))
-    print(f"\nreport: {report['report']}\nMLflow UI: mlflow ui --backend-store-uri "
-          f"sqlite:///{report['mlflow_db']}  (then open http://127.0.0.1:5000)")
+    print(
+        f"\nreport: {report['report']}\nMLflow UI: mlflow ui --backend-store-uri "
+        f"sqlite:///{report['mlflow_db']}  (then open http://127.0.0.1:5000)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="simvlg demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="simvlg demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", default="demo", help="base config (default: the packaged demo.yaml)")
     p.add_argument("--run-dir", default="runs/demo", help="everything the demo writes goes here")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--train-images", type=int, default=4000)
     p.add_argument("--heldout-images", type=int, default=240)
-    p.add_argument("--vit-steps", type=int, default=600,
-                   help="ViT pre-training on random-colour shapes (batches of 64)")
+    p.add_argument(
+        "--vit-steps", type=int, default=600, help="ViT pre-training on random-colour shapes (batches of 64)"
+    )
     p.add_argument("--lm-steps", type=int, default=400, help="LM pre-training on caption text")
-    p.add_argument("--tomeformer-init", choices=["bert", "minilm"], default="bert",
-                   help="TomeFormer start: small random BERT, or real MiniLM-L6 weights "
-                        "(then use --set model.tomeformer.num_layers=6 --set model.tomeformer.r=6)")
-    p.add_argument("--compare", choices=["qformer", "joint"], default=None,
-                   help="also train the Q-Former (or the joint adaptive) connector with the same budget "
-                        "and compare")
-    p.add_argument("--tasks", choices=["adaptive"], default=None,
-                   help="also train the TomeFormer on the task mixture with uniform and with adaptive task "
-                        "sampling, and compare (pipeline/demo/compact.py)")
-    p.add_argument("--task-lm-steps", type=int, default=compact.TASK_LM_STEPS,
-                   help="--tasks: pre-training of the second LM on task text (batches of 32)")
-    p.add_argument("--sweep-r", default=None, metavar="R,R,...",
-                   help="also train with these per-layer merge counts (Fig. 3 in miniature)")
-    p.add_argument("--pformer", action="store_true",
-                   help="also pre-train a P-Former on the captions and sentences never seen with an image, "
-                        "then train the TomeFormer with its alignment loss (position and assignment match) "
-                        "with the same budget and compare (pipeline/demo/pformer.py)")
-    p.add_argument("--loss-targets", default="0.5,0.2,0.1", metavar="L,L,...",
-                   help="losses for 'steps to reach a loss' (mean of 5 logged points)")
+    p.add_argument(
+        "--tomeformer-init",
+        choices=["bert", "minilm"],
+        default="bert",
+        help="TomeFormer start: small random BERT, or real MiniLM-L6 weights "
+        "(then use --set model.tomeformer.num_layers=6 --set model.tomeformer.r=6)",
+    )
+    p.add_argument(
+        "--compare",
+        choices=["qformer", "joint"],
+        default=None,
+        help="also train the Q-Former (or the joint adaptive) connector with the same budget and compare",
+    )
+    p.add_argument(
+        "--tasks",
+        choices=["adaptive"],
+        default=None,
+        help="also train the TomeFormer on the task mixture with uniform and with adaptive task "
+        "sampling, and compare (pipeline/demo/compact.py)",
+    )
+    p.add_argument(
+        "--task-lm-steps",
+        type=int,
+        default=compact.TASK_LM_STEPS,
+        help="--tasks: pre-training of the second LM on task text (batches of 32)",
+    )
+    p.add_argument(
+        "--sweep-r",
+        default=None,
+        metavar="R,R,...",
+        help="also train with these per-layer merge counts (Fig. 3 in miniature)",
+    )
+    p.add_argument(
+        "--pformer",
+        action="store_true",
+        help="also pre-train a P-Former on the captions and sentences never seen with an image, "
+        "then train the TomeFormer with its alignment loss (position and assignment match) "
+        "with the same budget and compare (pipeline/demo/pformer.py)",
+    )
+    p.add_argument(
+        "--loss-targets",
+        default="0.5,0.2,0.1",
+        metavar="L,L,...",
+        help="losses for 'steps to reach a loss' (mean of 5 logged points)",
+    )
     args = p.parse_args(argv)
     try:
         targets = [float(t) for t in args.loss_targets.split(",")]
@@ -333,25 +416,41 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     run_dir = Path(args.run_dir).resolve()
     base = load_config(args.config, args.overrides)
-    check_inputs(run_dir, {"corpus_version": CORPUS_VERSION, "train_images": args.train_images,
-                           "heldout_images": args.heldout_images, "seed": base.run.seed,
-                           "vit_steps": args.vit_steps, "lm_steps": args.lm_steps,
-                           "tomeformer_init": args.tomeformer_init})
+    check_inputs(
+        run_dir,
+        {
+            "corpus_version": CORPUS_VERSION,
+            "train_images": args.train_images,
+            "heldout_images": args.heldout_images,
+            "seed": base.run.seed,
+            "vit_steps": args.vit_steps,
+            "lm_steps": args.lm_steps,
+            "tomeformer_init": args.tomeformer_init,
+        },
+    )
     stages = Stages()
-    corpus_info = stages.run("corpus", make_corpus, run_dir / "corpus", args.train_images,
-                             args.heldout_images, base.run.seed)
-    manifest = stages.run("shards", make_shards, run_dir / "corpus", run_dir / "data",
-                          corpus_info["rows"])
-    bb = stages.run("backbones", make_backbones, run_dir / "backbones", base.model.vision.arch_config,
-                    args.vit_steps, base.model.llm.prompt, args.lm_steps, args.tomeformer_init,
-                    base.run.seed)
+    corpus_info = stages.run(
+        "corpus", make_corpus, run_dir / "corpus", args.train_images, args.heldout_images, base.run.seed
+    )
+    manifest = stages.run("shards", make_shards, run_dir / "corpus", run_dir / "data", corpus_info["rows"])
+    bb = stages.run(
+        "backbones",
+        make_backbones,
+        run_dir / "backbones",
+        base.model.vision.arch_config,
+        args.vit_steps,
+        base.model.llm.prompt,
+        args.lm_steps,
+        args.tomeformer_init,
+        base.run.seed,
+    )
     config = write_config(run_dir, _config_path(args.config), args.overrides)
     variants = {"tomeformer": []}
     if args.compare == "qformer":
         variants["qformer"] = ["model.connector=qformer"]
     if args.compare == "joint":
         variants["joint"] = compact.JOINT
-    for r in (args.sweep_r.split(",") if args.sweep_r else []):
+    for r in args.sweep_r.split(",") if args.sweep_r else []:
         variants[f"tomeformer_r{r}"] = [f"model.tomeformer.r={int(r)}"]
     if args.pformer:
         from pipeline.demo import pformer as pformer_demo
@@ -367,14 +466,22 @@ def main(argv: list[str] | None = None) -> int:
         runs[name] = res
     if args.tasks:
         runs.update(compact.run(stages, run_dir, config, args, base, targets))
-    report = {"timings": stages.timings, "corpus": {k: v for k, v in corpus_info.items() if k != "rows"},
-              "shards": {"shards": manifest.shards, "num_samples": manifest.num_samples,
-                         "counts": manifest.counts.model_dump()},
-              "backbones": bb, "runs": runs,
-              "attribute_accuracy": runs["tomeformer"]["eval"]["attribute_accuracy"],
-              "mlflow_run_id": runs["tomeformer"]["train"]["summary"]["mlflow_run_id"],
-              "mlflow_db": str(run_dir / "train" / "tomeformer" / "mlflow.db"),
-              "report": str(run_dir / "report.json"), "config": str(config)}
+    report = {
+        "timings": stages.timings,
+        "corpus": {k: v for k, v in corpus_info.items() if k != "rows"},
+        "shards": {
+            "shards": manifest.shards,
+            "num_samples": manifest.num_samples,
+            "counts": manifest.counts.model_dump(),
+        },
+        "backbones": bb,
+        "runs": runs,
+        "attribute_accuracy": runs["tomeformer"]["eval"]["attribute_accuracy"],
+        "mlflow_run_id": runs["tomeformer"]["train"]["summary"]["mlflow_run_id"],
+        "mlflow_db": str(run_dir / "train" / "tomeformer" / "mlflow.db"),
+        "report": str(run_dir / "report.json"),
+        "config": str(config),
+    }
     if args.pformer:  # compared on the LM loss (an aligned run's loss adds the alignment term)
         report["pformer"] = pformer_demo.compare(run_dir, runs, targets)
     (run_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))

@@ -19,7 +19,25 @@ from .gallery import merge_figure, merge_overlay, save_merge_figure, write_galle
 from .metrics import MetricError, caption_metrics, gqa_accuracy, normalize_answer, spice_status, vqa_accuracy
 from .tasks import TASKS, EvalDataError, Sample, TaskData, load_task
 
-__all__ = ["TASKS", "EvalDataError", "MetricError", "Sample", "TaskData", "caption_metrics", "evaluate_task",
-           "gather_by_id", "gqa_accuracy", "load_task", "merge_figure", "merge_overlay", "merge_parts",
-           "normalize_answer", "predict", "save_merge_figure", "shard_indices", "spice_status",
-           "vqa_accuracy", "write_gallery"]
+__all__ = [
+    "TASKS",
+    "EvalDataError",
+    "MetricError",
+    "Sample",
+    "TaskData",
+    "caption_metrics",
+    "evaluate_task",
+    "gather_by_id",
+    "gqa_accuracy",
+    "load_task",
+    "merge_figure",
+    "merge_overlay",
+    "merge_parts",
+    "normalize_answer",
+    "predict",
+    "save_merge_figure",
+    "shard_indices",
+    "spice_status",
+    "vqa_accuracy",
+    "write_gallery",
+]

@@ -20,8 +20,12 @@ def prompts(samples: list[Sample], eval_cfg) -> list[str]:
 
 
 def generation_kwargs(eval_cfg) -> dict:
-    return {"num_beams": eval_cfg.num_beams, "max_new_tokens": eval_cfg.max_new_tokens,
-            "min_new_tokens": eval_cfg.min_new_tokens, "repetition_penalty": eval_cfg.repetition_penalty}
+    return {
+        "num_beams": eval_cfg.num_beams,
+        "max_new_tokens": eval_cfg.max_new_tokens,
+        "min_new_tokens": eval_cfg.min_new_tokens,
+        "repetition_penalty": eval_cfg.repetition_penalty,
+    }
 
 
 def record(sample: Sample, prediction: str) -> dict:
@@ -39,8 +43,9 @@ def score(records: list[dict], notes: list | None = None) -> dict[str, float]:
     if len(domains) > 1:
         for d in domains:
             sub = [r for r in records if r.get("domain") == d]
-            m = caption_metrics({r["id"]: r["prediction"] for r in sub},
-                                {r["id"]: r["references"] for r in sub}, meteor=False)
+            m = caption_metrics(
+                {r["id"]: r["prediction"] for r in sub}, {r["id"]: r["references"] for r in sub}, meteor=False
+            )
             for k in ("CIDEr", "SPICE"):
                 if k in m:
                     out[f"{d}/{k}"] = 100.0 * m[k]

@@ -33,8 +33,9 @@ def merge_parts(parts: list[dict], expected_ids=None) -> dict:
     for r, part in enumerate(parts):
         for k, v in part.items():
             if k in merged:
-                raise EvalDataError(f"prediction for id {k!r} came from ranks {owner[k]} and {r} "
-                                    "(counted twice)")
+                raise EvalDataError(
+                    f"prediction for id {k!r} came from ranks {owner[k]} and {r} (counted twice)"
+                )
             merged[k], owner[k] = v, r
     if expected_ids is not None:
         want = list(expected_ids)
@@ -43,9 +44,11 @@ def merge_parts(parts: list[dict], expected_ids=None) -> dict:
         missing = [k for k in want if k not in merged]
         extra = set(merged) - set(want)
         if missing or extra:
-            raise EvalDataError(f"gathered predictions do not match the dataset: {len(missing)} ids "
-                                f"missing (e.g. {missing[:3]}), {len(extra)} unexpected "
-                                f"(e.g. {sorted(map(str, extra))[:3]})")
+            raise EvalDataError(
+                f"gathered predictions do not match the dataset: {len(missing)} ids "
+                f"missing (e.g. {missing[:3]}), {len(extra)} unexpected "
+                f"(e.g. {sorted(map(str, extra))[:3]})"
+            )
         if not merged:
             raise EvalDataError("empty prediction set: the dataset has no samples")
     return merged

@@ -67,27 +67,43 @@ def first_line(text: str) -> str:
     return lines[0] if lines else ""
 
 
-def predict(model, data: TaskData, cfg, *, rank: int = 0, world_size: int = 1, device="cpu",
-            num_workers: int | None = None) -> dict:
+def predict(
+    model,
+    data: TaskData,
+    cfg,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device="cpu",
+    num_workers: int | None = None,
+) -> dict:
     """This rank's share (samples rank, rank + W, ...) -> {id: cleaned prediction}."""
     kind = KINDS[data.kind]
     ds = EvalDataset(data, cfg.model.vision.image_size, cfg.data.num_frames)
     idx = shard_indices(len(ds), rank, world_size)
     nw = cfg.data.num_workers if num_workers is None else num_workers
-    loader = DataLoader(Subset(ds, idx), batch_size=cfg.eval.batch_size, shuffle=False,
-                        num_workers=min(nw, max(1, len(idx) // cfg.eval.batch_size)) if idx else 0,
-                        collate_fn=collate)
+    loader = DataLoader(
+        Subset(ds, idx),
+        batch_size=cfg.eval.batch_size,
+        shuffle=False,
+        num_workers=min(nw, max(1, len(idx) // cfg.eval.batch_size)) if idx else 0,
+        collate_fn=collate,
+    )
     gen = kind.generation_kwargs(cfg.eval)
     out: dict = {}
     t0, n_batches = time.time(), max(1, -(-len(idx) // cfg.eval.batch_size))
     try:
         for b, (ids, pixels) in enumerate(loader):
             samples = [data.samples[i] for i in ids]
-            texts = model.generate(pixels.to(device), prompt=kind.prompts(samples, cfg.eval),  # uint8
-                                   **gen)
+            texts = model.generate(
+                pixels.to(device),
+                prompt=kind.prompts(samples, cfg.eval),  # uint8
+                **gen,
+            )
             if len(texts) != len(samples):
-                raise EvalDataError(f"{data.task}: the model returned {len(texts)} texts for "
-                                    f"{len(samples)} inputs")
+                raise EvalDataError(
+                    f"{data.task}: the model returned {len(texts)} texts for {len(samples)} inputs"
+                )
             for s, t in zip(samples, texts):
                 out[s.id] = first_line(t)
             if rank == 0 and (b + 1) % 20 == 0:
@@ -122,27 +138,45 @@ def merge_figures(model, data: TaskData, cfg, out_dir: Path, notes: list, device
     want = list(cfg.eval.visualize_layers)
     layers = [layer for layer in want if layer in info]
     if len(layers) < len(want):
-        notes.append(f"merge figures: layers {[x for x in want if x not in info]} do not exist "
-                     f"(TomeFormer layers are 0..{max(info) if info else -1}, 0-based)")
+        notes.append(
+            f"merge figures: layers {[x for x in want if x not in info]} do not exist "
+            f"(TomeFormer layers are 0..{max(info) if info else -1}, 0-based)"
+        )
     if not layers:
         return {}
     out = {}
     for i in range(n):
         s = data.samples[i]
-        out[i] = save_merge_figure(pixels[i], {layer: info[layer][i] for layer in layers},
-                                   out_dir / "merge" / f"{_safe(s.id)}.png")
+        out[i] = save_merge_figure(
+            pixels[i], {layer: info[layer][i] for layer in layers}, out_dir / "merge" / f"{_safe(s.id)}.png"
+        )
     return out
 
 
-def evaluate_task(model, cfg, task: str, out_dir: str | Path, *, rank: int = 0, world_size: int = 1,
-                  device="cpu", tracker=None, step: int = 0, checkpoint: str | None = None,
-                  num_workers: int | None = None) -> dict | None:
+def evaluate_task(
+    model,
+    cfg,
+    task: str,
+    out_dir: str | Path,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device="cpu",
+    tracker=None,
+    step: int = 0,
+    checkpoint: str | None = None,
+    num_workers: int | None = None,
+) -> dict | None:
     """Collective over ranks; returns the report on rank 0 (None elsewhere)."""
     t0 = time.time()
     data = load_task(task, cfg.eval)  # on every rank: the same check fails everywhere, nobody hangs
     try:
-        local, error = predict(model, data, cfg, rank=rank, world_size=world_size, device=device,
-                               num_workers=num_workers), None
+        local, error = (
+            predict(
+                model, data, cfg, rank=rank, world_size=world_size, device=device, num_workers=num_workers
+            ),
+            None,
+        )
     except EvalDataError as e:
         local, error = {}, str(e)
     except Exception as e:  # e.g. generate() crashed: the peers must hear of it, not
@@ -156,8 +190,10 @@ def evaluate_task(model, cfg, task: str, out_dir: str | Path, *, rank: int = 0, 
     records = [kind.record(s, merged[s.id]) for s in data.samples]
     notes: list[str] = []
     if data.partial:
-        notes.append(f"partial result: first {len(data.samples)} samples only (eval.max_samples); "
-                     "not comparable to the paper's numbers")
+        notes.append(
+            f"partial result: first {len(data.samples)} samples only (eval.max_samples); "
+            "not comparable to the paper's numbers"
+        )
     metrics = kind.score(records, notes)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -171,27 +207,45 @@ def evaluate_task(model, cfg, task: str, out_dir: str | Path, *, rank: int = 0, 
             if i in figs:
                 it["figures"] = [("merged tokens (0-based layers)", figs[i])]
             items.append(it)
-        files["gallery"] = write_gallery(items, out_dir / "gallery.html", title=f"{task}: {checkpoint or ''}",
-                                         notes=notes)
-    report = {"task": task, "kind": data.kind, "num_samples": len(records), "partial": data.partial,
-              "metrics": metrics, "scale": "x100 (as the paper tables)", "step": step,
-              "checkpoint": checkpoint, "generation": KINDS[data.kind].generation_kwargs(cfg.eval),
-              "prompt": (cfg.eval.caption_prompt if data.kind in ("caption", "video_caption")
-                         else cfg.eval.vqa_prompt),
-              "world_size": world_size, "seconds": round(time.time() - t0, 1), "notes": notes,
-              "annotations": data.files,
-              "files": {k: str(v) for k, v in files.items()} | {"merge": [str(p) for p in figs.values()]}}
+        files["gallery"] = write_gallery(
+            items, out_dir / "gallery.html", title=f"{task}: {checkpoint or ''}", notes=notes
+        )
+    report = {
+        "task": task,
+        "kind": data.kind,
+        "num_samples": len(records),
+        "partial": data.partial,
+        "metrics": metrics,
+        "scale": "x100 (as the paper tables)",
+        "step": step,
+        "checkpoint": checkpoint,
+        "generation": KINDS[data.kind].generation_kwargs(cfg.eval),
+        "prompt": (
+            cfg.eval.caption_prompt if data.kind in ("caption", "video_caption") else cfg.eval.vqa_prompt
+        ),
+        "world_size": world_size,
+        "seconds": round(time.time() - t0, 1),
+        "notes": notes,
+        "annotations": data.files,
+        "files": {k: str(v) for k, v in files.items()} | {"merge": [str(p) for p in figs.values()]},
+    }
     files["metrics"] = write_json_atomic(out_dir / "metrics.json", report)
     if tracker is not None:
-        tracker.log(step, {f"eval/{task}/{k}": float(v) for k, v in metrics.items()}
-                    | {f"eval/{task}/num_samples": float(len(records))})
+        tracker.log(
+            step,
+            {f"eval/{task}/{k}": float(v) for k, v in metrics.items()}
+            | {f"eval/{task}/num_samples": float(len(records))},
+        )
         for p in files.values():
             tracker.artifact(p, f"eval/{task}")
         for p in figs.values():
             tracker.artifact(p, f"eval/{task}/merge")
     summary = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if "/" not in k)
-    print(f"{task} ({len(records)} samples{', PARTIAL' if data.partial else ''}): {summary}  -> {out_dir}",
-          file=sys.stdout, flush=True)
+    print(
+        f"{task} ({len(records)} samples{', PARTIAL' if data.partial else ''}): {summary}  -> {out_dir}",
+        file=sys.stdout,
+        flush=True,
+    )
     for n in notes:
         print(f"  note: {n}", file=sys.stdout, flush=True)
     return report

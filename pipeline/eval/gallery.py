@@ -68,8 +68,9 @@ def palette_color(token: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-def merge_overlay(image, assignment, *, style: str = "mean", alpha: float = 0.6,
-                  min_size: int = 224, border: bool = True) -> Image.Image:
+def merge_overlay(
+    image, assignment, *, style: str = "mean", alpha: float = 0.6, min_size: int = 224, border: bool = True
+) -> Image.Image:
     """The image with every patch coloured by the token it was merged into."""
     img = to_pil(image)
     a = _grid(assignment)
@@ -110,18 +111,28 @@ def _label(img: Image.Image, text: str) -> Image.Image:
     return out
 
 
-def merge_figure(image, assignments: dict[int, object], *, style: str = "mean", min_size: int = 224,
-                 title: str | None = None) -> Image.Image:
+def merge_figure(
+    image,
+    assignments: dict[int, object],
+    *,
+    style: str = "mean",
+    min_size: int = 224,
+    title: str | None = None,
+) -> Image.Image:
     """One row: the input, then one panel per layer ("layer L: n tokens"; layers 0-based)."""
     base = to_pil(image)
     scale = max(1, math.ceil(min_size / max(base.width, base.height)))
-    panels = [_label(base.resize((base.width * scale, base.height * scale), Image.Resampling.BICUBIC),
-                     title or "input")]
+    panels = [
+        _label(
+            base.resize((base.width * scale, base.height * scale), Image.Resampling.BICUBIC), title or "input"
+        )
+    ]
     for layer in sorted(assignments):
         a = _grid(assignments[layer])
         n = len(np.unique(a))
-        panels.append(_label(merge_overlay(base, a, style=style, min_size=min_size),
-                             f"layer {layer}: {n} tokens"))
+        panels.append(
+            _label(merge_overlay(base, a, style=style, min_size=min_size), f"layer {layer}: {n} tokens")
+        )
     gap = 4
     W = sum(p.width for p in panels) + gap * (len(panels) - 1)
     H = max(p.height for p in panels)
@@ -158,12 +169,15 @@ border:1px solid #ddd;border-radius:6px}.item img{max-width:100%}.pred{font-weig
 .fig{margin-top:6px}.fig img{max-width:100%;border:1px solid #eee}.id{color:#999;font-size:11px}"""
 
 
-def write_gallery(items: list[dict], path: str | Path, *, title: str = "predictions",
-                  notes: list[str] | None = None) -> Path:
+def write_gallery(
+    items: list[dict], path: str | Path, *, title: str = "predictions", notes: list[str] | None = None
+) -> Path:
     """A self-contained HTML page: image, prediction, references (and question, figures) per item."""
     e = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
-             f"<style>{_CSS}</style></head><body><h2>{e(title)}</h2>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
+        f"<style>{_CSS}</style></head><body><h2>{e(title)}</h2>"
+    ]
     for n in notes or []:
         parts.append(f"<p><i>{e(n)}</i></p>")
     for it in items:
@@ -176,8 +190,9 @@ def write_gallery(items: list[dict], path: str | Path, *, title: str = "predicti
         refs = it.get("references") or []
         parts.append("<ul class='refs'>" + "".join(f"<li>{e(r)}</li>" for r in refs[:10]) + "</ul>")
         for label, fig in it.get("figures", []):
-            parts.append(f"<div class='fig'><div class='id'>{e(label)}</div>"
-                         f"<img src='{_data_uri(fig, 'PNG')}'></div>")
+            parts.append(
+                f"<div class='fig'><div class='id'>{e(label)}</div><img src='{_data_uri(fig, 'PNG')}'></div>"
+            )
         parts.append("</div>")
     parts.append("</body></html>")
     path = Path(path)

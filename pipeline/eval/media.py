@@ -73,8 +73,9 @@ class ShardMedia:
                 raise EvalDataError(f"shards {spec!r}: {url} is not a local file (eval shards must be local)")
             if not os.path.isfile(path):
                 raise EvalDataError(f"shards {spec!r}: shard not found: {path}")
-            for s in iter_tar_samples(path, lazy=lambda: True,
-                                      on_error=lambda kind, u, e: errors.append(f"{u}: {kind} ({e})")):
+            for s in iter_tar_samples(
+                path, lazy=lambda: True, on_error=lambda kind, u, e: errors.append(f"{u}: {kind} ({e})")
+            ):
                 member = next((s[e] for e in exts if e in s), None)
                 if member is None:
                     continue
@@ -147,8 +148,10 @@ class EvalDataset(Dataset):
                 with Image.open(io.BytesIO(raw)) as im:
                     pixels = self.transform(im.convert("RGB"))
         except Exception as e:  # any unreadable medium fails the run, by name
-            raise EvalDataError(f"{self.data.task}: cannot read {s.media!r} (id {s.id!r}) from "
-                                f"{self.data.media.describe()}: {type(e).__name__}: {e}") from None
+            raise EvalDataError(
+                f"{self.data.task}: cannot read {s.media!r} (id {s.id!r}) from "
+                f"{self.data.media.describe()}: {type(e).__name__}: {e}"
+            ) from None
         return i, pixels
 
 

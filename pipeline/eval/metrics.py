@@ -42,42 +42,165 @@ class MetricError(ValueError):
 # ----------------------------------------------------------------------------- VQA normalisation
 # Tables copied from the official VQA evaluation (GT-Vision-Lab/VQA, vqaEval.py).
 CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
-    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've",
-    "hasnt": "hasn't", "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've",
-    "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've",
-    "I'dve": "I'd've", "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've",
-    "it'dve": "it'd've", "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
-    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
-    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
-    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
-    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
-    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
-    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
-    "somebody'dve": "somebody'd've", "somebodyll": "somebody'll", "somebodys": "somebody's",
-    "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
-    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
-    "somethingd've": "something'd've", "something'dve": "something'd've",
-    "somethingll": "something'll", "thats": "that's", "thered": "there'd", "thered've": "there'd've",
-    "there'dve": "there'd've", "therere": "there're", "theres": "there's", "theyd": "they'd",
-    "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're",
-    "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
-    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's",
-    "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's",
-    "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
-    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're",
-    "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
-    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
-    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've",
-    "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've",
-    "youll": "you'll", "youre": "you're", "youve": "you've",
+    "aint": "ain't",
+    "arent": "aren't",
+    "cant": "can't",
+    "couldve": "could've",
+    "couldnt": "couldn't",
+    "couldn'tve": "couldn't've",
+    "couldnt've": "couldn't've",
+    "didnt": "didn't",
+    "doesnt": "doesn't",
+    "dont": "don't",
+    "hadnt": "hadn't",
+    "hadnt've": "hadn't've",
+    "hadn'tve": "hadn't've",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "hed": "he'd",
+    "hed've": "he'd've",
+    "he'dve": "he'd've",
+    "hes": "he's",
+    "howd": "how'd",
+    "howll": "how'll",
+    "hows": "how's",
+    "Id've": "I'd've",
+    "I'dve": "I'd've",
+    "Im": "I'm",
+    "Ive": "I've",
+    "isnt": "isn't",
+    "itd": "it'd",
+    "itd've": "it'd've",
+    "it'dve": "it'd've",
+    "itll": "it'll",
+    "let's": "let's",
+    "maam": "ma'am",
+    "mightnt": "mightn't",
+    "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've",
+    "mightve": "might've",
+    "mustnt": "mustn't",
+    "mustve": "must've",
+    "neednt": "needn't",
+    "notve": "not've",
+    "oclock": "o'clock",
+    "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at",
+    "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at",
+    "shant": "shan't",
+    "shed've": "she'd've",
+    "she'dve": "she'd've",
+    "she's": "she's",
+    "shouldve": "should've",
+    "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll",
+    "somebodys": "somebody's",
+    "someoned": "someone'd",
+    "someoned've": "someone'd've",
+    "someone'dve": "someone'd've",
+    "someonell": "someone'll",
+    "someones": "someone's",
+    "somethingd": "something'd",
+    "somethingd've": "something'd've",
+    "something'dve": "something'd've",
+    "somethingll": "something'll",
+    "thats": "that's",
+    "thered": "there'd",
+    "thered've": "there'd've",
+    "there'dve": "there'd've",
+    "therere": "there're",
+    "theres": "there's",
+    "theyd": "they'd",
+    "theyd've": "they'd've",
+    "they'dve": "they'd've",
+    "theyll": "they'll",
+    "theyre": "they're",
+    "theyve": "they've",
+    "twas": "'twas",
+    "wasnt": "wasn't",
+    "wed've": "we'd've",
+    "we'dve": "we'd've",
+    "weve": "we've",
+    "werent": "weren't",
+    "whatll": "what'll",
+    "whatre": "what're",
+    "whats": "what's",
+    "whatve": "what've",
+    "whens": "when's",
+    "whered": "where'd",
+    "wheres": "where's",
+    "whereve": "where've",
+    "whod": "who'd",
+    "whod've": "who'd've",
+    "who'dve": "who'd've",
+    "wholl": "who'll",
+    "whos": "who's",
+    "whove": "who've",
+    "whyll": "why'll",
+    "whyre": "why're",
+    "whys": "why's",
+    "wont": "won't",
+    "wouldve": "would've",
+    "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've",
+    "yall": "y'all",
+    "yall'll": "y'all'll",
+    "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've",
+    "youd": "you'd",
+    "youd've": "you'd've",
+    "you'dve": "you'd've",
+    "youll": "you'll",
+    "youre": "you're",
+    "youve": "you've",
 }
-NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-                "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+NUMBER_WORDS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 ARTICLES = ("a", "an", "the")
-PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
-         ",", "?", "!"]
+PUNCT = [
+    ";",
+    r"/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+]
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: the official (no-op) look-behind
 _COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
 
@@ -134,7 +257,7 @@ def vqa_accuracy(prediction: str, gt_answers: list[str], revision: str = "2017")
         raise ValueError(f"revision must be one of {VQA_REVISIONS}, got {revision!r}")
     accs = []
     for i in range(len(gts)):
-        others = gts[:i] + gts[i + 1:]
+        others = gts[:i] + gts[i + 1 :]
         accs.append(min(1.0, sum(a == pred for a in others) / 3.0))
     return sum(accs) / len(accs)
 
@@ -152,15 +275,34 @@ def _cocoevalcap_dir() -> Path:
     return Path(list(pycocoevalcap.__path__)[0])
 
 
-PTB_PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":",
-                    "-", "--", "...", ";"}
+PTB_PUNCTUATIONS = {
+    "''",
+    "'",
+    "``",
+    "`",
+    "-LRB-",
+    "-RRB-",
+    "-LCB-",
+    "-RCB-",
+    ".",
+    "?",
+    "!",
+    ",",
+    ":",
+    "-",
+    "--",
+    "...",
+    ";",
+}
 
 
 def _need_java() -> str:
     java = shutil.which("java")
     if java is None:
-        raise MetricError("caption metrics need Java on PATH (PTB tokenizer, METEOR): install a JRE, "
-                          "e.g. apt-get install openjdk-17-jre-headless")
+        raise MetricError(
+            "caption metrics need Java on PATH (PTB tokenizer, METEOR): install a JRE, "
+            "e.g. apt-get install openjdk-17-jre-headless"
+        )
     return java
 
 
@@ -178,15 +320,25 @@ def ptb_tokenize(captions: Mapping[object, list[str]]) -> dict[object, list[str]
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write("\n".join(lines))
-        proc = subprocess.run([java, "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer",
-                               "-preserveLines", "-lowerCase", tmp], capture_output=True)
+        proc = subprocess.run(
+            [
+                java,
+                "-cp",
+                str(jar),
+                "edu.stanford.nlp.process.PTBTokenizer",
+                "-preserveLines",
+                "-lowerCase",
+                tmp,
+            ],
+            capture_output=True,
+        )
     finally:
         os.unlink(tmp)
     if proc.returncode != 0:
         err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
         raise MetricError(f"PTB tokenizer failed (exit {proc.returncode}): {err[-1] if err else ''}")
     out = proc.stdout.decode("utf-8", "replace").split("\n")
-    if len(out) < len(lines) or any(o.strip() for o in out[len(lines):]):
+    if len(out) < len(lines) or any(o.strip() for o in out[len(lines) :]):
         raise MetricError(f"PTB tokenizer returned {len(out)} lines for {len(lines)} captions")
     result: dict[object, list[str]] = {k: [] for k in captions}
     for k, line in zip(keys, out):
@@ -229,8 +381,10 @@ def _meteor_score(gts: dict, res: dict) -> float:
                 err = _METEOR.meteor_p.stderr.read() or b""
             _METEOR = None
             last = err.decode("utf-8", "replace").strip().splitlines()
-            raise MetricError(f"METEOR (java -jar meteor-1.5.jar) failed: {type(e).__name__}: {e}"
-                              + (f"; {last[-1]}" if last else "")) from None
+            raise MetricError(
+                f"METEOR (java -jar meteor-1.5.jar) failed: {type(e).__name__}: {e}"
+                + (f"; {last[-1]}" if last else "")
+            ) from None
     return float(score)
 
 
@@ -238,12 +392,17 @@ def spice_status() -> tuple[bool, str]:
     """(usable, reason). SPICE needs Stanford CoreNLP 3.6.0 jars that pycocoevalcap downloads on
     first use; we never download, so offline it is skipped."""
     lib = _cocoevalcap_dir() / "spice" / "lib"
-    missing = [n for n in ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
-               if not (lib / n).is_file()]
+    missing = [
+        n
+        for n in ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+        if not (lib / n).is_file()
+    ]
     if missing:
-        return False, (f"SPICE skipped: {', '.join(missing)} not in {lib} (pycocoevalcap downloads them "
-                       "from nlp.stanford.edu on first use; run pycocoevalcap/spice/get_stanford_models.py "
-                       "once with network access to enable SPICE)")
+        return False, (
+            f"SPICE skipped: {', '.join(missing)} not in {lib} (pycocoevalcap downloads them "
+            "from nlp.stanford.edu on first use; run pycocoevalcap/spice/get_stanford_models.py "
+            "once with network access to enable SPICE)"
+        )
     if shutil.which("java") is None:
         return False, "SPICE skipped: no java on PATH"
     return True, "ok"
@@ -255,17 +414,24 @@ def _check_pairs(preds: Mapping, refs: Mapping) -> None:
     p, r = set(preds), set(refs)
     if p != r:
         only_p, only_r = sorted(map(str, p - r))[:3], sorted(map(str, r - p))[:3]
-        raise MetricError(f"prediction and reference ids differ: {len(p - r)} predicted ids have no "
-                          f"references (e.g. {only_p}), {len(r - p)} reference ids have no prediction "
-                          f"(e.g. {only_r})")
+        raise MetricError(
+            f"prediction and reference ids differ: {len(p - r)} predicted ids have no "
+            f"references (e.g. {only_p}), {len(r - p)} reference ids have no prediction "
+            f"(e.g. {only_r})"
+        )
     empty = [k for k, v in refs.items() if not v]
     if empty:
         raise MetricError(f"{len(empty)} ids have no reference captions (e.g. {empty[:3]})")
 
 
-def caption_metrics(preds: Mapping[object, str], refs: Mapping[object, Iterable[str]], *,
-                    spice: bool | str = "auto", meteor: bool = True, notes: list | None = None
-                    ) -> dict[str, float]:
+def caption_metrics(
+    preds: Mapping[object, str],
+    refs: Mapping[object, Iterable[str]],
+    *,
+    spice: bool | str = "auto",
+    meteor: bool = True,
+    notes: list | None = None,
+) -> dict[str, float]:
     """COCO caption metrics of {id: prediction} against {id: [reference, ...]}.
 
     Returns BLEU-1..4, METEOR, ROUGE-L, CIDEr (+ SPICE) as pycocoevalcap fractions. spice="auto"
@@ -280,8 +446,9 @@ def caption_metrics(preds: Mapping[object, str], refs: Mapping[object, Iterable[
     preds = {k: str(v) for k, v in preds.items()}
     _check_pairs(preds, refs)
     # one JVM for both sides: keys tagged so a prediction and its references stay apart
-    tok = ptb_tokenize({**{("r", k): v for k, v in refs.items()},
-                        **{("p", k): [v] for k, v in preds.items()}})
+    tok = ptb_tokenize(
+        {**{("r", k): v for k, v in refs.items()}, **{("p", k): [v] for k, v in preds.items()}}
+    )
     gts = {k: tok[("r", k)] for k in refs}
     res = {k: tok[("p", k)] for k in preds}
     out: dict[str, float] = {}

@@ -46,17 +46,33 @@ class CheckpointError(ValueError):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config (path or packaged name)")
-    p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="connector folder, training checkpoint folder (step_*), or a run dir (its newest "
-                        "complete checkpoint)")
-    p.add_argument("--task", action="append", default=[], metavar="TASK",
-                   help="task to run (repeatable; default eval.tasks): coco_karpathy_test, "
-                        "coco_karpathy_val, nocaps_val, flickr30k_test, vqav2_val, okvqa_test, "
-                        "gqa_testdev, msrvtt_test, msvd_test, or a custom eval.datasets entry")
-    p.add_argument("--run-dir", default=None,
-                   help="where eval/<task>/ outputs and MLflow go (default run.run_dir)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value by dotted key, e.g. --set eval.max_samples=100 (repeatable)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
+        help="connector folder, training checkpoint folder (step_*), or a run dir (its newest "
+        "complete checkpoint)",
+    )
+    p.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="TASK",
+        help="task to run (repeatable; default eval.tasks): coco_karpathy_test, "
+        "coco_karpathy_val, nocaps_val, flickr30k_test, vqav2_val, okvqa_test, "
+        "gqa_testdev, msrvtt_test, msvd_test, or a custom eval.datasets entry",
+    )
+    p.add_argument(
+        "--run-dir", default=None, help="where eval/<task>/ outputs and MLflow go (default run.run_dir)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by dotted key, e.g. --set eval.max_samples=100 (repeatable)",
+    )
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -64,8 +80,11 @@ def _load_states(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # DeepSpeed may pickle objects the safe loader refuses
-        warnings.warn(f"{path}: safe load failed ({type(e).__name__}); loading it as a trusted training "
-                      "checkpoint of this run", stacklevel=2)
+        warnings.warn(
+            f"{path}: safe load failed ({type(e).__name__}); loading it as a trusted training "
+            "checkpoint of this run",
+            stacklevel=2,
+        )
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -75,13 +94,14 @@ def _load_training_checkpoint(model, folder: Path) -> int | None:
     why = ckpt.problem(folder)
     if why is not None:
         raise CheckpointError(f"{folder}: incomplete training checkpoint: {why}")
-    states = (sorted((folder / "ds").glob("mp_rank_*_model_states.pt"))
-              or sorted(folder.rglob("*model_states.pt")))
+    states = sorted((folder / "ds").glob("mp_rank_*_model_states.pt")) or sorted(
+        folder.rglob("*model_states.pt")
+    )
     if not states:
         raise CheckpointError(f"{folder}: no DeepSpeed model states (ds/mp_rank_00_model_states.pt)")
     sd = _load_states(states[0])
     module = sd.get("module", sd) if isinstance(sd, dict) else {}
-    conn = {k[len("connector."):]: v for k, v in module.items() if k.startswith("connector.")}
+    conn = {k[len("connector.") :]: v for k, v in module.items() if k.startswith("connector.")}
     if not conn:
         raise CheckpointError(f"{states[0]}: no connector.* weights in it")
     own = model.connector.state_dict()
@@ -89,13 +109,17 @@ def _load_training_checkpoint(model, folder: Path) -> int | None:
     missing = [k for k in trainable if k not in conn]
     unexpected = [k for k in conn if k not in own]
     if missing or unexpected:
-        raise CheckpointError(f"{states[0]}: connector weights do not fit this config's model: "
-                              f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
-                              f"(e.g. {unexpected[:2]})")
+        raise CheckpointError(
+            f"{states[0]}: connector weights do not fit this config's model: "
+            f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:2]})"
+        )
     bad = [k for k, v in conn.items() if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
-        raise CheckpointError(f"{states[0]}: shape mismatch for {bad[0]}: {tuple(conn[bad[0]].shape)} in the "
-                              f"checkpoint, {tuple(own[bad[0]].shape)} in the model")
+        raise CheckpointError(
+            f"{states[0]}: shape mismatch for {bad[0]}: {tuple(conn[bad[0]].shape)} in the "
+            f"checkpoint, {tuple(own[bad[0]].shape)} in the model"
+        )
     model.connector.load_state_dict({k: v.to(own[k].dtype) for k, v in conn.items()}, strict=False)
     try:
         return int(json.loads((folder / "COMPLETE.json").read_text())["step"])
@@ -117,8 +141,10 @@ def load_checkpoint(model, path: str | Path) -> dict:
         except ValueError as e:
             raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
         if meta.get("format") != "simvlg-connector":
-            raise CheckpointError(f"{p}: config.json is not a simvlg connector (format "
-                                  f"{meta.get('format')!r}); pass a connector folder from save_connector")
+            raise CheckpointError(
+                f"{p}: config.json is not a simvlg connector (format "
+                f"{meta.get('format')!r}); pass a connector folder from save_connector"
+            )
         try:
             model.load_connector(p)
         except (ValueError, RuntimeError, KeyError) as e:
@@ -131,9 +157,11 @@ def load_checkpoint(model, path: str | Path) -> dict:
     found = ckpt.find_resumable(root)
     if found is not None:
         return {"kind": "training", "path": str(found), "step": _load_training_checkpoint(model, found)}
-    raise CheckpointError(f"--checkpoint {p}: not a connector folder (config.json + model.safetensors), a "
-                          "training checkpoint (step_*/ with COMPLETE.json) or a run dir with a complete "
-                          "checkpoint in checkpoints/")
+    raise CheckpointError(
+        f"--checkpoint {p}: not a connector folder (config.json + model.safetensors), a "
+        "training checkpoint (step_*/ with COMPLETE.json) or a run dir with a complete "
+        "checkpoint in checkpoints/"
+    )
 
 
 # ------------------------------------------------------------------------------------- running
@@ -163,8 +191,9 @@ def _update_report(path: Path, report: dict) -> None:
         all_reports = json.loads(path.read_text()) if path.is_file() else {}
     except ValueError:
         all_reports = {}
-    all_reports[report["task"]] = {k: report[k] for k in ("metrics", "num_samples", "partial", "step",
-                                                          "checkpoint", "notes")}
+    all_reports[report["task"]] = {
+        k: report[k] for k in ("metrics", "num_samples", "partial", "step", "checkpoint", "notes")
+    }
     write_json_atomic(path, all_reports)
 
 
@@ -213,8 +242,18 @@ def _run(args, *, model=None, guard=None) -> int:
         from .evaluate import evaluate_task
 
         for t in tasks:
-            report = evaluate_task(model, cfg, t, run_dir / "eval" / t, rank=rank, world_size=world,
-                                   device=device, tracker=tracker, step=step, checkpoint=info["path"])
+            report = evaluate_task(
+                model,
+                cfg,
+                t,
+                run_dir / "eval" / t,
+                rank=rank,
+                world_size=world,
+                device=device,
+                tracker=tracker,
+                step=step,
+                checkpoint=info["path"],
+            )
             if rank == 0:
                 _update_report(run_dir / "eval" / "report.json", report)
         status = "FINISHED"
@@ -235,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="simvlg eval",
         description="Zero-shot evaluation of a trained connector: captioning (CIDEr, BLEU-4, METEOR, "
-                    "ROUGE-L, SPICE if available), VQA accuracy, GQA exact match, video captioning; "
-                    "predictions, metrics, a gallery and merged-token figures in the run dir and MLflow.")
+        "ROUGE-L, SPICE if available), VQA accuracy, GQA exact match, video captioning; "
+        "predictions, metrics, a gallery and merged-token figures in the run dir and MLflow.",
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

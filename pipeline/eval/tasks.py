@@ -73,8 +73,17 @@ from .media import EvalDataError, FolderMedia, ShardMedia
 KINDS = ("caption", "vqa", "gqa", "video_caption")
 ROLES = ("annotations", "questions", "images", "videos", "shards", "image_template", "mapping", "kind")
 COCO_VAL_TEMPLATE = "val2014/COCO_val2014_{image_id:012d}.jpg"
-__all__ = ["KINDS", "TASKS", "EvalDataError", "Sample", "TaskData", "TaskSpec", "check_task_files",
-           "load_task", "task_spec"]
+__all__ = [
+    "KINDS",
+    "TASKS",
+    "EvalDataError",
+    "Sample",
+    "TaskData",
+    "TaskSpec",
+    "check_task_files",
+    "load_task",
+    "task_spec",
+]
 
 
 @dataclass(frozen=True)
@@ -86,49 +95,103 @@ class TaskSpec:
     split: str = "test"  # the standard split read from files that hold several (Karpathy, MSR-VTT, MSVD)
 
 
-TASKS: dict[str, TaskSpec] = {t.name: t for t in [
-    TaskSpec("coco_karpathy_test", "caption",
-             {"annotations": "coco/annotations/coco_karpathy_test.json", "images": "coco/images"},
-             {"annotations": "LAVIS/BLIP coco_karpathy_test.json", "images": "COCO 2014 images (val2014/)"}),
-    TaskSpec("coco_karpathy_val", "caption",
-             {"annotations": "coco/annotations/coco_karpathy_val.json", "images": "coco/images"},
-             {"annotations": "LAVIS/BLIP coco_karpathy_val.json", "images": "COCO 2014 images (val2014/)"},
-             split="val"),
-    TaskSpec("nocaps_val", "caption",
-             {"annotations": "nocaps/annotations/nocaps_val_4500_captions.json", "images": "nocaps/images"},
-             {"annotations": "nocaps_val_4500_captions.json (COCO-style images + annotations)",
-              "images": "NoCaps val images (Open Images)"}, split="val"),
-    TaskSpec("flickr30k_test", "caption",
-             {"annotations": "flickr30k/annotations/flickr30k_test.json", "images": "flickr30k/images"},
-             {"annotations": "BLIP flickr30k_test.json", "images": "flickr30k-images/"}),
-    TaskSpec("vqav2_val", "vqa",
-             {"questions": "vqav2/v2_OpenEnded_mscoco_val2014_questions.json",
-              "annotations": "vqav2/v2_mscoco_val2014_annotations.json", "images": "coco/images",
-              "image_template": COCO_VAL_TEMPLATE},
-             {"questions": "official VQAv2 val questions", "annotations": "official VQAv2 val annotations",
-              "images": "COCO 2014 images (val2014/)"}),
-    TaskSpec("okvqa_test", "vqa",
-             {"questions": "okvqa/OpenEnded_mscoco_val2014_questions.json",
-              "annotations": "okvqa/mscoco_val2014_annotations.json", "images": "coco/images",
-              "image_template": COCO_VAL_TEMPLATE},
-             {"questions": "OK-VQA OpenEnded_mscoco_val2014_questions.json",
-              "annotations": "OK-VQA mscoco_val2014_annotations.json",
-              "images": "COCO 2014 images (val2014/)"}),
-    TaskSpec("gqa_testdev", "gqa",
-             {"questions": "gqa/testdev_balanced_questions.json", "images": "gqa/images",
-              "image_template": "{image_id}.jpg"},
-             {"questions": "GQA testdev_balanced_questions.json", "images": "GQA images/"}),
-    TaskSpec("msrvtt_test", "video_caption",
-             {"annotations": "msrvtt/test_videodatainfo.json", "videos": "msrvtt/videos"},
-             {"annotations": "MSR-VTT test_videodatainfo.json (or a LAVIS list)",
-              "videos": "MSR-VTT videos (videoNNNN.mp4)"}),
-    TaskSpec("msvd_test", "video_caption",
-             {"annotations": "msvd/AllVideoDescriptions.txt", "mapping": "msvd/youtube_mapping.txt",
-              "videos": "msvd/YouTubeClips"},
-             {"annotations": "MSVD AllVideoDescriptions.txt (or a LAVIS list json)",
-              "mapping": "MSVD youtube_mapping.txt (clip name -> vidN)",
-              "videos": "MSVD YouTubeClips/*.avi"}),
-]}
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in [
+        TaskSpec(
+            "coco_karpathy_test",
+            "caption",
+            {"annotations": "coco/annotations/coco_karpathy_test.json", "images": "coco/images"},
+            {"annotations": "LAVIS/BLIP coco_karpathy_test.json", "images": "COCO 2014 images (val2014/)"},
+        ),
+        TaskSpec(
+            "coco_karpathy_val",
+            "caption",
+            {"annotations": "coco/annotations/coco_karpathy_val.json", "images": "coco/images"},
+            {"annotations": "LAVIS/BLIP coco_karpathy_val.json", "images": "COCO 2014 images (val2014/)"},
+            split="val",
+        ),
+        TaskSpec(
+            "nocaps_val",
+            "caption",
+            {"annotations": "nocaps/annotations/nocaps_val_4500_captions.json", "images": "nocaps/images"},
+            {
+                "annotations": "nocaps_val_4500_captions.json (COCO-style images + annotations)",
+                "images": "NoCaps val images (Open Images)",
+            },
+            split="val",
+        ),
+        TaskSpec(
+            "flickr30k_test",
+            "caption",
+            {"annotations": "flickr30k/annotations/flickr30k_test.json", "images": "flickr30k/images"},
+            {"annotations": "BLIP flickr30k_test.json", "images": "flickr30k-images/"},
+        ),
+        TaskSpec(
+            "vqav2_val",
+            "vqa",
+            {
+                "questions": "vqav2/v2_OpenEnded_mscoco_val2014_questions.json",
+                "annotations": "vqav2/v2_mscoco_val2014_annotations.json",
+                "images": "coco/images",
+                "image_template": COCO_VAL_TEMPLATE,
+            },
+            {
+                "questions": "official VQAv2 val questions",
+                "annotations": "official VQAv2 val annotations",
+                "images": "COCO 2014 images (val2014/)",
+            },
+        ),
+        TaskSpec(
+            "okvqa_test",
+            "vqa",
+            {
+                "questions": "okvqa/OpenEnded_mscoco_val2014_questions.json",
+                "annotations": "okvqa/mscoco_val2014_annotations.json",
+                "images": "coco/images",
+                "image_template": COCO_VAL_TEMPLATE,
+            },
+            {
+                "questions": "OK-VQA OpenEnded_mscoco_val2014_questions.json",
+                "annotations": "OK-VQA mscoco_val2014_annotations.json",
+                "images": "COCO 2014 images (val2014/)",
+            },
+        ),
+        TaskSpec(
+            "gqa_testdev",
+            "gqa",
+            {
+                "questions": "gqa/testdev_balanced_questions.json",
+                "images": "gqa/images",
+                "image_template": "{image_id}.jpg",
+            },
+            {"questions": "GQA testdev_balanced_questions.json", "images": "GQA images/"},
+        ),
+        TaskSpec(
+            "msrvtt_test",
+            "video_caption",
+            {"annotations": "msrvtt/test_videodatainfo.json", "videos": "msrvtt/videos"},
+            {
+                "annotations": "MSR-VTT test_videodatainfo.json (or a LAVIS list)",
+                "videos": "MSR-VTT videos (videoNNNN.mp4)",
+            },
+        ),
+        TaskSpec(
+            "msvd_test",
+            "video_caption",
+            {
+                "annotations": "msvd/AllVideoDescriptions.txt",
+                "mapping": "msvd/youtube_mapping.txt",
+                "videos": "msvd/YouTubeClips",
+            },
+            {
+                "annotations": "MSVD AllVideoDescriptions.txt (or a LAVIS list json)",
+                "mapping": "MSVD youtube_mapping.txt (clip name -> vidN)",
+                "videos": "MSVD YouTubeClips/*.avi",
+            },
+        ),
+    ]
+}
 
 
 # ------------------------------------------------------------------------------------ a task
@@ -151,22 +214,28 @@ def task_spec(task: str, eval_cfg) -> tuple[TaskSpec, dict[str, str]]:
     over = dict(eval_cfg.datasets.get(task, {}))
     bad = set(over) - set(ROLES)
     if bad:
-        raise EvalDataError(f"eval.datasets.{task}: unknown key(s) {sorted(bad)}; expected some of "
-                            f"{list(ROLES)}")
+        raise EvalDataError(
+            f"eval.datasets.{task}: unknown key(s) {sorted(bad)}; expected some of {list(ROLES)}"
+        )
     if task in TASKS:
         spec = TASKS[task]
         if "kind" in over and over["kind"] != spec.kind:
-            raise EvalDataError(f"eval.datasets.{task}.kind: {task} is a {spec.kind} task, "
-                                f"got {over['kind']!r}")
+            raise EvalDataError(
+                f"eval.datasets.{task}.kind: {task} is a {spec.kind} task, got {over['kind']!r}"
+            )
     elif "kind" in over:
         if over["kind"] not in KINDS:
-            raise EvalDataError(f"eval.datasets.{task}.kind: expected one of {list(KINDS)}, "
-                                f"got {over['kind']!r}")
-        spec = TaskSpec(task, over["kind"], {"image_template": "{image_id}"} if over["kind"] in ("vqa", "gqa")
-                        else {})
+            raise EvalDataError(
+                f"eval.datasets.{task}.kind: expected one of {list(KINDS)}, got {over['kind']!r}"
+            )
+        spec = TaskSpec(
+            task, over["kind"], {"image_template": "{image_id}"} if over["kind"] in ("vqa", "gqa") else {}
+        )
     else:
-        raise EvalDataError(f"unknown eval task {task!r}: expected one of {sorted(TASKS)}, or a custom task "
-                            f"with eval.datasets.{task}.kind set")
+        raise EvalDataError(
+            f"unknown eval task {task!r}: expected one of {sorted(TASKS)}, or a custom task "
+            f"with eval.datasets.{task}.kind set"
+        )
     files = {**spec.files, **{k: v for k, v in over.items() if k != "kind"}}
     if "shards" in over:  # shards replace the default folders
         files.pop("images", None)
@@ -176,8 +245,11 @@ def task_spec(task: str, eval_cfg) -> tuple[TaskSpec, dict[str, str]]:
         if role == "image_template":
             continue
         if role == "shards":
-            files[role] = "::".join(str(root / p.strip()) if not Path(p.strip()).is_absolute() else p.strip()
-                                    for p in value.split("::") if p.strip())
+            files[role] = "::".join(
+                str(root / p.strip()) if not Path(p.strip()).is_absolute() else p.strip()
+                for p in value.split("::")
+                if p.strip()
+            )
         else:
             files[role] = str(Path(value) if Path(value).is_absolute() else root / value)
     return spec, files
@@ -185,18 +257,25 @@ def task_spec(task: str, eval_cfg) -> tuple[TaskSpec, dict[str, str]]:
 
 def _need_file(files: dict, role: str, spec: TaskSpec) -> Path:
     if role not in files:
-        raise EvalDataError(f"{spec.name}: no {role} file configured; set "
-                            f"eval.datasets.{spec.name}.{role}=PATH")
+        raise EvalDataError(
+            f"{spec.name}: no {role} file configured; set eval.datasets.{spec.name}.{role}=PATH"
+        )
     p = Path(files[role])
     if not p.is_file():
         what = spec.expects.get(role, role)
-        raise EvalDataError(f"{spec.name}: {role} file not found: {p} (expected {what}; set "
-                            f"eval.datasets.{spec.name}.{role}=PATH or eval.data_root)")
+        raise EvalDataError(
+            f"{spec.name}: {role} file not found: {p} (expected {what}; set "
+            f"eval.datasets.{spec.name}.{role}=PATH or eval.data_root)"
+        )
     return p
 
 
-REQUIRED = {"caption": ("annotations",), "vqa": ("questions", "annotations"), "gqa": ("questions",),
-            "video_caption": ("annotations",)}
+REQUIRED = {
+    "caption": ("annotations",),
+    "vqa": ("questions", "annotations"),
+    "gqa": ("questions",),
+    "video_caption": ("annotations",),
+}
 
 
 def check_task_files(task: str, eval_cfg) -> dict[str, str]:
@@ -208,11 +287,14 @@ def check_task_files(task: str, eval_cfg) -> dict[str, str]:
     role = "videos" if spec.kind == "video_caption" else "images"
     if "shards" not in files:
         if role not in files:
-            raise EvalDataError(f"{task}: no media configured; set eval.datasets.{task}.{role}=DIR or "
-                                ".shards=SPEC")
+            raise EvalDataError(
+                f"{task}: no media configured; set eval.datasets.{task}.{role}=DIR or .shards=SPEC"
+            )
         if not Path(files[role]).is_dir():
-            raise EvalDataError(f"{task}: {role} folder not found: {files[role]} (expected "
-                                f"{spec.expects.get(role, role)}; set eval.datasets.{task}.{role}=DIR)")
+            raise EvalDataError(
+                f"{task}: {role} folder not found: {files[role]} (expected "
+                f"{spec.expects.get(role, role)}; set eval.datasets.{task}.{role}=DIR)"
+            )
     return files
 
 
@@ -222,8 +304,9 @@ def _read_annotations(spec: TaskSpec, files: dict[str, str]) -> list[Sample]:
         if spec.kind == "caption":
             return read_captions(_need_file(files, "annotations", spec), spec.split)
         if spec.kind == "vqa":
-            return read_vqa(_need_file(files, "questions", spec), _need_file(files, "annotations", spec),
-                            template)
+            return read_vqa(
+                _need_file(files, "questions", spec), _need_file(files, "annotations", spec), template
+            )
         if spec.kind == "gqa":
             return read_gqa(_need_file(files, "questions", spec), template)
         mapping = Path(files["mapping"]) if "mapping" in files else None
@@ -256,16 +339,21 @@ def load_task(task: str, eval_cfg, *, check_media: bool = True) -> TaskData:
     else:
         role = "videos" if media_kind == "video" else "images"
         if role not in files:
-            raise EvalDataError(f"{task}: no media configured; set eval.datasets.{task}.{role}=DIR or "
-                                ".shards=SPEC")
+            raise EvalDataError(
+                f"{task}: no media configured; set eval.datasets.{task}.{role}=DIR or .shards=SPEC"
+            )
         root = Path(files[role])
         if not root.is_dir():
-            raise EvalDataError(f"{task}: {role} folder not found: {root} (expected "
-                                f"{spec.expects.get(role, role)}; set eval.datasets.{task}.{role}=DIR)")
+            raise EvalDataError(
+                f"{task}: {role} folder not found: {root} (expected "
+                f"{spec.expects.get(role, role)}; set eval.datasets.{task}.{role}=DIR)"
+            )
         media = FolderMedia(root, media_kind)
     if check_media:
         missing = [s for s in samples if media.locate(s.media) is None]
         if missing:
-            raise EvalDataError(f"{task}: {len(missing)} of {len(samples)} {media_kind}s not found in "
-                                f"{media.describe()} (e.g. {missing[0].media!r} for id {missing[0].id!r})")
+            raise EvalDataError(
+                f"{task}: {len(missing)} of {len(samples)} {media_kind}s not found in "
+                f"{media.describe()} (e.g. {missing[0].media!r} for id {missing[0].id!r})"
+            )
     return TaskData(task, kind, samples, media, files, partial)

@@ -21,9 +21,12 @@ score = captioning.score
 
 
 def generation_kwargs(eval_cfg) -> dict:
-    return {"num_beams": eval_cfg.num_beams, "max_new_tokens": eval_cfg.video_max_new_tokens,
-            "min_new_tokens": eval_cfg.video_min_new_tokens,
-            "repetition_penalty": eval_cfg.repetition_penalty}
+    return {
+        "num_beams": eval_cfg.num_beams,
+        "max_new_tokens": eval_cfg.video_max_new_tokens,
+        "min_new_tokens": eval_cfg.video_min_new_tokens,
+        "repetition_penalty": eval_cfg.repetition_penalty,
+    }
 
 
 def middle_frame(pixels: torch.Tensor) -> torch.Tensor:

@@ -37,9 +37,13 @@ def prompts(samples: list[Sample], eval_cfg) -> list[str]:
 
 
 def generation_kwargs(eval_cfg) -> dict:
-    return {"num_beams": eval_cfg.num_beams, "max_new_tokens": eval_cfg.vqa_max_new_tokens,
-            "min_new_tokens": eval_cfg.vqa_min_new_tokens, "length_penalty": eval_cfg.vqa_length_penalty,
-            "repetition_penalty": eval_cfg.repetition_penalty}
+    return {
+        "num_beams": eval_cfg.num_beams,
+        "max_new_tokens": eval_cfg.vqa_max_new_tokens,
+        "min_new_tokens": eval_cfg.vqa_min_new_tokens,
+        "length_penalty": eval_cfg.vqa_length_penalty,
+        "repetition_penalty": eval_cfg.repetition_penalty,
+    }
 
 
 @functools.cache
@@ -48,35 +52,48 @@ def lemmatizer():
     try:
         import spacy
     except ImportError:
-        raise MetricError("lemmatising answers (eval.lemmatize_tasks) needs spaCy: pip install spacy "
-                          "spacy-lookups-data (or remove the task from eval.lemmatize_tasks)") from None
+        raise MetricError(
+            "lemmatising answers (eval.lemmatize_tasks) needs spaCy: pip install spacy "
+            "spacy-lookups-data (or remove the task from eval.lemmatize_tasks)"
+        ) from None
     try:
         nlp = spacy.load("en_core_web_sm")
     except OSError:
         nlp = None
     if nlp is not None:
+
         def apply(answer: str) -> str:  # the official rule: nouns and verbs by their lemma
             return " ".join(t.lemma_ if t.pos_ in ("NOUN", "VERB") else t.text for t in nlp(answer))
+
         return apply, "lemmatiser: spaCy en_core_web_sm (nouns and verbs), as the official code"
     try:
         nlp = spacy.blank("en")
         nlp.add_pipe("lemmatizer", config={"mode": "lookup"})
         nlp.initialize()
     except Exception as e:  # spaCy raises its own kinds when the tables are missing
-        raise MetricError(f"no spaCy lemmatiser: en_core_web_sm is not installed and the lookup tables "
-                          f"fail ({type(e).__name__}: {e}); pip install spacy-lookups-data") from None
+        raise MetricError(
+            f"no spaCy lemmatiser: en_core_web_sm is not installed and the lookup tables "
+            f"fail ({type(e).__name__}: {e}); pip install spacy-lookups-data"
+        ) from None
 
     def apply(answer: str) -> str:  # no tagger: every word by its lookup lemma
         return " ".join(t.lemma_ or t.text for t in nlp(answer))
-    return apply, ("lemmatiser: spacy-lookups-data English lookup table on every word (en_core_web_sm "
-                   "not installed; the official code lemmatises nouns and verbs only)")
+
+    return apply, (
+        "lemmatiser: spacy-lookups-data English lookup table on every word (en_core_web_sm "
+        "not installed; the official code lemmatises nouns and verbs only)"
+    )
 
 
 def record(sample: Sample, prediction: str) -> dict:
     """A prediction record; the task's scoring settings come with the sample (load_task puts them in
     its meta): answers of a lemmatised task are lemmatised here, the raw answer kept beside."""
-    r = {"id": sample.id, "prediction": prediction, "references": list(sample.references),
-         "question": sample.question}
+    r = {
+        "id": sample.id,
+        "prediction": prediction,
+        "references": list(sample.references),
+        "question": sample.question,
+    }
     if sample.meta.get("lemmatize"):
         r["raw_prediction"], r["prediction"] = prediction, lemmatizer()[0](prediction)
     if sample.meta.get("answer_type"):
@@ -96,8 +113,11 @@ def score_vqa(records: list[dict], notes: list | None = None) -> dict[str, float
     _check(records)
     revision = records[0].get("vqa_eval", "2017")
     if notes is not None:
-        script = ("the LAVIS copy of the 2017 VQA evaluation script" if revision == "2017"
-                  else "the 2021 revision of the VQA evaluation script")
+        script = (
+            "the LAVIS copy of the 2017 VQA evaluation script"
+            if revision == "2017"
+            else "the 2021 revision of the VQA evaluation script"
+        )
         notes.append(f"VQA accuracy: {script}")
         if any("raw_prediction" in r for r in records):
             notes.append(lemmatizer()[1])

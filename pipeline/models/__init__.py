@@ -19,5 +19,13 @@ from .llm import CaptionTokenizer
 from .simvlg import QFormerConnector, SimVLG, TomeConnector, build_model, connector_config
 from .training import build_training_model, training_tokenizer
 
-__all__ = ["CaptionTokenizer", "QFormerConnector", "SimVLG", "TomeConnector", "build_model",
-           "build_training_model", "connector_config", "training_tokenizer"]
+__all__ = [
+    "CaptionTokenizer",
+    "QFormerConnector",
+    "SimVLG",
+    "TomeConnector",
+    "build_model",
+    "build_training_model",
+    "connector_config",
+    "training_tokenizer",
+]

@@ -53,10 +53,12 @@ def alignment_loss(student: torch.Tensor, target: torch.Tensor, match: Match = "
     """MSE between the connector's soft prompt [B, P, D] and the P-Former's prompts [B, N, D] (detached),
     mean over all elements, computed in fp32. Only `student` receives gradient."""
     if student.shape != target.shape:
-        raise ValueError(f"alignment loss: the connector gives soft prompts {tuple(student.shape)} "
-                         f"[B, P, D], the P-Former {tuple(target.shape)} [B, N, D]: P must equal N "
-                         "(set model.pformer.num_prompts to the connector's soft-prompt length) and D the "
-                         "LLM's width")
+        raise ValueError(
+            f"alignment loss: the connector gives soft prompts {tuple(student.shape)} "
+            f"[B, P, D], the P-Former {tuple(target.shape)} [B, N, D]: P must equal N "
+            "(set model.pformer.num_prompts to the connector's soft-prompt length) and D the "
+            "LLM's width"
+        )
     target = target.detach()
     if match == "assignment":
         cols = optimal_assignment(student.detach(), target)  # [B, P]
@@ -78,5 +80,6 @@ class CaptionsWithTargets:
     def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
         from .pformer import pformer_inputs
 
-        return self.caption_tokenizer(captions) | pformer_inputs(self.bert_tokenizer, captions,
-                                                                 self.max_text_tokens)
+        return self.caption_tokenizer(captions) | pformer_inputs(
+            self.bert_tokenizer, captions, self.max_text_tokens
+        )

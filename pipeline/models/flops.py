@@ -61,7 +61,7 @@ PAPER_TABLE2 = [  # (model, stage-1 per 5k, stage-2 per 5k, steps, clock time ho
     ("SimVLG", "-", "2 h 45 min", "150k", 80, 137.0),
     ("SimVLG (55M)", "-", "2 h 35 min", "90k", 47, 136.8),
 ]
-GIGA, TERA, PETA, GIB = 1e9, 1e12, 1e15, 2 ** 30
+GIGA, TERA, PETA, GIB = 1e9, 1e12, 1e15, 2**30
 
 
 @dataclass
@@ -160,9 +160,17 @@ def measure_model(model_cfg: ModelConfig, px_shape: tuple, L: int, align_weight:
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     v = model.vision
     block_input = n_frames * v.num_tokens * v.width * torch.empty((), dtype=v.dtype).element_size()
-    return {"count": c, "params": model.parameter_counts(), "soft_prompt": model.soft_prompt_length(n_frames),
-            "vision_tokens": v.num_tokens, "vision_width": v.width, "text_tokens": L,
-            "frozen_bytes": frozen, "vision_blocks": v.num_blocks, "block_input_bytes": block_input}
+    return {
+        "count": c,
+        "params": model.parameter_counts(),
+        "soft_prompt": model.soft_prompt_length(n_frames),
+        "vision_tokens": v.num_tokens,
+        "vision_width": v.width,
+        "text_tokens": L,
+        "frozen_bytes": frozen,
+        "vision_blocks": v.num_blocks,
+        "block_input_bytes": block_input,
+    }
 
 
 def checkpointing_memory(model_cfg: ModelConfig, px_shape: tuple, L: int) -> dict:
@@ -175,10 +183,14 @@ def checkpointing_memory(model_cfg: ModelConfig, px_shape: tuple, L: int) -> dic
     n, kept = off["vision_blocks"], off["block_input_bytes"]
     inside = off["count"].saved_bytes - on["count"].saved_bytes  # what the blocks saved, all of them
     one_block = inside / n
-    return {"without": off["count"].saved_bytes,
-            "with": on["count"].saved_bytes + n * kept + one_block,
-            "block_inputs": n * kept, "one_block": one_block, "blocks": n,
-            "recompute_flops": on["count"].total - off["count"].total}
+    return {
+        "without": off["count"].saved_bytes,
+        "with": on["count"].saved_bytes + n * kept + one_block,
+        "block_inputs": n * kept,
+        "one_block": one_block,
+        "blocks": n,
+        "recompute_flops": on["count"].total - off["count"].total,
+    }
 
 
 def blip2_stage1(model_cfg: ModelConfig, vit_fwd: int, n_visual: int, width: int, L: int) -> dict:
@@ -213,8 +225,9 @@ def blip2_stage1(model_cfg: ModelConfig, vit_fwd: int, n_visual: int, width: int
 
     def itm():
         x = torch.cat([queries.expand(3, -1, -1), text(3)], dim=1)
-        z = qf(query_embeds=x, query_length=q.num_queries,
-               encoder_hidden_states=img.expand(3, -1, -1)).last_hidden_state
+        z = qf(
+            query_embeds=x, query_length=q.num_queries, encoder_hidden_states=img.expand(3, -1, -1)
+        ).last_hidden_state
         return itm_head(z[:, : q.num_queries]).sum()
 
     def lm():
@@ -224,8 +237,10 @@ def blip2_stage1(model_cfg: ModelConfig, vit_fwd: int, n_visual: int, width: int
     total = Count(fwd=vit_fwd)
     total.parts["vision"] = (vit_fwd, 0)
     for name, fn in (("ITC", itc), ("ITM (3 pairs)", itm), ("LM", lm)):
-        c, _, _ = count_step(fn, params + list(itc_heads.parameters()) + list(itm_head.parameters())
-                             + list(lm_head.parameters()))
+        c, _, _ = count_step(
+            fn,
+            params + list(itc_heads.parameters()) + list(itm_head.parameters()) + list(lm_head.parameters()),
+        )
         total.add(name, c)
     return {"count": total}
 
@@ -246,12 +261,15 @@ def report(cfg: Config, vs: str | None = None, text_tokens: int | None = None) -
 
         return {"config": cfg.run.name, "pformer_stage0": measure_stage0(cfg, text_tokens)}
     L = text_length(cfg.model, text_tokens)
-    out = {"config": cfg.run.name,
-           "simvlg": measure_model(cfg.model, pixel_shape(cfg), L, cfg.train.align_weight)}
+    out = {
+        "config": cfg.run.name,
+        "simvlg": measure_model(cfg.model, pixel_shape(cfg), L, cfg.train.align_weight),
+    }
     if vs == "connectors":
-        out["connectors"] = {c: out["simvlg"] if c == cfg.model.connector else
-                             measure_model(m, pixel_shape(cfg), L)
-                             for c, m in connector_variants(cfg.model).items()}
+        out["connectors"] = {
+            c: out["simvlg"] if c == cfg.model.connector else measure_model(m, pixel_shape(cfg), L)
+            for c, m in connector_variants(cfg.model).items()
+        }
     if cfg.model.video.enabled and cfg.model.connector == "tomeformer":
         ck = out["vit_checkpointing"] = checkpointing_memory(cfg.model, pixel_shape(cfg), L)
         if cfg.model.vision.grad_checkpointing:  # the hook missed what the checkpointed blocks keep
@@ -264,8 +282,9 @@ def report(cfg: Config, vs: str | None = None, text_tokens: int | None = None) -
         stage2_cfg = m.model_copy(update={"connector": "qformer", "qformer": q})
         out["blip2_stage2"] = measure_model(stage2_cfg, pixel_shape(cfg), L)
         sim = out["simvlg"]
-        out["blip2_stage1"] = blip2_stage1(stage2_cfg, sim["count"].parts["vision"][0],
-                                           sim["vision_tokens"], sim["vision_width"], L)
+        out["blip2_stage1"] = blip2_stage1(
+            stage2_cfg, sim["count"].parts["vision"][0], sim["vision_tokens"], sim["vision_width"], L
+        )
     return out
 
 
@@ -279,19 +298,26 @@ def _print_model(title: str, m: dict, micro_batch: int, precision: str = "bf16")
     p = m["params"]
     print(f"\n{title}")
     print(f"  tokens: {m['vision_tokens']} visual -> soft prompt {m['soft_prompt']}, text {m['text_tokens']}")
-    print(f"  parameters: trainable {p['trainable'] / 1e6:,.2f} M, frozen {p['frozen'] / 1e6:,.1f} M "
-          f"(ViT {p['vision'] / 1e6:,.1f} M, LLM {p['llm'] / 1e6:,.1f} M)")
+    print(
+        f"  parameters: trainable {p['trainable'] / 1e6:,.2f} M, frozen {p['frozen'] / 1e6:,.1f} M "
+        f"(ViT {p['vision'] / 1e6:,.1f} M, LLM {p['llm'] / 1e6:,.1f} M)"
+    )
     print("  GFLOP per sample         forward   backward      total")
     for name, (f, b) in c.parts.items():
         print(f"    {name:<20} {_g(f):>10} {_g(b):>10} {_g(f + b):>10}")
     print(f"    {'all':<20} {_g(c.fwd):>10} {_g(c.bwd):>10} {_g(c.total):>10}")
     tr = p["trainable"]
-    copy = ("" if precision == "fp32" else
-            f"+ a {precision} copy {2 * tr / GIB:,.2f} GiB under DeepSpeed {precision}; ")
-    print(f"  memory: activations saved for backward {c.saved_bytes / 2**20:,.1f} MiB/sample, "
-          f"{c.saved_bytes * micro_batch / GIB:,.1f} GiB per micro-batch of {micro_batch}; frozen weights "
-          f"{m['frozen_bytes'] / GIB:,.2f} GiB; trainable fp32 weights+grads+AdamW {16 * tr / GIB:,.2f} GiB "
-          f"({copy}ZeRO-2 shards grads and states)")
+    copy = (
+        ""
+        if precision == "fp32"
+        else f"+ a {precision} copy {2 * tr / GIB:,.2f} GiB under DeepSpeed {precision}; "
+    )
+    print(
+        f"  memory: activations saved for backward {c.saved_bytes / 2**20:,.1f} MiB/sample, "
+        f"{c.saved_bytes * micro_batch / GIB:,.1f} GiB per micro-batch of {micro_batch}; frozen weights "
+        f"{m['frozen_bytes'] / GIB:,.2f} GiB; trainable fp32 weights+grads+AdamW {16 * tr / GIB:,.2f} GiB "
+        f"({copy}ZeRO-2 shards grads and states)"
+    )
 
 
 def print_report(cfg: Config, r: dict) -> None:
@@ -304,24 +330,32 @@ def print_report(cfg: Config, r: dict) -> None:
     s = r["simvlg"]
     _print_model(f"SimVLG ({cfg.model.connector})", s, t.micro_batch, t.precision)
     if t.align_weight > 0:
-        print(f"  with the P-Former alignment loss (train.align_weight {t.align_weight}): row pformer is the "
-              "frozen P-Former's forward on the caption; its weights are among the frozen ones")
+        print(
+            f"  with the P-Former alignment loss (train.align_weight {t.align_weight}): row pformer is the "
+            "frozen P-Former's forward on the caption; its weights are among the frozen ones"
+        )
     ck = r.get("vit_checkpointing")
     if ck:
         mb, on = t.micro_batch, cfg.model.vision.grad_checkpointing
-        print(f"  ViT activation checkpointing (gradients reach the temporal modules inside the ViT; "
-              f"this config: {'on' if on else 'off'}), per micro-batch of {mb}:")
+        print(
+            f"  ViT activation checkpointing (gradients reach the temporal modules inside the ViT; "
+            f"this config: {'on' if on else 'off'}), per micro-batch of {mb}:"
+        )
         print(f"    without: {ck['without'] * mb / GIB:,.2f} GiB activations saved for backward")
-        print(f"    with:    {ck['with'] * mb / GIB:,.2f} GiB = the rest + {ck['blocks']} block inputs "
-              f"{ck['block_inputs'] * mb / GIB:,.2f} GiB + one block recomputed "
-              f"{ck['one_block'] * mb / GIB:,.2f} GiB; costs one more ViT forward "
-              f"({_g(ck['recompute_flops'])} GFLOP per sample)")
+        print(
+            f"    with:    {ck['with'] * mb / GIB:,.2f} GiB = the rest + {ck['blocks']} block inputs "
+            f"{ck['block_inputs'] * mb / GIB:,.2f} GiB + one block recomputed "
+            f"{ck['one_block'] * mb / GIB:,.2f} GiB; costs one more ViT forward "
+            f"({_g(ck['recompute_flops'])} GFLOP per sample)"
+        )
     sim_total = s["count"].total * t.global_batch * t.steps
     if "connectors" in r:
         print_connectors(r["connectors"], t.micro_batch)
     if "blip2_stage1" not in r:
-        print(f"\n  pretraining: {t.steps:,} steps x {t.global_batch} samples x "
-              f"{_g(s['count'].total)} GFLOP = {sim_total / PETA:,.0f} PFLOP")
+        print(
+            f"\n  pretraining: {t.steps:,} steps x {t.global_batch} samples x "
+            f"{_g(s['count'].total)} GFLOP = {sim_total / PETA:,.0f} PFLOP"
+        )
         return
     s1, s2 = r["blip2_stage1"]["count"], r["blip2_stage2"]["count"]
     print("\nBLIP-2 stage 1 (Q-Former: ITC + ITM + LM; ViT forward, no LLM)")
@@ -335,17 +369,21 @@ def print_report(cfg: Config, r: dict) -> None:
     b2 = s2.total * BLIP2_BATCH[1] * BLIP2_STEPS[1]
     print("\nTotal pretraining compute (per-sample fwd+bwd x batch x steps)")
     print(f"  {'':<22}{'GFLOP/sample':>13}{'batch':>7}{'steps':>9}{'PFLOP':>10}")
-    rows = [("BLIP-2 stage 1", s1.total, BLIP2_BATCH[0], BLIP2_STEPS[0], b1),
-            ("BLIP-2 stage 2", s2.total, BLIP2_BATCH[1], BLIP2_STEPS[1], b2),
-            ("BLIP-2 total", None, None, sum(BLIP2_STEPS), b1 + b2),
-            (f"SimVLG ({r['config']})", s["count"].total, t.global_batch, t.steps, sim_total)]
+    rows = [
+        ("BLIP-2 stage 1", s1.total, BLIP2_BATCH[0], BLIP2_STEPS[0], b1),
+        ("BLIP-2 stage 2", s2.total, BLIP2_BATCH[1], BLIP2_STEPS[1], b2),
+        ("BLIP-2 total", None, None, sum(BLIP2_STEPS), b1 + b2),
+        (f"SimVLG ({r['config']})", s["count"].total, t.global_batch, t.steps, sim_total),
+    ]
     for name, g, b, n, tot in rows:
         print(f"  {name:<22}{(_g(g) if g else ''):>13}{(b or ''):>7}{n:>9,}{tot / PETA:>10,.0f}")
     print(f"  BLIP-2 / SimVLG compute: {(b1 + b2) / sim_total:.2f}x")
     ratio1 = s1.total * BLIP2_BATCH[0] / (s["count"].total * t.global_batch)
     ratio2 = s2.total * BLIP2_BATCH[1] / (s["count"].total * t.global_batch)
-    print(f"  per step vs SimVLG: stage 1 {ratio1:.2f}x, stage 2 {ratio2:.2f}x  "
-          f"(paper Table 2 time per 5k steps: 230/165 = 1.39x, 160/165 = 0.97x)")
+    print(
+        f"  per step vs SimVLG: stage 1 {ratio1:.2f}x, stage 2 {ratio2:.2f}x  "
+        f"(paper Table 2 time per 5k steps: 230/165 = 1.39x, 160/165 = 0.97x)"
+    )
     print("\nPaper Table 2 (8 x A100-80G, OPT-2.7b):")
     print(f"  {'model':<14}{'stage 1 / 5k':>14}{'stage 2 / 5k':>14}{'steps':>7}{'clock':>8}{'COCO':>7}")
     for name, a, b, n, h, cider in PAPER_TABLE2:
@@ -354,16 +392,22 @@ def print_report(cfg: Config, r: dict) -> None:
 
 
 def print_connectors(runs: dict, micro_batch: int) -> None:
-    print(f"\nConnectors side by side (same ViT, LLM and {next(iter(runs.values()))['text_tokens']} text "
-          "tokens; one sample, forward + backward)")
-    print(f"  {'connector':<12}{'soft prompt':>12}{'trainable M':>13}{'connector GFLOP':>17}{'LLM GFLOP':>11}"
-          f"{'all GFLOP':>11}{'activations GiB/micro-batch':>29}")
+    print(
+        f"\nConnectors side by side (same ViT, LLM and {next(iter(runs.values()))['text_tokens']} text "
+        "tokens; one sample, forward + backward)"
+    )
+    print(
+        f"  {'connector':<12}{'soft prompt':>12}{'trainable M':>13}{'connector GFLOP':>17}{'LLM GFLOP':>11}"
+        f"{'all GFLOP':>11}{'activations GiB/micro-batch':>29}"
+    )
     for name, m in runs.items():
         c: Count = m["count"]
         con, llm = c.parts["connector"], c.parts["llm"]
-        print(f"  {name:<12}{m['soft_prompt']:>12}{m['params']['trainable'] / 1e6:>13,.2f}"
-              f"{_g(sum(con)):>17}{_g(sum(llm)):>11}{_g(c.total):>11}"
-              f"{c.saved_bytes * micro_batch / GIB:>29,.1f}")
+        print(
+            f"  {name:<12}{m['soft_prompt']:>12}{m['params']['trainable'] / 1e6:>13,.2f}"
+            f"{_g(sum(con)):>17}{_g(sum(llm)):>11}{_g(c.total):>11}"
+            f"{c.saved_bytes * micro_batch / GIB:>29,.1f}"
+        )
 
 
 def _jsonable(r: dict) -> dict:
@@ -381,12 +425,26 @@ def _jsonable(r: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="simvlg bench flops", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="a YAML config file, or the name of a packaged one")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value by dotted key (repeatable)")
-    p.add_argument("--vs", choices=["blip2", "connectors"], default=None,
-                   help="also count BLIP-2's two stages, or this model with each connector")
-    p.add_argument("--text-tokens", type=int, default=None,
-                   help="text length per sample (default: BOS + prompt + max_text_tokens)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by dotted key (repeatable)",
+    )
+    p.add_argument(
+        "--vs",
+        choices=["blip2", "connectors"],
+        default=None,
+        help="also count BLIP-2's two stages, or this model with each connector",
+    )
+    p.add_argument(
+        "--text-tokens",
+        type=int,
+        default=None,
+        help="text length per sample (default: BOS + prompt + max_text_tokens)",
+    )
     p.add_argument("--json", dest="json_out", default=None, help="also write the numbers to this file")
     args = p.parse_args(argv)
     try:

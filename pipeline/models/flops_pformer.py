@@ -33,8 +33,11 @@ def _children_flops(counts: dict, prefix: str) -> int:
     """FLOPs of a module whose own forward is never called (stage 0 calls the P-Former's parts: encode,
     prompts_from_cls), as the sum over its direct children."""
     depth = prefix.count(".") + 1
-    return int(sum(sum(v.values()) for k, v in counts.items()
-                   if k.startswith(prefix + ".") and k.count(".") == depth))
+    return int(
+        sum(
+            sum(v.values()) for k, v in counts.items() if k.startswith(prefix + ".") and k.count(".") == depth
+        )
+    )
 
 
 def measure_stage0(cfg: Config, text_tokens: int | None = None) -> dict:
@@ -48,33 +51,53 @@ def measure_stage0(cfg: Config, text_tokens: int | None = None) -> dict:
     alone, _, _ = count_step(lambda: stage0.pformer(bert_ids(m)).float().sum(), list(stage0.parameters()))
     pf = (_children_flops(f, "PFormerStage0.pformer"), alone.bwd)
     llm_fwd = _module_flops(f, "PFormerStage0.llm")
-    c.parts = {"pformer": pf, "llm": (llm_fwd, c.bwd - pf[1]),
-               "vq search, losses": (c.fwd - pf[0] - llm_fwd, 0)}
+    c.parts = {
+        "pformer": pf,
+        "llm": (llm_fwd, c.bwd - pf[1]),
+        "vq search, losses": (c.fwd - pf[0] - llm_fwd, 0),
+    }
     trainable = sum(p.numel() for p in stage0.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in stage0.parameters() if not p.requires_grad)
     frozen_bytes = sum(p.numel() * p.element_size() for p in stage0.parameters() if not p.requires_grad)
-    return {"count": c, "trainable": trainable, "frozen": frozen, "frozen_bytes": frozen_bytes,
-            "num_prompts": m.pformer.num_prompts, "bert_tokens": m.pformer.max_text_tokens, "text_tokens": L,
-            "vocab": stage0.llm.get_input_embeddings().weight.shape[0]}
+    return {
+        "count": c,
+        "trainable": trainable,
+        "frozen": frozen,
+        "frozen_bytes": frozen_bytes,
+        "num_prompts": m.pformer.num_prompts,
+        "bert_tokens": m.pformer.max_text_tokens,
+        "text_tokens": L,
+        "vocab": stage0.llm.get_input_embeddings().weight.shape[0],
+    }
 
 
 def print_stage0(cfg: Config, r: dict) -> None:
     t, s = cfg.train, r["pformer_stage0"]
     c = s["count"]
-    print(f"simvlg bench flops: {r['config']} (P-Former stage 0, meta device; FLOPs from "
-          "torch.utils.flop_counter)")
-    print(f"  tokens: {s['bert_tokens']} BERT -> {s['num_prompts']} prompts, text {s['text_tokens']}; VQ "
-          f"codebook {s['vocab']} LLM embeddings")
-    print(f"  parameters: trainable {s['trainable'] / 1e6:,.2f} M (P-Former), frozen "
-          f"{s['frozen'] / 1e6:,.1f} M (LLM)")
+    print(
+        f"simvlg bench flops: {r['config']} (P-Former stage 0, meta device; FLOPs from "
+        "torch.utils.flop_counter)"
+    )
+    print(
+        f"  tokens: {s['bert_tokens']} BERT -> {s['num_prompts']} prompts, text {s['text_tokens']}; VQ "
+        f"codebook {s['vocab']} LLM embeddings"
+    )
+    print(
+        f"  parameters: trainable {s['trainable'] / 1e6:,.2f} M (P-Former), frozen "
+        f"{s['frozen'] / 1e6:,.1f} M (LLM)"
+    )
     print("  GFLOP per sentence       forward   backward      total")
     for name, (fw, bw) in c.parts.items():
         print(f"    {name:<20} {_g(fw):>10} {_g(bw):>10} {_g(fw + bw):>10}")
     print(f"    {'all':<20} {_g(c.fwd):>10} {_g(c.bwd):>10} {_g(c.total):>10}")
-    print(f"  memory: activations saved for backward {c.saved_bytes / 2**20:,.1f} MiB/sentence, "
-          f"{c.saved_bytes * t.micro_batch / GIB:,.1f} GiB per micro-batch of {t.micro_batch}; frozen "
-          f"weights {s['frozen_bytes'] / GIB:,.2f} GiB; trainable fp32 weights+grads+AdamW "
-          f"{16 * s['trainable'] / GIB:,.2f} GiB")
+    print(
+        f"  memory: activations saved for backward {c.saved_bytes / 2**20:,.1f} MiB/sentence, "
+        f"{c.saved_bytes * t.micro_batch / GIB:,.1f} GiB per micro-batch of {t.micro_batch}; frozen "
+        f"weights {s['frozen_bytes'] / GIB:,.2f} GiB; trainable fp32 weights+grads+AdamW "
+        f"{16 * s['trainable'] / GIB:,.2f} GiB"
+    )
     total = c.total * t.global_batch * t.steps
-    print(f"\n  pretraining: {t.steps:,} steps x {t.global_batch} sentences x {_g(c.total)} GFLOP = "
-          f"{total / PETA:,.0f} PFLOP")
+    print(
+        f"\n  pretraining: {t.steps:,} steps x {t.global_batch} sentences x {_g(c.total)} GFLOP = "
+        f"{total / PETA:,.0f} PFLOP"
+    )

@@ -66,8 +66,9 @@ class Attention(nn.Module):
         k = self.k(context).view(B, Nk, h, D // h).transpose(1, 2)  # [B, h, Nk, d]
         v = self.v(context).view(B, Nk, h, D // h).transpose(1, 2)
         bias = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, Nk]
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.o(a.transpose(1, 2).reshape(B, Nq, D))  # [B, Nq, D]
 
 
@@ -130,13 +131,26 @@ class FusionLayer(nn.Module):
 class JointConnector(nn.Module):
     """[B, Nv, Dv] visual tokens + [B, L, D_llm] text-input embeddings -> [B, N, D_llm] soft prompt."""
 
-    def __init__(self, vision_width: int, llm_width: int, *, width: int = 768, heads: int = 12,
-                 num_latents: int = 32, iterations: int = 4, mlp_ratio: float = 4.0, dropout: float = 0.1,
-                 gate_init: float = 1.0, max_text_len: int = 128, temporal=None):
+    def __init__(
+        self,
+        vision_width: int,
+        llm_width: int,
+        *,
+        width: int = 768,
+        heads: int = 12,
+        num_latents: int = 32,
+        iterations: int = 4,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.1,
+        gate_init: float = 1.0,
+        max_text_len: int = 128,
+        temporal=None,
+    ):
         super().__init__()
         if iterations < 1 or num_latents < 1:
-            raise ValueError(f"joint connector: iterations ({iterations}) and num_latents ({num_latents}) "
-                             "must be >= 1")
+            raise ValueError(
+                f"joint connector: iterations ({iterations}) and num_latents ({num_latents}) must be >= 1"
+            )
         self.width, self.num_latents, self.max_text_len = width, num_latents, max_text_len
         self.ln_vision = nn.LayerNorm(vision_width)  # as the other connectors
         self.proj_vision = nn.Linear(vision_width, width)  # P = W1
@@ -145,8 +159,9 @@ class JointConnector(nn.Module):
         self.text_pos = nn.Parameter(torch.empty(max_text_len, width))
         self.image_resampler = Resampler(width, heads, num_latents, dropout)
         self.text_resampler = Resampler(width, heads, num_latents, dropout)
-        self.layers = nn.ModuleList(FusionLayer(width, heads, mlp_ratio, dropout, gate_init)
-                                    for _ in range(iterations))
+        self.layers = nn.ModuleList(
+            FusionLayer(width, heads, mlp_ratio, dropout, gate_init) for _ in range(iterations)
+        )
         self.ln_out = nn.LayerNorm(width)
         self.proj_out = nn.Linear(width, llm_width)
         self.temporal = temporal  # nn.ModuleList (video) or None, as the other connectors
@@ -213,6 +228,10 @@ class JointConnector(nn.Module):
             return 6 * N * D * D + 4 * m * D * D + 4 * N * m * D
 
         fusion = 2 * (8 * N * D * D + 4 * N * D * H + 4 * N * N * D)  # cross-attn + MLP, then T
-        return (2 * num_visual * Dv * D + resample(num_visual)
-                + (2 * text_len * Dl * D + resample(text_len) if text_len else 0)
-                + len(self.layers) * fusion + 2 * N * D * Dl)
+        return (
+            2 * num_visual * Dv * D
+            + resample(num_visual)
+            + (2 * text_len * Dl * D + resample(text_len) if text_len else 0)
+            + len(self.layers) * fusion
+            + 2 * N * D * Dl
+        )

@@ -81,11 +81,13 @@ def build_llm(cfg: LLMConfig, *, device="cpu", meta: bool = False) -> nn.Module:
         # eager attention: transformers' SDPA mask path reads mask values (.item()), which the meta
         # device cannot do; the matmul FLOPs are the same
         with torch.device("meta"):
-            llm = AutoModelForCausalLM.from_config(hf_config_from_json(cfg.arch_config), dtype=dtype,
-                                                   attn_implementation="eager")
+            llm = AutoModelForCausalLM.from_config(
+                hf_config_from_json(cfg.arch_config), dtype=dtype, attn_implementation="eager"
+            )
     else:
-        llm = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=dtype,
-                                                   attn_implementation=attn_implementation(device))
+        llm = AutoModelForCausalLM.from_pretrained(
+            cfg.name, dtype=dtype, attn_implementation=attn_implementation(device)
+        )
         llm.to(device)
     return freeze(llm)
 
@@ -104,8 +106,16 @@ def end_token_id(tokenizer, mode: str = "auto") -> int:
 class CaptionTokenizer:
     """Captions -> dict(input_ids, attention_mask, labels), each [B, L] long. Picklable (collate_fn)."""
 
-    def __init__(self, tokenizer, prompt: str = "", max_text_tokens: int = 32, caption_end: str = "auto",
-                 truncation: str = "caption", bos_target: bool = False, bos_token: str | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        prompt: str = "",
+        max_text_tokens: int = 32,
+        caption_end: str = "auto",
+        truncation: str = "caption",
+        bos_target: bool = False,
+        bos_token: str | None = None,
+    ):
         if truncation not in ("caption", "sequence"):
             raise ValueError(f"truncation must be 'caption' or 'sequence', got {truncation!r}")
         self.tokenizer = tokenizer
@@ -116,8 +126,9 @@ class CaptionTokenizer:
         if bos_token is not None:
             ids = tokenizer(bos_token, add_special_tokens=False).input_ids
             if len(ids) != 1:
-                raise ValueError(f"llm.bos_token {bos_token!r} is {len(ids)} tokens for this tokenizer, "
-                                 "not one")
+                raise ValueError(
+                    f"llm.bos_token {bos_token!r} is {len(ids)} tokens for this tokenizer, not one"
+                )
             self.bos_id = ids[0]
         self.end_id = end_token_id(tokenizer, caption_end)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -127,8 +138,15 @@ class CaptionTokenizer:
     def from_config(cls, cfg: LLMConfig) -> CaptionTokenizer:
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(cfg.name), cfg.prompt, cfg.max_text_tokens,
-                   cfg.caption_end, cfg.truncation, cfg.bos_target, cfg.bos_token)
+        return cls(
+            AutoTokenizer.from_pretrained(cfg.name),
+            cfg.prompt,
+            cfg.max_text_tokens,
+            cfg.caption_end,
+            cfg.truncation,
+            cfg.bos_target,
+            cfg.bos_token,
+        )
 
     def _ids(self, text: str) -> list[int]:
         """Token ids with the tokenizer's special tokens, BOS replaced by bos_token when set."""
@@ -151,7 +169,7 @@ class CaptionTokenizer:
         sep = " " if prompt and not prompt.endswith(" ") else ""
         full = self._ids(prompt + sep + caption)
         if full[: len(prompt_ids)] == prompt_ids:
-            return full[len(prompt_ids):]
+            return full[len(prompt_ids) :]
         return self.tokenizer(sep + caption, add_special_tokens=False).input_ids
 
     def encode(self, caption: str) -> tuple[list[int], int]:
@@ -186,7 +204,7 @@ class CaptionTokenizer:
             t = torch.tensor(ids, dtype=torch.long)
             input_ids[i, : len(ids)] = t
             attention_mask[i, : len(ids)] = 1
-            labels[i, n_prompt: len(ids)] = t[n_prompt:]
+            labels[i, n_prompt : len(ids)] = t[n_prompt:]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     def prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -197,8 +215,8 @@ class CaptionTokenizer:
         attention_mask = torch.zeros(B, L, dtype=torch.long)
         for i, ids in enumerate(rows):
             if ids:
-                input_ids[i, L - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[i, L - len(ids):] = 1
+                input_ids[i, L - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[i, L - len(ids) :] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def decode(self, ids: torch.Tensor) -> list[str]:

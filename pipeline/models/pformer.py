@@ -72,8 +72,14 @@ PFORMER_FORMAT = "simvlg-pformer"
 class PFormer(nn.Module):
     """BERT-family encoder -> [CLS] -> N soft prompts of the LLM's width (see the module docstring)."""
 
-    def __init__(self, encoder: nn.Module, num_prompts: int, llm_width: int, contrast_dim: int = 256,
-                 temp_init: float = 0.07):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_prompts: int,
+        llm_width: int,
+        contrast_dim: int = 256,
+        temp_init: float = 0.07,
+    ):
         super().__init__()
         H = encoder.config.hidden_size
         self.encoder = encoder  # pooler removed: [CLS] is read from the last hidden state
@@ -135,16 +141,23 @@ def build_pformer(cfg: PFormerConfig, llm_width: int, *, meta: bool = False) -> 
             raise ValueError("model.pformer.arch_config is needed to build the P-Former on the meta device")
         with torch.device("meta"):
             encoder = AutoModel.from_config(hf_config_from_json(cfg.arch_config), attn_implementation="eager")
-            return PFormer(_encoder_without_pooler(encoder), cfg.num_prompts, llm_width, cfg.contrast_dim,
-                           cfg.temp_init)
+            return PFormer(
+                _encoder_without_pooler(encoder), cfg.num_prompts, llm_width, cfg.contrast_dim, cfg.temp_init
+            )
     encoder = AutoModel.from_pretrained(cfg.init, dtype=torch.float32)
-    return PFormer(_encoder_without_pooler(encoder), cfg.num_prompts, llm_width, cfg.contrast_dim,
-                   cfg.temp_init)
+    return PFormer(
+        _encoder_without_pooler(encoder), cfg.num_prompts, llm_width, cfg.contrast_dim, cfg.temp_init
+    )
 
 
 # ------------------------------------------------------------------------------------ the losses
-def prefix_lm_loss(llm: nn.Module, soft: torch.Tensor, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor | None, labels: torch.Tensor) -> dict:
+def prefix_lm_loss(
+    llm: nn.Module,
+    soft: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+) -> dict:
     """Next-token cross-entropy of a frozen causal LM on [soft | text] (SimVLG.forward's computation).
     soft [B, P, D]; input_ids, attention_mask, labels [B, L] (labels -100 where no loss).
     -> loss (mean over labelled tokens of the batch), per_sample_loss [B], num_tokens (0-d tensor)."""
@@ -159,13 +172,17 @@ def prefix_lm_loss(llm: nn.Module, soft: torch.Tensor, input_ids: torch.Tensor,
     if "logits_to_keep" in inspect.signature(llm.forward).parameters:  # skip the prompt's logits
         logits = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False, logits_to_keep=L + 1).logits
     else:
-        logits = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits[:, -L - 1:]
+        logits = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits[:, -L - 1 :]
     logits = logits[:, :-1].float()  # [B, L, V]: position P-1+j predicts text token j
-    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
-                          reduction="none").view_as(labels)  # [B, L]
+    tok = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).view_as(labels)  # [B, L]
     n = (labels != IGNORE).sum(1)  # [B]
-    return {"loss": tok.sum() / n.sum().clamp(min=1), "per_sample_loss": tok.sum(1) / n.clamp(min=1),
-            "num_tokens": n.sum()}
+    return {
+        "loss": tok.sum() / n.sum().clamp(min=1),
+        "per_sample_loss": tok.sum(1) / n.clamp(min=1),
+        "num_tokens": n.sum(),
+    }
 
 
 def gather_with_local_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -178,16 +195,19 @@ def gather_with_local_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
     sizes = [int(s) for s in sizes]
     if len(set(sizes)) > 1:
-        raise ValueError(f"contrastive loss: per-rank batch sizes differ {sizes}; every rank needs the same "
-                         "micro-batch (drop the last partial batch)")
+        raise ValueError(
+            f"contrastive loss: per-rank batch sizes differ {sizes}; every rank needs the same "
+            "micro-batch (drop the last partial batch)"
+        )
     parts = [torch.empty_like(x) for _ in range(W)]
     dist.all_gather(parts, x.detach().contiguous())
     parts[rank] = x
     return torch.cat(parts), rank * x.shape[0]
 
 
-def contrastive_loss(query: torch.Tensor, keys: torch.Tensor, temp: torch.Tensor,
-                     label_smoothing: float = 0.1) -> torch.Tensor:
+def contrastive_loss(
+    query: torch.Tensor, keys: torch.Tensor, temp: torch.Tensor, label_smoothing: float = 0.1
+) -> torch.Tensor:
     """query, keys [B, C] unit vectors, keys[i] the positive of query[i]; the negatives are every other
     key of the batch gathered over ranks. Official P-Former: keys is query itself."""
     all_keys, first = gather_with_local_grad(keys)  # [W*B, C]
@@ -204,7 +224,7 @@ def nearest_rows(x: torch.Tensor, codebook: torch.Tensor, chunk: int = 8192) -> 
     best = torch.full((x.shape[0],), float("inf"), device=x.device)
     index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     for start in range(0, codebook.shape[0], chunk):
-        c = codebook[start:start + chunk].to(device=x.device, dtype=torch.float32)  # [v, D]
+        c = codebook[start : start + chunk].to(device=x.device, dtype=torch.float32)  # [v, D]
         d = (c * c).sum(1) - 2 * x @ c.T  # [M, v]: ||x - c||^2 - ||x||^2 (the same for every row)
         val, j = d.min(1)
         better = val < best  # ties keep the earlier row, as argmin does
@@ -225,13 +245,21 @@ def vq_loss(prompts: torch.Tensor, codebook: torch.Tensor, chunk: int = 8192) ->
 class PFormerStage0(nn.Module):
     """P-Former (trainable) + frozen LLM: the model `simvlg train` runs on text-only batches."""
 
-    def __init__(self, cfg: PFormerConfig, pformer: PFormer, llm: nn.Module, *, tokenizer=None,
-                 llm_name: str | None = None):
+    def __init__(
+        self,
+        cfg: PFormerConfig,
+        pformer: PFormer,
+        llm: nn.Module,
+        *,
+        tokenizer=None,
+        llm_name: str | None = None,
+    ):
         super().__init__()
         width = llm.get_input_embeddings().weight.shape[1]
         if pformer.llm_width != width:
-            raise ValueError(f"the P-Former makes prompts of width {pformer.llm_width}, "
-                             f"the LLM is {width} wide")
+            raise ValueError(
+                f"the P-Former makes prompts of width {pformer.llm_width}, the LLM is {width} wide"
+            )
         self.cfg, self.pformer, self.llm = cfg, pformer, freeze(llm)
         self.tokenizer, self.llm_name = tokenizer, llm_name  # saved with the P-Former (save_trained)
         self.train(True)
@@ -244,16 +272,19 @@ class PFormerStage0(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def forward(self, bert_input_ids, bert_attention_mask, input_ids, attention_mask, labels,
-                bert_input_ids_2=None) -> dict:
+    def forward(
+        self, bert_input_ids, bert_attention_mask, input_ids, attention_mask, labels, bert_input_ids_2=None
+    ) -> dict:
         """bert_input_ids [B, Lb] (masked), bert_attention_mask [B, Lb], bert_input_ids_2 [B, Lb] (the second
         masked view, views=2 only); input_ids, attention_mask, labels [B, L] for the LLM (CaptionTokenizer).
         -> loss (the weighted sum), losses {lm, contrastive, vq} (those with weight > 0, unweighted),
         per_sample_loss [B] and num_tokens (0-d tensor) of the LM term."""
         c = self.cfg
         if (bert_input_ids_2 is not None) != (c.views == 2):
-            raise ValueError(f"model.pformer.views is {c.views} but the batch has "
-                             f"{'two' if bert_input_ids_2 is not None else 'one'} masked view(s)")
+            raise ValueError(
+                f"model.pformer.views is {c.views} but the batch has "
+                f"{'two' if bert_input_ids_2 is not None else 'one'} masked view(s)"
+            )
         cls = self.pformer.encode(bert_input_ids, bert_attention_mask)  # [B, H]
         prompts = self.pformer.prompts_from_cls(cls)  # [B, N, D]
         lm = prefix_lm_loss(self.llm, prompts, input_ids, attention_mask, labels)
@@ -268,8 +299,10 @@ class PFormerStage0(nn.Module):
                 loss_c = contrastive_loss(f1, f1, temp, c.label_smoothing)
             else:
                 f2 = self.pformer.text_features(self.pformer.encode(bert_input_ids_2, bert_attention_mask))
-                loss_c = (contrastive_loss(f1, f2, temp, c.label_smoothing)
-                          + contrastive_loss(f2, f1, temp, c.label_smoothing)) / 2
+                loss_c = (
+                    contrastive_loss(f1, f2, temp, c.label_smoothing)
+                    + contrastive_loss(f2, f1, temp, c.label_smoothing)
+                ) / 2
             terms["contrastive"] = (c.contrastive_weight, loss_c)
         if c.vq_weight > 0:
             codebook = self.llm.get_input_embeddings().weight  # [V, D]
@@ -294,8 +327,9 @@ class PFormerStage0(nn.Module):
         return path
 
 
-def build_stage0(cfg: PFormerConfig, llm_cfg: LLMConfig, *, device="cpu",
-                 meta: bool = False) -> PFormerStage0:
+def build_stage0(
+    cfg: PFormerConfig, llm_cfg: LLMConfig, *, device="cpu", meta: bool = False
+) -> PFormerStage0:
     """The stage-0 model; meta=True builds both at full size on the meta device from cfg.arch_config and
     llm_cfg.arch_config (for FLOP counts: inputs on meta, BERT attention_mask None)."""
     llm = build_llm(llm_cfg, device=device, meta=meta)
@@ -306,8 +340,15 @@ def build_stage0(cfg: PFormerConfig, llm_cfg: LLMConfig, *, device="cpu",
 
 
 # ------------------------------------------------------------------------------------ text side
-def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, mask_id: int, keep_ids: list[int],
-                ratio: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    mask_id: int,
+    keep_ids: list[int],
+    ratio: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace each maskable token by [MASK] with probability `ratio` (Bernoulli per token, as the
     official code). Never masked: padding (attention_mask 0) and keep_ids ([CLS], [SEP], [PAD]).
     -> (masked ids [B, L], which positions were masked [B, L] bool)."""
@@ -322,8 +363,9 @@ class SentenceBatcher:
     sentences themselves: a batch is a function of its data and the seed, never of the process or of
     how many batches came before, so a resumed run masks exactly as the uninterrupted one."""
 
-    def __init__(self, bert_tokenizer, caption_tokenizer: CaptionTokenizer, cfg: PFormerConfig,
-                 seed: int = 0):
+    def __init__(
+        self, bert_tokenizer, caption_tokenizer: CaptionTokenizer, cfg: PFormerConfig, seed: int = 0
+    ):
         self.bert_tokenizer, self.caption_tokenizer, self.cfg = bert_tokenizer, caption_tokenizer, cfg
         self.seed = seed
         t = bert_tokenizer
@@ -342,8 +384,12 @@ class SentenceBatcher:
         g = torch.Generator().manual_seed(seed)
         out = self.bert_inputs(sentences)
         ids, att = out["bert_input_ids"], out["bert_attention_mask"]
-        kw = dict(mask_id=self.bert_tokenizer.mask_token_id, keep_ids=self.keep_ids,
-                  ratio=self.cfg.mask_ratio, generator=g)
+        kw = dict(
+            mask_id=self.bert_tokenizer.mask_token_id,
+            keep_ids=self.keep_ids,
+            ratio=self.cfg.mask_ratio,
+            generator=g,
+        )
         out["bert_input_ids"] = mask_tokens(ids, att, **kw)[0]
         if self.cfg.views == 2:
             out["bert_input_ids_2"] = mask_tokens(ids, att, **kw)[0]
@@ -353,8 +399,13 @@ class SentenceBatcher:
 def pformer_inputs(bert_tokenizer, sentences: list[str], max_text_tokens: int) -> dict[str, torch.Tensor]:
     """[CLS] words [SEP], padded to the longest, at most max_text_tokens -> bert_input_ids,
     bert_attention_mask [B, Lb] (unmasked: stage 0 masks them; the alignment targets read them as is)."""
-    enc = bert_tokenizer([s.strip() for s in sentences], padding="longest", truncation=True,
-                         max_length=max_text_tokens, return_tensors="pt")
+    enc = bert_tokenizer(
+        [s.strip() for s in sentences],
+        padding="longest",
+        truncation=True,
+        max_length=max_text_tokens,
+        return_tensors="pt",
+    )
     return {"bert_input_ids": enc["input_ids"], "bert_attention_mask": enc["attention_mask"]}
 
 
@@ -365,8 +416,15 @@ def sentence_seed(seed: int, sentences: list[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------------ files
-def save_pformer(pformer: PFormer, path: str | Path, cfg: PFormerConfig, *, tokenizer=None,
-                 llm_name: str | None = None, step: int | None = None) -> Path:
+def save_pformer(
+    pformer: PFormer,
+    path: str | Path,
+    cfg: PFormerConfig,
+    *,
+    tokenizer=None,
+    llm_name: str | None = None,
+    step: int | None = None,
+) -> Path:
     """An HF-style folder: model.safetensors (every P-Former weight), config.json (all that rebuilds it:
     the encoder's config, N, widths, the stage-0 config) and, if given, the BERT tokenizer in tokenizer/.
     Each file is written under a temporary name and renamed into place."""
@@ -378,10 +436,18 @@ def save_pformer(pformer: PFormer, path: str | Path, cfg: PFormerConfig, *, toke
     tmp = path / f".{PFORMER_WEIGHTS}.tmp"
     save_file(sd, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path / PFORMER_WEIGHTS)
-    meta = {"format": PFORMER_FORMAT, "version": 1, "num_prompts": pformer.num_prompts,
-            "llm_width": pformer.llm_width, "contrast_dim": pformer.text_proj.out_features, "llm": llm_name,
-            "step": step, "encoder": pformer.encoder.config.to_dict(), "pformer": cfg.model_dump(mode="json"),
-            "parameters": sum(v.numel() for v in sd.values())}
+    meta = {
+        "format": PFORMER_FORMAT,
+        "version": 1,
+        "num_prompts": pformer.num_prompts,
+        "llm_width": pformer.llm_width,
+        "contrast_dim": pformer.text_proj.out_features,
+        "llm": llm_name,
+        "step": step,
+        "encoder": pformer.encoder.config.to_dict(),
+        "pformer": cfg.model_dump(mode="json"),
+        "parameters": sum(v.numel() for v in sd.values()),
+    }
     tmp = path / f".{PFORMER_CONFIG}.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, path / PFORMER_CONFIG)
@@ -401,13 +467,16 @@ def read_pformer_config(path: str | Path) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{f}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != PFORMER_FORMAT:
-        raise ValueError(f"{f}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                         f"expected {PFORMER_FORMAT!r}")
+        raise ValueError(
+            f"{f}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, "
+            f"expected {PFORMER_FORMAT!r}"
+        )
     return meta
 
 
-def load_pformer(path: str | Path, *, llm_width: int | None = None, device="cpu",
-                 frozen: bool = True) -> PFormer:
+def load_pformer(
+    path: str | Path, *, llm_width: int | None = None, device="cpu", frozen: bool = True
+) -> PFormer:
     """Rebuild a save_pformer folder and load it strictly: a missing or unexpected key, a shape that
     differs, or prompts of another LLM width are a one-line error naming the folder. frozen=True: ready
     to give alignment targets (see PFormer.freeze)."""
@@ -417,24 +486,30 @@ def load_pformer(path: str | Path, *, llm_width: int | None = None, device="cpu"
     path = Path(path)
     meta = read_pformer_config(path)
     if llm_width is not None and meta["llm_width"] != llm_width:
-        raise ValueError(f"{path}: its prompts are {meta['llm_width']} wide (LLM {meta.get('llm')}), "
-                         f"this LLM's embeddings are {llm_width}")
+        raise ValueError(
+            f"{path}: its prompts are {meta['llm_width']} wide (LLM {meta.get('llm')}), "
+            f"this LLM's embeddings are {llm_width}"
+        )
     weights = path / PFORMER_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{path}: no {PFORMER_WEIGHTS}")
     enc_cfg = dict(meta["encoder"])
     encoder = AutoModel.from_config(AutoConfig.for_model(enc_cfg.pop("model_type"), **enc_cfg))
-    pformer = PFormer(_encoder_without_pooler(encoder), meta["num_prompts"], meta["llm_width"],
-                      meta["contrast_dim"])
+    pformer = PFormer(
+        _encoder_without_pooler(encoder), meta["num_prompts"], meta["llm_width"], meta["contrast_dim"]
+    )
     sd, own = load_file(str(weights)), pformer.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if missing or unexpected:
-        raise ValueError(f"{weights}: does not match its {PFORMER_CONFIG}: missing {_few(missing)}, "
-                         f"unexpected {_few(unexpected)}")
+        raise ValueError(
+            f"{weights}: does not match its {PFORMER_CONFIG}: missing {_few(missing)}, "
+            f"unexpected {_few(unexpected)}"
+        )
     for k, t in own.items():
         if sd[k].shape != t.shape:
-            raise ValueError(f"{weights}: {k} has shape {tuple(sd[k].shape)}, {PFORMER_CONFIG} gives "
-                             f"{tuple(t.shape)}")
+            raise ValueError(
+                f"{weights}: {k} has shape {tuple(sd[k].shape)}, {PFORMER_CONFIG} gives {tuple(t.shape)}"
+            )
     pformer.load_state_dict(sd, strict=True)
     pformer.to(device)
     return pformer.freeze() if frozen else pformer

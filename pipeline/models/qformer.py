@@ -22,13 +22,19 @@ def qformer_config(bert_cfg, cfg: QFormerConfig, vision_width: int):
     from transformers import Blip2QFormerConfig
 
     return Blip2QFormerConfig(
-        vocab_size=bert_cfg.vocab_size, hidden_size=bert_cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=bert_cfg.num_attention_heads,
-        intermediate_size=bert_cfg.intermediate_size, hidden_act=bert_cfg.hidden_act,
+        vocab_size=bert_cfg.vocab_size,
+        hidden_size=bert_cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=bert_cfg.num_attention_heads,
+        intermediate_size=bert_cfg.intermediate_size,
+        hidden_act=bert_cfg.hidden_act,
         hidden_dropout_prob=bert_cfg.hidden_dropout_prob,
         attention_probs_dropout_prob=bert_cfg.attention_probs_dropout_prob,
-        max_position_embeddings=bert_cfg.max_position_embeddings, layer_norm_eps=bert_cfg.layer_norm_eps,
-        cross_attention_frequency=cfg.cross_attention_freq, encoder_hidden_size=vision_width)
+        max_position_embeddings=bert_cfg.max_position_embeddings,
+        layer_norm_eps=bert_cfg.layer_norm_eps,
+        cross_attention_frequency=cfg.cross_attention_freq,
+        encoder_hidden_size=vision_width,
+    )
 
 
 def bert_to_qformer(bert_state: dict, qformer: nn.Module) -> dict:
@@ -41,9 +47,11 @@ def bert_to_qformer(bert_state: dict, qformer: nn.Module) -> dict:
         elif k.startswith("encoder.layer."):
             k = k.replace(".attention.self.", ".attention.attention.")
             out[k] = v
-            out[k.replace(".intermediate.", ".intermediate_query.").replace(".output.dense",
-                                                                             ".output_query.dense")
-              .replace(".output.LayerNorm", ".output_query.LayerNorm")] = v
+            out[
+                k.replace(".intermediate.", ".intermediate_query.")
+                .replace(".output.dense", ".output_query.dense")
+                .replace(".output.LayerNorm", ".output_query.LayerNorm")
+            ] = v
     own = qformer.state_dict()
     return {k: v for k, v in out.items() if k in own and own[k].shape == v.shape}
 

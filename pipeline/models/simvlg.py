@@ -81,8 +81,14 @@ class QFormerConnector(nn.Module):
 
 
 class SimVLG(nn.Module):
-    def __init__(self, cfg: ModelConfig, vision: VisionTower, connector: nn.Module, llm: nn.Module,
-                 tokenizer: CaptionTokenizer | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vision: VisionTower,
+        connector: nn.Module,
+        llm: nn.Module,
+        tokenizer: CaptionTokenizer | None = None,
+    ):
         super().__init__()
         self.cfg = cfg
         self.vision, self.connector, self.llm = vision, connector, llm
@@ -107,9 +113,13 @@ class SimVLG(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         count = lambda m, t: sum(p.numel() for p in m.parameters() if p.requires_grad == t)
-        return {"trainable": count(self, True), "frozen": count(self, False),
-                "vision": count(self.vision, False), "llm": count(self.llm, False),
-                "connector": sum(p.numel() for p in self.connector.parameters())}
+        return {
+            "trainable": count(self, True),
+            "frozen": count(self, False),
+            "vision": count(self.vision, False),
+            "llm": count(self.llm, False),
+            "connector": sum(p.numel() for p in self.connector.parameters()),
+        }
 
     @property
     def connector_dtype(self) -> torch.dtype:
@@ -137,8 +147,12 @@ class SimVLG(nn.Module):
         temporal = self.connector.temporal
         return self.vision(pixel_values, temporal=temporal if pixel_values.dim() == 5 else None)
 
-    def soft_prompt(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
-                    text_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def soft_prompt(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Pixels -> soft prompt [B, P, D_llm] in the LLM's dtype. The joint connector also reads the
         text input: input_ids [B, L] with text_mask [B, L] marking its tokens (others ignore both)."""
         return self._soft_prompt(pixel_values, self._connect(input_ids, text_mask))[0]
@@ -153,8 +167,10 @@ class SimVLG(nn.Module):
 
         def connect(feats):
             k = feats.shape[0] // embeds.shape[0]  # frames per sample with concat video, else 1
-            return self.connector(feats, text_embeds=embeds.repeat_interleave(k, 0),
-                                  text_mask=mask.repeat_interleave(k, 0)), None
+            return self.connector(
+                feats, text_embeds=embeds.repeat_interleave(k, 0), text_mask=mask.repeat_interleave(k, 0)
+            ), None
+
         return connect
 
     def soft_prompt_with_sources(self, pixel_values: torch.Tensor):
@@ -176,8 +192,9 @@ class SimVLG(nn.Module):
         return soft.to(self.llm_dtype), sources
 
     @torch.no_grad()
-    def merge_info(self, pixel_values: torch.Tensor, layers: list[int] | None = None
-                   ) -> dict[int, torch.Tensor]:
+    def merge_info(
+        self, pixel_values: torch.Tensor, layers: list[int] | None = None
+    ) -> dict[int, torch.Tensor]:
         """Which soft token each image patch ends up in: {layer: [B, gh, gw] long} (0-based layers;
         token 0 is the protected CLS, so patch ids are >= 1). For concat video: [B*T, gh, gw]."""
         was = self.training
@@ -212,8 +229,9 @@ class SimVLG(nn.Module):
         ones = torch.ones(soft.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
         return embeds, torch.cat([ones, attention_mask], dim=1)  # [B, P+L]
 
-    def forward(self, pixel_values, input_ids, attention_mask, labels, bert_input_ids=None,
-                bert_attention_mask=None) -> dict:
+    def forward(
+        self, pixel_values, input_ids, attention_mask, labels, bert_input_ids=None, bert_attention_mask=None
+    ) -> dict:
         """Next-token cross-entropy on caption tokens only (labels: -100 on prompt and padding).
         pixel_values [B, 3, H, W] or [B, T, 3, H, W]; input_ids, attention_mask, labels [B, L]
         (attention_mask None: no padding). -> loss (mean over caption tokens of the batch),
@@ -227,13 +245,15 @@ class SimVLG(nn.Module):
         embeds, mask = self._inputs(soft, input_ids, attention_mask)
         L = input_ids.shape[1]
         if self._logits_to_keep:  # logits at positions P-1 .. P+L-1 only (not the soft prompt's)
-            logits = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False,
-                              logits_to_keep=L + 1).logits
+            logits = self.llm(
+                inputs_embeds=embeds, attention_mask=mask, use_cache=False, logits_to_keep=L + 1
+            ).logits
         else:
-            logits = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits[:, -L - 1:]
+            logits = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits[:, -L - 1 :]
         logits = logits[:, :-1].float()  # [B, L, V]: position P-1+j predicts text token j
-        tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                              ignore_index=IGNORE, reduction="none").view_as(labels)  # [B, L]
+        tok = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
+        ).view_as(labels)  # [B, L]
         n = (labels != IGNORE).sum(1)  # [B]
         per_sample = tok.sum(1) / n.clamp(min=1)
         loss = tok.sum() / n.sum().clamp(min=1)
@@ -249,25 +269,39 @@ class SimVLG(nn.Module):
         stays in eval mode through .train(). Its N prompts must match the soft prompt's length."""
         P, width = self.soft_prompt_length(num_frames), self.llm.get_input_embeddings().weight.shape[1]
         if pformer.num_prompts != P or pformer.llm_width != width:
-            raise ValueError(f"model.pformer_checkpoint: the P-Former makes {pformer.num_prompts} prompts of "
-                             f"width {pformer.llm_width}, this {self.cfg.connector} model's soft prompt is "
-                             f"{P} x {width}; pre-train a P-Former with model.pformer.num_prompts={P} "
-                             "against this LLM")
+            raise ValueError(
+                f"model.pformer_checkpoint: the P-Former makes {pformer.num_prompts} prompts of "
+                f"width {pformer.llm_width}, this {self.cfg.connector} model's soft prompt is "
+                f"{P} x {width}; pre-train a P-Former with model.pformer.num_prompts={P} "
+                "against this LLM"
+            )
         self.pformer = pformer.freeze()
         self.align_weight, self.align_match = float(weight), match
 
     def _with_alignment(self, out: dict, soft, bert_input_ids, bert_attention_mask) -> dict:
         if bert_input_ids is None:
-            raise ValueError("P-Former alignment: the batch has no bert_input_ids (the captions' P-Former "
-                             "tokens); build the collate with pipeline.models.training_tokenizer")
+            raise ValueError(
+                "P-Former alignment: the batch has no bert_input_ids (the captions' P-Former "
+                "tokens); build the collate with pipeline.models.training_tokenizer"
+            )
         target = self.pformer(bert_input_ids, bert_attention_mask)  # [B, N, D], frozen: no autograd
         align = alignment_loss(soft, target, self.align_match)
-        return {**out, "loss": out["loss"] + self.align_weight * align,
-                "losses": {"lm": out["loss"], "align": align}}
+        return {
+            **out,
+            "loss": out["loss"] + self.align_weight * align,
+            "losses": {"lm": out["loss"], "align": align},
+        }
 
     @torch.no_grad()
-    def generate(self, pixel_values, prompt: str | list[str] | None = None, num_beams: int = 5,
-                 max_new_tokens: int = 30, min_new_tokens: int = 8, **kw) -> list[str]:
+    def generate(
+        self,
+        pixel_values,
+        prompt: str | list[str] | None = None,
+        num_beams: int = 5,
+        max_new_tokens: int = 30,
+        min_new_tokens: int = 8,
+        **kw,
+    ) -> list[str]:
         """Captions (prompt None: the config's prompt) or answers (prompt = "Question: ... Short
         answer:" per image). num_beams=1 is greedy. Extra kwargs go to the LLM's generate()."""
         if self.tokenizer is None:
@@ -284,10 +318,17 @@ class SimVLG(nn.Module):
             enc = {k: v.to(pixel_values.device) for k, v in self.tokenizer.prompts(prompts).items()}
             soft = self.soft_prompt(pixel_values, enc["input_ids"], enc["attention_mask"])  # [B, P, D]
             embeds, mask = self._inputs(soft, enc["input_ids"], enc["attention_mask"])
-            out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, num_beams=num_beams,
-                                    do_sample=kw.pop("do_sample", False), max_new_tokens=max_new_tokens,
-                                    min_new_tokens=min_new_tokens, eos_token_id=self.tokenizer.stop_ids,
-                                    pad_token_id=self.tokenizer.pad_id, **kw)
+            out = self.llm.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                num_beams=num_beams,
+                do_sample=kw.pop("do_sample", False),
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
+                eos_token_id=self.tokenizer.stop_ids,
+                pad_token_id=self.tokenizer.pad_id,
+                **kw,
+            )
         finally:
             self.train(was)
         return self.tokenizer.decode(out)
@@ -314,9 +355,14 @@ class SimVLG(nn.Module):
         tmp.mkdir(parents=True)
         sd = {k: v.detach().cpu().contiguous() for k, v in self.connector_state_dict().items()}
         save_file(sd, str(tmp / CONNECTOR_WEIGHTS), metadata={"format": "pt"})
-        meta = {"format": "simvlg-connector", "version": 1, "connector": self.cfg.connector,
-                "step": step, "model": self.cfg.model_dump(mode="json"),
-                "parameters": sum(v.numel() for v in sd.values())}
+        meta = {
+            "format": "simvlg-connector",
+            "version": 1,
+            "connector": self.cfg.connector,
+            "step": step,
+            "model": self.cfg.model_dump(mode="json"),
+            "parameters": sum(v.numel() for v in sd.values()),
+        }
         (tmp / CONNECTOR_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
@@ -330,15 +376,18 @@ class SimVLG(nn.Module):
         path = Path(path)
         meta = json.loads((path / CONNECTOR_CONFIG).read_text())
         if meta.get("connector") != self.cfg.connector:
-            raise ValueError(f"{path}: a {meta.get('connector')} connector, this model has "
-                             f"{self.cfg.connector}")
+            raise ValueError(
+                f"{path}: a {meta.get('connector')} connector, this model has {self.cfg.connector}"
+            )
         sd = load_file(str(path / CONNECTOR_WEIGHTS))
         own = self.connector.state_dict()
         missing = [k for k in own if k not in sd]
         unexpected = [k for k in sd if k not in own]
         if unexpected or any(not k.startswith("temporal.") for k in missing):
-            raise ValueError(f"{path}: connector weights do not match this model (missing "
-                             f"{missing[:3]}, unexpected {unexpected[:3]})")
+            raise ValueError(
+                f"{path}: connector weights do not match this model (missing "
+                f"{missing[:3]}, unexpected {unexpected[:3]})"
+            )
         self.connector.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=False)
         return missing
 
@@ -353,8 +402,9 @@ def build_connector(cfg: ModelConfig, vision: VisionTower, llm_width: int, *, me
     temporal = None
     if cfg.video.enabled:
         with torch.device("meta" if meta else "cpu"):
-            temporal = build_temporal(vision.num_blocks, vision.width, cfg.video.temporal_dim,
-                                      cfg.video.temporal_heads)
+            temporal = build_temporal(
+                vision.num_blocks, vision.width, cfg.video.temporal_dim, cfg.video.temporal_heads
+            )
     if cfg.connector == "joint":  # random init (no checkpoint): built on the meta device directly
         with torch.device("meta" if meta else "cpu"):
             return JointConnector(vision.width, llm_width, **cfg.joint.model_dump(), temporal=temporal)

@@ -24,9 +24,11 @@ class TemporalMerge(nn.Module):
     def __init__(self, dim: int, hidden_dim: int = 256, num_heads: int = 8):
         super().__init__()
         if hidden_dim % num_heads or dim % num_heads:
-            raise ValueError(f"temporal_heads ({num_heads}) must divide temporal_dim ({hidden_dim}) "
-                             f"and the ViT width ({dim})")
-        self.num_heads, self.scale = num_heads, hidden_dim ** -0.5
+            raise ValueError(
+                f"temporal_heads ({num_heads}) must divide temporal_dim ({hidden_dim}) "
+                f"and the ViT width ({dim})"
+            )
+        self.num_heads, self.scale = num_heads, hidden_dim**-0.5
         self.query = nn.Linear(dim, hidden_dim)
         self.key = nn.Linear(dim, hidden_dim)
         self.gate = nn.Parameter(torch.zeros(()))

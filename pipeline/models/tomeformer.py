@@ -71,8 +71,10 @@ class Embeddings(nn.Module):
     def forward(self, x):  # [B, N, C]
         N = x.shape[1]
         if N > self.position_embeddings.num_embeddings:
-            raise ValueError(f"{N} visual tokens but the TomeFormer has "
-                             f"{self.position_embeddings.num_embeddings} positions")
+            raise ValueError(
+                f"{N} visual tokens but the TomeFormer has "
+                f"{self.position_embeddings.num_embeddings} positions"
+            )
         x = x + self.position_embeddings.weight[:N] + self.token_type_embeddings.weight[0]
         return self.dropout(self.LayerNorm(x))
 
@@ -143,8 +145,9 @@ class TomeLayer(nn.Module):
         bias = None
         if self.prop_attn and size is not None:
             bias = size[..., 0].log()[:, None, None, :].to(q.dtype)  # [B, 1, 1, N] log(size) per key
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.attn_dropout if self.training else 0.0
+        )
         x = self.attention.output(a.transpose(1, 2).reshape(B, N, C), x)  # [B, N, C]
 
         metric = k.mean(1)  # [B, N, d] keys averaged over heads
@@ -172,8 +175,15 @@ class Encoder(nn.Module):
 class TomeFormer(nn.Module):
     """BERT with token merging: [B, N, C] -> [B, N - sum(r), C] (see the module docstring)."""
 
-    def __init__(self, bert_config, rs: list[int], merge_mode: str = "wavg", prop_attn: bool = True,
-                 token_order: str = "original", backend: str = "auto"):
+    def __init__(
+        self,
+        bert_config,
+        rs: list[int],
+        merge_mode: str = "wavg",
+        prop_attn: bool = True,
+        token_order: str = "original",
+        backend: str = "auto",
+    ):
         super().__init__()
         c = bert_config
         if c.hidden_size % c.num_attention_heads:
@@ -227,8 +237,12 @@ def load_bert_weights(tf: TomeFormer, bert_state: dict[str, torch.Tensor]) -> No
 def build_tomeformer(cfg: TomeFormerConfig, *, meta: bool = False) -> TomeFormer:
     """From cfg.init (HF id or folder of a BERT-family model); on meta from cfg.arch_config."""
     rs = layer_r(cfg.r, cfg.num_layers)
-    kw = dict(merge_mode=cfg.merge_mode, prop_attn=cfg.prop_attn, token_order=cfg.token_order,
-              backend=cfg.kernel_backend)
+    kw = dict(
+        merge_mode=cfg.merge_mode,
+        prop_attn=cfg.prop_attn,
+        token_order=cfg.token_order,
+        backend=cfg.kernel_backend,
+    )
     if meta:
         if cfg.arch_config is None:
             raise ValueError("model.tomeformer.arch_config is needed to build on the meta device")
@@ -247,5 +261,6 @@ def build_tomeformer(cfg: TomeFormerConfig, *, meta: bool = False) -> TomeFormer
 
 def _check_depth(bert_cfg, cfg: TomeFormerConfig):
     if bert_cfg.num_hidden_layers < cfg.num_layers:
-        raise ValueError(f"tomeformer.num_layers {cfg.num_layers} > {bert_cfg.num_hidden_layers} layers "
-                         f"in {cfg.init}")
+        raise ValueError(
+            f"tomeformer.num_layers {cfg.num_layers} > {bert_cfg.num_hidden_layers} layers in {cfg.init}"
+        )

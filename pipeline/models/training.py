@@ -33,8 +33,10 @@ def build_training_model(cfg: Config, *, device="cpu") -> nn.Module:
         from transformers import AutoTokenizer
 
         if cfg.train.align_weight > 0:
-            raise ValueError("train.align_weight applies to SimVLG training; a model.kind: pformer run "
-                             "trains the P-Former itself (set train.align_weight=0)")
+            raise ValueError(
+                "train.align_weight applies to SimVLG training; a model.kind: pformer run "
+                "trains the P-Former itself (set train.align_weight=0)"
+            )
         stage0 = build_stage0(cfg.model.pformer, cfg.model.llm, device=device)
         stage0.tokenizer = AutoTokenizer.from_pretrained(cfg.model.pformer.init)
         stage0.llm_name = cfg.model.llm.name
@@ -42,11 +44,17 @@ def build_training_model(cfg: Config, *, device="cpu") -> nn.Module:
     model = build_model(cfg.model, device=device)
     if cfg.train.align_weight > 0:
         if cfg.model.pformer_checkpoint is None:
-            raise ValueError(f"train.align_weight is {cfg.train.align_weight} but model.pformer_checkpoint "
-                             "is not set; name the P-Former folder a model.kind: pformer run wrote")
+            raise ValueError(
+                f"train.align_weight is {cfg.train.align_weight} but model.pformer_checkpoint "
+                "is not set; name the P-Former folder a model.kind: pformer run wrote"
+            )
         frames = cfg.data.num_frames if cfg.model.video.enabled else 1
-        model.align_to(load_pformer(cfg.model.pformer_checkpoint, device=device), cfg.train.align_weight,
-                       cfg.train.align_match, num_frames=frames)
+        model.align_to(
+            load_pformer(cfg.model.pformer_checkpoint, device=device),
+            cfg.train.align_weight,
+            cfg.train.align_match,
+            num_frames=frames,
+        )
     return model
 
 
@@ -56,10 +64,17 @@ def training_tokenizer(cfg: Config) -> Callable:
     if cfg.model.kind == "pformer":
         from transformers import AutoTokenizer
 
-        return SentenceBatcher(AutoTokenizer.from_pretrained(cfg.model.pformer.init), captions,
-                               cfg.model.pformer, seed=cfg.run.seed)
+        return SentenceBatcher(
+            AutoTokenizer.from_pretrained(cfg.model.pformer.init),
+            captions,
+            cfg.model.pformer,
+            seed=cfg.run.seed,
+        )
     if cfg.train.align_weight > 0:
         folder = cfg.model.pformer_checkpoint
-        return CaptionsWithTargets(captions, load_pformer_tokenizer(folder),
-                                   read_pformer_config(folder)["pformer"]["max_text_tokens"])
+        return CaptionsWithTargets(
+            captions,
+            load_pformer_tokenizer(folder),
+            read_pformer_config(folder)["pformer"]["max_text_tokens"],
+        )
     return captions

@@ -47,6 +47,7 @@ def n_blocks_run(depth: int, feature_layer: int) -> int:
 # Each adapter knows one family's layout: embed(pixels) -> (tokens, extra), attn_half(block, x, extra)
 # = x + attention part, mlp_half(block, x) = x + MLP part, and how to drop the unused tail.
 
+
 class TimmAdapter:
     """timm Eva (EVA-01/02, EVA-CLIP) and VisionTransformer: norm1/attn/norm2/mlp blocks."""
 
@@ -56,8 +57,10 @@ class TimmAdapter:
 
         self.eva = isinstance(model, Eva)
         if not (self.eva or isinstance(model, VisionTransformer)) or getattr(model, "rope_mixed", False):
-            raise TypeError(f"timm model {type(model).__name__} is not supported (Eva or "
-                            "VisionTransformer with norm1/attn/norm2/mlp blocks)")
+            raise TypeError(
+                f"timm model {type(model).__name__} is not supported (Eva or "
+                "VisionTransformer with norm1/attn/norm2/mlp blocks)"
+            )
         self.num_prefix_tokens = model.num_prefix_tokens
         self.grid = tuple(model.patch_embed.grid_size)
         self.width = model.embed_dim
@@ -107,9 +110,14 @@ class HFViTAdapter:
     @staticmethod
     def supports(model) -> bool:
         layers = getattr(model, "layers", None)
-        return (type(model).__name__ == "ViTModel" and layers is not None
-                and all(hasattr(layers[0], a) for a in ("layernorm_before", "attention", "mlp",
-                                                        "layernorm_after", "dropout")))
+        return (
+            type(model).__name__ == "ViTModel"
+            and layers is not None
+            and all(
+                hasattr(layers[0], a)
+                for a in ("layernorm_before", "attention", "mlp", "layernorm_after", "dropout")
+            )
+        )
 
     @staticmethod
     def blocks(model):
@@ -142,8 +150,11 @@ class VisionTower(nn.Module):
         if adapter is not None:
             self.num_blocks = n_blocks_run(len(adapter.blocks(model)), feature_layer)
             adapter.truncate(model, self.num_blocks)
-            self.num_prefix_tokens, self.grid, self.width = (adapter.num_prefix_tokens, adapter.grid,
-                                                             adapter.width)
+            self.num_prefix_tokens, self.grid, self.width = (
+                adapter.num_prefix_tokens,
+                adapter.grid,
+                adapter.width,
+            )
         else:  # generic HF tower: hidden_states[feature_layer]
             c = getattr(model.config, "vision_config", model.config)
             self.num_blocks = n_blocks_run(c.num_hidden_layers, feature_layer)
@@ -185,8 +196,9 @@ class VisionTower(nn.Module):
                 for i, blk in enumerate(a.blocks(self.model)):
                     tm = temporal[i] if temporal is not None else None
                     if recompute:  # keep only the block input; rerun the block in backward
-                        x = checkpoint(self._block, blk, tm, x, extra, T, use_reentrant=False,
-                                       preserve_rng_state=False)
+                        x = checkpoint(
+                            self._block, blk, tm, x, extra, T, use_reentrant=False, preserve_rng_state=False
+                        )
                     else:
                         x = self._block(blk, tm, x, extra, T)
         return x.view(B, T, *x.shape[1:]) if video else x  # [B, (T,) N, D]
@@ -203,6 +215,7 @@ class VisionTower(nn.Module):
 def _load_state_dict(path: str) -> dict:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
+
         return load_file(path)
     sd = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("model", "state_dict", "module"):
@@ -230,11 +243,17 @@ def _build_timm(cfg: VisionConfig, meta: bool) -> nn.Module:
         missing, _ = model.load_state_dict(sd, strict=False)
         # BLIP-2's eva_vit_g.pth has 39 blocks and no final norm/head: only unused parts may be missing
         n = n_blocks_run(len(model.blocks), cfg.feature_layer)
-        used_missing = [k for k in missing if not k.startswith(("norm.", "fc_norm.", "head."))
-                        and not (k.startswith("blocks.") and int(k.split(".")[1]) >= n)]
+        used_missing = [
+            k
+            for k in missing
+            if not k.startswith(("norm.", "fc_norm.", "head."))
+            and not (k.startswith("blocks.") and int(k.split(".")[1]) >= n)
+        ]
         if used_missing:
-            raise ValueError(f"{cfg.checkpoint}: missing weights for {used_missing[:5]}"
-                             f"{' ...' if len(used_missing) > 5 else ''}")
+            raise ValueError(
+                f"{cfg.checkpoint}: missing weights for {used_missing[:5]}"
+                f"{' ...' if len(used_missing) > 5 else ''}"
+            )
     return model
 
 
@@ -268,4 +287,3 @@ def build_vision(cfg: VisionConfig, *, device="cpu", meta: bool = False) -> Visi
     elif cfg.loader == "timm":
         tower.to(dtype=DTYPES[cfg.precision])
     return tower
-

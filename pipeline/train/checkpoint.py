@@ -34,9 +34,11 @@ def _name(step: int) -> str:
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
-    state = {"python": _listify(random.getstate()),
-             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-             "torch": torch.get_rng_state().tolist()}
+    state = {
+        "python": _listify(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
@@ -60,12 +62,16 @@ def _tuplify(x):
 
 
 def _file_sizes(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_size
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "COMPLETE.json"}
+    return {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "COMPLETE.json"
+    }
 
 
-def save(engine, root: Path, step: int, rank_state: dict, *, rank: int, world_size: int,
-         keep: int, barrier) -> Path:
+def save(
+    engine, root: Path, step: int, rank_state: dict, *, rank: int, world_size: int, keep: int, barrier
+) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder."""
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / _name(step), root / f".tmp-{_name(step)}"
@@ -76,8 +82,9 @@ def save(engine, root: Path, step: int, rank_state: dict, *, rank: int, world_si
     write_json_atomic(tmp / f"rank{rank}.json", {"step": step, **rank_state}, indent=None)  # RNG states
     barrier()
     if rank == 0:
-        write_json_atomic(tmp / "COMPLETE.json",
-                          {"step": step, "world_size": world_size, "files": _file_sizes(tmp)})
+        write_json_atomic(
+            tmp / "COMPLETE.json", {"step": step, "world_size": world_size, "files": _file_sizes(tmp)}
+        )
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -122,14 +129,14 @@ def find_resumable(root: Path) -> Path | None:
     if latest.is_file():
         named = root / latest.read_text().strip()
         if named not in candidates:
-            warnings.warn(f"checkpoint {named} named by {latest} is missing; looking for older ones",
-                          stacklevel=2)
+            warnings.warn(
+                f"checkpoint {named} named by {latest} is missing; looking for older ones", stacklevel=2
+            )
     for folder in candidates:
         why = problem(folder)
         if why is None:
             return folder
-        warnings.warn(f"not resuming from {folder}: {why}; trying the previous checkpoint",
-                      stacklevel=2)
+        warnings.warn(f"not resuming from {folder}: {why}; trying the previous checkpoint", stacklevel=2)
     return None
 
 
@@ -137,7 +144,9 @@ def load(engine, folder: Path, *, rank: int, world_size: int) -> dict:
     """Collective. Restores the engine (weights, optimizer partitions) and returns this rank's state."""
     meta = json.loads((folder / "COMPLETE.json").read_text())
     if meta["world_size"] != world_size:
-        raise RuntimeError(f"{folder} was written by {meta['world_size']} ranks, this run has "
-                           f"{world_size}: ZeRO-2 optimizer partitions cannot be re-split")
+        raise RuntimeError(
+            f"{folder} was written by {meta['world_size']} ranks, this run has "
+            f"{world_size}: ZeRO-2 optimizer partitions cannot be re-split"
+        )
     engine.load_checkpoint(str(folder), tag="ds", load_module_strict=False)
     return json.loads((folder / f"rank{rank}.json").read_text())

@@ -17,13 +17,26 @@ import torch
 
 from pipeline.config import Config
 
-DS_OVERRIDDEN = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                 "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+DS_OVERRIDDEN = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "bf16",
+    "fp16",
+    "optimizer",
+    "scheduler",
+)
 # fp16 dynamic loss scaling as torch.cuda.amp.GradScaler's defaults (the official run's AMP): start at
 # 2^16, halve on every overflow (hysteresis 1), double after 2000 clean steps. A ds_config's own "fp16"
 # block may change these; "enabled" always follows train.precision.
-FP16_SCALING = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 2000, "hysteresis": 1,
-                "min_loss_scale": 1}
+FP16_SCALING = {
+    "loss_scale": 0,
+    "initial_scale_power": 16,
+    "loss_scale_window": 2000,
+    "hysteresis": 1,
+    "min_loss_scale": 1,
+}
 
 
 def deepspeed_config(cfg: Config) -> dict:
@@ -36,9 +49,14 @@ def deepspeed_config(cfg: Config) -> dict:
     if t.precision == "fp16":
         own = {k: v for k, v in (raw.get("fp16") or {}).items() if k != "enabled"}
         fp16.update({**FP16_SCALING, **own})
-    ds.update(train_batch_size=t.global_batch, train_micro_batch_size_per_gpu=t.micro_batch,
-              gradient_accumulation_steps=t.grad_accum, gradient_clipping=t.grad_clip,
-              bf16={"enabled": t.precision == "bf16"}, fp16=fp16)
+    ds.update(
+        train_batch_size=t.global_batch,
+        train_micro_batch_size_per_gpu=t.micro_batch,
+        gradient_accumulation_steps=t.grad_accum,
+        gradient_clipping=t.grad_clip,
+        bf16={"enabled": t.precision == "bf16"},
+        fp16=fp16,
+    )
     ds.setdefault("zero_optimization", {})["stage"] = t.zero_stage
     ds["steps_per_print"] = 10**9  # we log ourselves
     return ds
@@ -71,7 +89,8 @@ def check_world(cfg: Config, world_size: int) -> None:
             f"simvlg train: train.global_batch is {t.global_batch} but micro_batch {t.micro_batch} x "
             f"grad_accum {t.grad_accum} x {world_size} running ranks = "
             f"{t.micro_batch * t.grad_accum * world_size}; fix the config or launch.nodes/"
-            f"gpus_per_node (the config expects {cfg.world_size} ranks)")
+            f"gpus_per_node (the config expects {cfg.world_size} ranks)"
+        )
 
 
 def exclude_frozen_from_state_dict(model: torch.nn.Module) -> None:

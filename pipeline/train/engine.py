@@ -41,11 +41,12 @@ if TYPE_CHECKING:
     from pipeline.data.loader import TrainLoader
 
 log = logging.getLogger("simvlg.train")
+
+
 def model_inputs(model: torch.nn.Module) -> set[str]:
     """The batch keys the model's forward takes (pixel_values, input_ids, ...: whatever it names)."""
     params = inspect.signature(model.forward).parameters
     return {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,8 +83,14 @@ class StepSums:
 
     def logged(self) -> list:
         """[loss, micro, tokens, arm sums, arm counts, parts...] (parts in name order)."""
-        return [self.loss, self.micro, self.tokens, self.arm_loss, self.arm_count,
-                *[self.parts[k] for k in sorted(self.parts)]]
+        return [
+            self.loss,
+            self.micro,
+            self.tokens,
+            self.arm_loss,
+            self.arm_count,
+            *[self.parts[k] for k in sorted(self.parts)],
+        ]
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -91,8 +98,9 @@ def _to_device(batch: dict, device) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, *, model=None, loader: TrainLoader | None = None,
-                 guard=None):
+    def __init__(
+        self, cfg: Config, run_dir: Path, *, model=None, loader: TrainLoader | None = None, guard=None
+    ):
         import deepspeed
 
         from pipeline.data import build_loader
@@ -105,26 +113,43 @@ class Trainer:
             guard.watch_peers(self.world)  # from here a failed or killed peer ends this rank too
         check_world(cfg, self.world)
         torch.manual_seed(cfg.run.seed + self.rank)
-        device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-                  if torch.cuda.is_available() else torch.device("cpu"))
+        device = (
+            torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
         if device.type == "cuda":
             torch.cuda.set_device(device)
         # SimVLG (with a frozen P-Former under train.align_weight) or a P-Former (model.kind: pformer)
         self.model = model if model is not None else build_training_model(cfg, device=device)
         tokenize = training_tokenizer(cfg)
-        self.loader: TrainLoader = loader if loader is not None else build_loader(
-            cfg.data, tokenize=tokenize, batch_size=cfg.train.micro_batch, rank=self.rank,
-            world_size=self.world, seed=cfg.run.seed, train=True,
-            pin_memory=device.type == "cuda")  # pinned uint8 batches: non-blocking copies to the GPU
+        self.loader: TrainLoader = (
+            loader
+            if loader is not None
+            else build_loader(
+                cfg.data,
+                tokenize=tokenize,
+                batch_size=cfg.train.micro_batch,
+                rank=self.rank,
+                world_size=self.world,
+                seed=cfg.run.seed,
+                train=True,
+                pin_memory=device.type == "cuda",
+            )
+        )  # pinned uint8 batches: non-blocking copies to the GPU
         exclude_frozen_from_state_dict(self.model)
         t = cfg.train
-        optimizer = torch.optim.AdamW(param_groups(self.model.named_parameters(), t.weight_decay),
-                                      lr=lr_at(0, t), betas=tuple(t.betas))
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model.named_parameters(), t.weight_decay), lr=lr_at(0, t), betas=tuple(t.betas)
+        )
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         with frozen_children_detached(self.model):  # frozen ViT/LLM: never cast, never broadcast
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
-                model=self.model, optimizer=optimizer, config=deepspeed_config(cfg),
-                model_parameters=trainable)
+                model=self.model,
+                optimizer=optimizer,
+                config=deepspeed_config(cfg),
+                model_parameters=trainable,
+            )
         self.device = self.engine.device
         self.ckpt_root = run_dir / "checkpoints"
         self.checkpoints = True  # `simvlg bench step` turns them off
@@ -160,12 +185,22 @@ class Trainer:
         return state.get("mlflow_run_id")
 
     def save(self) -> Path:
-        state = {"nan_skips": self.nan_skips, "rng": checkpoint.rng_state(),
-                 "loader": self.loader.state_dict(),
-                 "mlflow_run_id": self.tracker.run_id if self.tracker else None}
-        return checkpoint.save(self.engine, self.ckpt_root, self.step, state, rank=self.rank,
-                               world_size=self.world, keep=self.cfg.train.keep_ckpts,
-                               barrier=dist.barrier)
+        state = {
+            "nan_skips": self.nan_skips,
+            "rng": checkpoint.rng_state(),
+            "loader": self.loader.state_dict(),
+            "mlflow_run_id": self.tracker.run_id if self.tracker else None,
+        }
+        return checkpoint.save(
+            self.engine,
+            self.ckpt_root,
+            self.step,
+            state,
+            rank=self.rank,
+            world_size=self.world,
+            keep=self.cfg.train.keep_ckpts,
+            barrier=dist.barrier,
+        )
 
     # -- one optimizer step -----------------------------------------------------------------------
     def _next_batch(self) -> dict:
@@ -211,7 +246,8 @@ class Trainer:
             if self._nan_in_row >= t.max_nan_in_row:
                 raise NonFiniteLossError(
                     f"{self._nan_in_row} steps in a row had non-finite gradients (step {self.step}); "
-                    "stopping. Lower train.lr or check the data; the last checkpoint is intact.")
+                    "stopping. Lower train.lr or check the data; the last checkpoint is intact."
+                )
             return None
         self._nan_in_row = 0
         self.step += 1
@@ -240,14 +276,17 @@ class Trainer:
                 log_now = self.step % t.log_every == 0 or self.step == t.steps or self.step == first_step + 1
                 # one small all-reduce per step: the stop flag, the per-source losses adaptive mixing
                 # needs every step, and on log steps everything logged
-                got = self._sum_over_ranks(stop=float(bool(self.stop)),
-                                           **({"arms": sums.arms()} if self.adaptive else {}),
-                                           **(self._window(sums, window) if log_now else {}))
+                got = self._sum_over_ranks(
+                    stop=float(bool(self.stop)),
+                    **({"arms": sums.arms()} if self.adaptive else {}),
+                    **(self._window(sums, window) if log_now else {}),
+                )
                 stop_now = got["stop"][0] > 0
                 if self.adaptive:
                     total, count = got["arms"][:A], got["arms"][A:]
-                    self.loader.report_loss({n: a / c for n, a, c in zip(self.arm_names, total, count)
-                                             if c > 0})
+                    self.loader.report_loss(
+                        {n: a / c for n, a, c in zip(self.arm_names, total, count) if c > 0}
+                    )
                 if stop_now and not log_now:  # the stop step is always logged
                     log_now = True
                     got = self._sum_over_ranks(**self._window(sums, window))
@@ -280,18 +319,25 @@ class Trainer:
         skips = self.loader.skip_counts()
         self._skip_names = sorted(skips)
         self._part_names = sorted(sums.parts)
-        return {"step": sums.logged(), "window": [window["samples"], window["tokens"], self.data_wait],
-                "skips": [float(skips[n]) for n in self._skip_names]}
+        return {
+            "step": sums.logged(),
+            "window": [window["samples"], window["tokens"], self.data_wait],
+            "skips": [float(skips[n]) for n in self._skip_names],
+        }
 
     def _sum_over_ranks(self, **named) -> dict[str, list[float]]:
         """Named tensors / numbers / lists of them, summed over ranks in ONE all-reduce: the only
         place a step waits for the device."""
+
         def flat(v) -> torch.Tensor:
             if torch.is_tensor(v):
                 return v.reshape(-1).to(self.device, torch.float64)
             if isinstance(v, list):
-                return torch.cat([flat(x) for x in v]) if v else torch.zeros(0, dtype=torch.float64,
-                                                                              device=self.device)
+                return (
+                    torch.cat([flat(x) for x in v])
+                    if v
+                    else torch.zeros(0, dtype=torch.float64, device=self.device)
+                )
             return torch.tensor([float(v)], dtype=torch.float64, device=self.device)
 
         parts = {k: flat(v) for k, v in named.items()}
@@ -299,24 +345,29 @@ class Trainer:
         dist.all_reduce(total)
         out, i = {}, 0
         for k, v in parts.items():
-            out[k] = total[i:i + v.numel()].tolist()
+            out[k] = total[i : i + v.numel()].tolist()
             i += v.numel()
         return out
 
     def _metrics(self, got: dict, lr: float, elapsed: float) -> dict:
         A = len(self.arm_names)
         step, (samples, tokens, wait) = got["step"], got["window"]
-        loss, micro, arm_loss, arm_count = step[0], step[1], step[3:3 + A], step[3 + A:3 + 2 * A]
-        parts = step[3 + 2 * A:]
+        loss, micro, arm_loss, arm_count = step[0], step[1], step[3 : 3 + A], step[3 + A : 3 + 2 * A]
+        parts = step[3 + 2 * A :]
         grad_norm = self.engine.get_global_grad_norm()
-        return {"loss": loss / micro, "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
-                "data_wait_frac": min(1.0, wait / self.world / elapsed), "nan_skips": self.nan_skips,
-                **{f"{n}_loss": v / micro for n, v in zip(self._part_names, parts)},  # lm_loss, align_loss
-                **{f"loss/{n}": a / c for n, a, c in zip(self.arm_names, arm_loss, arm_count) if c > 0},
-                **{f"skipped/{n}": v for n, v in zip(self._skip_names, got["skips"])},
-                **mfu_metrics(self.flops_per_sample, samples / elapsed, self.world, self.peak_flops)}
+        return {
+            "loss": loss / micro,
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "samples_per_s": samples / elapsed,
+            "tokens_per_s": tokens / elapsed,
+            "data_wait_frac": min(1.0, wait / self.world / elapsed),
+            "nan_skips": self.nan_skips,
+            **{f"{n}_loss": v / micro for n, v in zip(self._part_names, parts)},  # lm_loss, align_loss
+            **{f"loss/{n}": a / c for n, a, c in zip(self.arm_names, arm_loss, arm_count) if c > 0},
+            **{f"skipped/{n}": v for n, v in zip(self._skip_names, got["skips"])},
+            **mfu_metrics(self.flops_per_sample, samples / elapsed, self.world, self.peak_flops),
+        }
 
     def _log(self, metrics: dict) -> None:
         if self.rank != 0:
@@ -324,9 +375,17 @@ class Trainer:
         t = self.cfg.train
         rate = metrics["samples_per_s"] / max(1, t.global_batch)  # steps per second
         eta = (t.steps - self.step) / rate if rate > 0 else float("inf")
-        log.info("step %d/%d loss %.4f lr %.2e gnorm %.3f %.1f samples/s data-wait %.0f%% eta %s",
-                 self.step, t.steps, metrics["loss"], metrics["lr"], metrics["grad_norm"],
-                 metrics["samples_per_s"], 100 * metrics["data_wait_frac"], _hms(eta))
+        log.info(
+            "step %d/%d loss %.4f lr %.2e gnorm %.3f %.1f samples/s data-wait %.0f%% eta %s",
+            self.step,
+            t.steps,
+            metrics["loss"],
+            metrics["lr"],
+            metrics["grad_norm"],
+            metrics["samples_per_s"],
+            100 * metrics["data_wait_frac"],
+            _hms(eta),
+        )
         self.tracker.log(self.step, metrics)
 
 
@@ -369,11 +428,15 @@ def run(cfg: Config, run_dir: Path, guard=None) -> dict:
         if result["step"] >= cfg.train.steps:  # the trained connector/ (for `simvlg eval` and as
             trainer.model.save_trained(run_dir, step=result["step"])  # init_connector) or pformer/
         losses = [loss for _, loss in result["history"]]
-        summary = {"steps": result["step"], "stopped_by_signal": result["stopped"],
-                   "first_loss": losses[0] if losses else None,
-                   "last_loss": losses[-1] if losses else None, "nan_skips": trainer.nan_skips,
-                   "wall_s": round(time.time() - t0, 1),
-                   "mlflow_run_id": trainer.tracker.run_id if trainer.tracker else None}
+        summary = {
+            "steps": result["step"],
+            "stopped_by_signal": result["stopped"],
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "nan_skips": trainer.nan_skips,
+            "wall_s": round(time.time() - t0, 1),
+            "mlflow_run_id": trainer.tracker.run_id if trainer.tracker else None,
+        }
         (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
         print_summary(summary)
     return result
@@ -381,5 +444,9 @@ def run(cfg: Config, run_dir: Path, guard=None) -> dict:
 
 def print_summary(summary: dict) -> None:
     width = max(len(k) for k in summary)
-    print("\n".join(["", "training summary", "-" * (width + 24)] +
-                    [f"{k:<{width}}  {v}" for k, v in summary.items()]), file=sys.stderr)
+    print(
+        "\n".join(
+            ["", "training summary", "-" * (width + 24)] + [f"{k:<{width}}  {v}" for k, v in summary.items()]
+        ),
+        file=sys.stderr,
+    )

@@ -24,14 +24,31 @@ from pipeline.config import dump_yaml, load_config
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config (path or packaged name)")
-    p.add_argument("--run-dir", default=None, help="where checkpoints, metrics and MLflow live "
-                   "(default: run.run_dir); an existing run dir is resumed from its latest checkpoint")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value by dotted key (repeatable)")
-    p.add_argument("--nproc", type=int, default=None,
-                   help="ranks to start on this node when started bare (default launch.gpus_per_node)")
-    p.add_argument("--check-only", action="store_true",
-                   help="check the config and the files it names (as `simvlg config validate`), then exit")
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        help="where checkpoints, metrics and MLflow live "
+        "(default: run.run_dir); an existing run dir is resumed from its latest checkpoint",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by dotted key (repeatable)",
+    )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="ranks to start on this node when started bare (default launch.gpus_per_node)",
+    )
+    p.add_argument(
+        "--check-only",
+        action="store_true",
+        help="check the config and the files it names (as `simvlg config validate`), then exit",
+    )
 
 
 def _free_port() -> int:
@@ -49,8 +66,17 @@ def launcher_command(nproc: int, port: int, target: list[str]) -> list[str]:
     node. We start it directly rather than through the `deepspeed` command, whose outer runner
     neither forwards SIGTERM on one node nor dies with us."""
     world_info = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nproc))}).encode()).decode()
-    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
-            "--master_addr=127.0.0.1", f"--master_port={port}", "--no_local_rank", *target]
+    return [
+        sys.executable,
+        "-u",
+        "-m",
+        "deepspeed.launcher.launch",
+        f"--world_info={world_info}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        "--no_local_rank",
+        *target,
+    ]
 
 
 def launch_local(args, cfg) -> int:
@@ -87,18 +113,22 @@ def start_ranks(nproc: int, target: list[str], what: str, run_dir: Path) -> int:
         signal.signal(s, forward)
     code = proc.wait()
     if code != 0:
-        print(f"{what}: failed (exit status {code}); the ranks' tracebacks are in "
-              f"{Path(run_dir) / 'logs'}", file=sys.stderr)
+        print(
+            f"{what}: failed (exit status {code}); the ranks' tracebacks are in {Path(run_dir) / 'logs'}",
+            file=sys.stderr,
+        )
     return code
 
 
 def die_with_parent(sig: int):
     """A preexec_fn: the child gets `sig` when this process dies (Linux), so nothing is orphaned."""
+
     def setup():
         if sys.platform.startswith("linux"):
             import ctypes
 
             ctypes.CDLL(None).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+
     return setup
 
 

@@ -47,13 +47,14 @@ def measured_cpu_flops(dtype: torch.dtype = torch.float32, size: int = 1024, sec
     while time.perf_counter() - t0 < seconds:
         a @ b
         n += 1
-    return 2 * size ** 3 * n / (time.perf_counter() - t0)
+    return 2 * size**3 * n / (time.perf_counter() - t0)
 
 
 def peak_flops(device: torch.device, precision: str, tflops: float | None = None) -> float | None:
     """FLOP/s one device can do at `precision`; None for a GPU we have no figure for."""
-    tflops = tflops or (float(os.environ["SIMVLG_PEAK_TFLOPS"]) if os.environ.get("SIMVLG_PEAK_TFLOPS")
-                        else None)
+    tflops = tflops or (
+        float(os.environ["SIMVLG_PEAK_TFLOPS"]) if os.environ.get("SIMVLG_PEAK_TFLOPS") else None
+    )
     if tflops:
         return tflops * 1e12
     if device.type == "cuda":
@@ -63,8 +64,7 @@ def peak_flops(device: torch.device, precision: str, tflops: float | None = None
     return measured_cpu_flops(dtype)
 
 
-def mfu_metrics(flops_per_sample: float | None, samples_per_s: float, world: int,
-                peak: float | None) -> dict:
+def mfu_metrics(flops_per_sample: float | None, samples_per_s: float, world: int, peak: float | None) -> dict:
     if not flops_per_sample:
         return {}
     achieved = flops_per_sample * samples_per_s  # all ranks together

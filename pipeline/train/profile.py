@@ -31,10 +31,28 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-PHASES = ("data", "vit_forward", "connector_forward", "llm_forward", "llm_backward",
-          "connector_backward", "optimizer", "communication", "other")
-COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "reduce_scatter",
-               "all_gather", "broadcast", "reduce", "barrier", "all_to_all_single")
+PHASES = (
+    "data",
+    "vit_forward",
+    "connector_forward",
+    "llm_forward",
+    "llm_backward",
+    "connector_backward",
+    "optimizer",
+    "communication",
+    "other",
+)
+COLLECTIVES = (
+    "all_reduce",
+    "reduce_scatter_tensor",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "all_gather",
+    "broadcast",
+    "reduce",
+    "barrier",
+    "all_to_all_single",
+)
 
 
 class StepProfiler:
@@ -81,14 +99,18 @@ class StepProfiler:
                 return fn(*a, **kw)
             finally:
                 self.exit()
+
         return wrapper
 
     # -- hooks ----------------------------------------------------------------------------------------
     def attach(self) -> StepProfiler:
         tr = self.trainer
         model = tr.model
-        for name, phase in (("vision", "vit_forward"), ("connector", "connector_forward"),
-                            ("llm", "llm_forward")):
+        for name, phase in (
+            ("vision", "vit_forward"),
+            ("connector", "connector_forward"),
+            ("llm", "llm_forward"),
+        ):
             module = getattr(model, name)
             module.register_forward_pre_hook(lambda *_, p=phase: self.enter(p))
             module.register_forward_hook(lambda *_: self.exit())
@@ -161,5 +183,10 @@ class StepProfiler:
         """Seconds per phase over the measured steps ("other": the step's time no phase claimed)."""
         out = {p: self.snapshot.get(p, 0.0) for p in PHASES if p != "other"}
         out["other"] = max(0.0, self.step_seconds - sum(out.values()))
-        return {"phases": out, "steps": self.steps, "samples": self.samples, "tokens": self.tokens,
-                "seconds": self.step_seconds}
+        return {
+            "phases": out,
+            "steps": self.steps,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "seconds": self.step_seconds,
+        }

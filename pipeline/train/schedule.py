@@ -23,8 +23,7 @@ def param_groups(named_params, weight_decay: float) -> list[dict]:
     for _, p in named_params:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def lavis_lr_at(step: int, t: TrainConfig) -> float:

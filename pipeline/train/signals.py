@@ -20,8 +20,9 @@ class StopFlag:
 
     def _handle(self, signum, _frame):
         if self.signum is None:
-            log.warning("received %s: will checkpoint at the next step boundary and exit",
-                        signal.Signals(signum).name)
+            log.warning(
+                "received %s: will checkpoint at the next step boundary and exit", signal.Signals(signum).name
+            )
         self.signum = signum
 
     def __bool__(self) -> bool:
@@ -31,7 +32,8 @@ class StopFlag:
 def requeue_slurm_job() -> bool:
     """Requeue this SLURM job (if we are in one). Returns whether a requeue was requested."""
     job = os.environ.get("SLURM_ARRAY_JOB_ID") and (
-        f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}")
+        f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+    )
     job = job or os.environ.get("SLURM_JOB_ID")
     if not job:
         return False

@@ -20,8 +20,11 @@ log = logging.getLogger("simvlg.tracking")
 
 
 def tracking_uri(cfg: Config, run_dir: Path) -> str:
-    return (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
+    return (
+        cfg.tracking.uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    )
 
 
 class Tracker:
@@ -44,8 +47,12 @@ class Tracker:
         except Exception as e:  # tracking must never stop training
             self.failures += 1
             self._last_failure = time.time()
-            log.warning("MLflow %s failed (%s: %s); will retry later", what, type(e).__name__,
-                        str(e).splitlines()[0][:200] if str(e) else "")
+            log.warning(
+                "MLflow %s failed (%s: %s); will retry later",
+                what,
+                type(e).__name__,
+                str(e).splitlines()[0][:200] if str(e) else "",
+            )
             return False
 
     def _start(self, cfg: Config) -> None:
@@ -65,15 +72,19 @@ class Tracker:
                 exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
                 # A local store keeps its artifacts in the run dir, not in the working directory.
                 where = (self.run_dir / "mlartifacts").resolve().as_uri() if local else None
-                exp_id = (exp.experiment_id if exp else self.client.create_experiment(
-                    cfg.tracking.experiment, artifact_location=where))
-                run = self.client.create_run(exp_id, run_name=cfg.run.name,
-                                             tags={"run_dir": str(self.run_dir.resolve())})
+                exp_id = (
+                    exp.experiment_id
+                    if exp
+                    else self.client.create_experiment(cfg.tracking.experiment, artifact_location=where)
+                )
+                run = self.client.create_run(
+                    exp_id, run_name=cfg.run.name, tags={"run_dir": str(self.run_dir.resolve())}
+                )
                 self.run_id = run.info.run_id
                 params = flatten(cfg.to_dict())
                 items = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items()]
                 for i in range(0, len(items), 100):
-                    self.client.log_batch(self.run_id, params=items[i:i + 100])
+                    self.client.log_batch(self.run_id, params=items[i : i + 100])
                 self.client.log_dict(self.run_id, cfg.to_dict(), "config.json")
                 self.client.log_text(self.run_id, dump_yaml(cfg), "config.yaml")
                 self.client.log_dict(self.run_id, system_info(), "system.json")
@@ -101,20 +112,24 @@ class Tracker:
         self.metrics_file.flush()
         if self.enabled:
             now = int(time.time() * 1000)
-            self.pending += [self.mlflow.entities.Metric(k, float(v), now, step)
-                             for k, v in metrics.items()]
+            self.pending += [self.mlflow.entities.Metric(k, float(v), now, step) for k, v in metrics.items()]
             if time.time() - self._last_failure > 30:  # back off after a failure
                 self._flush()
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
         if self.enabled and self.run_id:
-            self._guard(f"log_artifact {path.name}",
-                        lambda: self.client.log_artifact(self.run_id, str(path), folder))
+            self._guard(
+                f"log_artifact {path.name}", lambda: self.client.log_artifact(self.run_id, str(path), folder)
+            )
 
     def table(self, rows: list[dict], name: str) -> None:
         if self.enabled and self.run_id:
-            self._guard(f"log_table {name}", lambda: self.client.log_table(
-                self.run_id, data={k: [r[k] for r in rows] for k in rows[0]}, artifact_file=name))
+            self._guard(
+                f"log_table {name}",
+                lambda: self.client.log_table(
+                    self.run_id, data={k: [r[k] for r in rows] for k in rows[0]}, artifact_file=name
+                ),
+            )
 
     def close(self, status: str = "FINISHED") -> None:
         self.metrics_file.close()
@@ -127,8 +142,13 @@ class Tracker:
 def system_info() -> dict:
     import torch
 
-    return {"python": platform.python_version(), "platform": platform.platform(),
-            "torch": torch.__version__, "cuda": torch.version.cuda,
-            "gpus": torch.cuda.device_count(), "cpus": os.cpu_count(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "world_size": os.environ.get("WORLD_SIZE")}
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpus": torch.cuda.device_count(),
+        "cpus": os.cpu_count(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "world_size": os.environ.get("WORLD_SIZE"),
+    }

@@ -89,8 +89,10 @@ def read_captions(path: Path, split: str | None = None, folder: str = "") -> lis
     images = data.get("images") if isinstance(data, dict) else None
     if isinstance(images, list) and (not images or "split" in images[0]):
         return _karpathy_captions(images, path, split, folder)
-    raise AnnotationError(f"{path}: expected {LAVIS_CAPTIONS}, or Karpathy's dataset_*.json "
-                          f"({{'images': [{{filename, split, sentences}}]}}), got a {type(data).__name__}")
+    raise AnnotationError(
+        f"{path}: expected {LAVIS_CAPTIONS}, or Karpathy's dataset_*.json "
+        f"({{'images': [{{filename, split, sentences}}]}}), got a {type(data).__name__}"
+    )
 
 
 def _lavis_captions(rows: list, path: Path) -> list[Sample]:
@@ -99,8 +101,9 @@ def _lavis_captions(rows: list, path: Path) -> list[Sample]:
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or "image" not in row or "caption" not in row:
             got = sorted(row) if isinstance(row, dict) else row
-            raise AnnotationError(f"{path}: entry {i} lacks 'image' or 'caption' (expected "
-                                  f"{LAVIS_CAPTIONS}), got {got!r:.80}")
+            raise AnnotationError(
+                f"{path}: entry {i} lacks 'image' or 'caption' (expected {LAVIS_CAPTIONS}), got {got!r:.80}"
+            )
         image = str(row["image"])
         if image not in grouped:
             sid = row.get("image_id", row.get("img_id", id_from_filename(image)))
@@ -119,8 +122,10 @@ def _coco_style_captions(data: dict, path: Path) -> list[Sample]:
         if "image_id" not in ann or "caption" not in ann:
             raise AnnotationError(f"{path}: annotations[{i}] lacks image_id or caption")
         if ann["image_id"] not in images:
-            raise AnnotationError(f"{path}: annotations[{i}] names image_id {ann['image_id']!r}, which is "
-                                  "not in 'images' (mismatched ids)")
+            raise AnnotationError(
+                f"{path}: annotations[{i}] names image_id {ann['image_id']!r}, which is "
+                "not in 'images' (mismatched ids)"
+            )
         caps.setdefault(ann["image_id"], []).append(str(ann["caption"]))
     out = []
     for iid, im in images.items():
@@ -172,8 +177,9 @@ def read_msrvtt(path: Path, split: str) -> list[Sample]:
     the standard id ranges: video0-6512 train, 6513-7009 val, 7010-9999 test)."""
     data = load_json(path)
     if isinstance(data, dict) and "sentences" in data:
-        videos = data.get("videos") or [{"video_id": v} for v in dict.fromkeys(
-            s.get("video_id") for s in data["sentences"])]
+        videos = data.get("videos") or [
+            {"video_id": v} for v in dict.fromkeys(s.get("video_id") for s in data["sentences"])
+        ]
         want = {"val": "validate"}.get(split, split)
         keep = [v["video_id"] for v in videos if v.get("split", want) == want]
         if not keep:
@@ -189,16 +195,20 @@ def read_msrvtt(path: Path, split: str) -> list[Sample]:
     elif isinstance(data, list):
         samples = _lavis_videos(data, path)
     else:
-        raise AnnotationError(f"{path}: expected MSR-VTT videodatainfo (videos + sentences) or a LAVIS list "
-                              "of {video, caption}")
+        raise AnnotationError(
+            f"{path}: expected MSR-VTT videodatainfo (videos + sentences) or a LAVIS list "
+            "of {video, caption}"
+        )
     return _keep_split(samples, split, lambda s: msrvtt_split(s.media), path, "videos")
 
 
 def read_msvd_mapping(path: Path | None) -> dict[str, str]:
     """youtube_mapping.txt ("-4wsuPCjDBc_5_15 vid1" lines) -> {clip name: "vidN"}."""
     if path is None or not Path(path).is_file():
-        raise AnnotationError(f"MSVD needs the clip -> vidN mapping file (youtube_mapping.txt) for the "
-                              f"standard split; not found: {path}")
+        raise AnnotationError(
+            f"MSVD needs the clip -> vidN mapping file (youtube_mapping.txt) for the "
+            f"standard split; not found: {path}"
+        )
     out = {}
     for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         parts = line.split()
@@ -215,8 +225,10 @@ def read_msvd(path: Path, split: str, mapping: Path | None) -> list[Sample]:
     named by vidN (id) and the clip (media); vid1-1200 train, 1201-1300 val, 1301-1970 test."""
     if Path(path).suffix == ".txt":
         if mapping is None or not Path(mapping).is_file():
-            raise AnnotationError(f"MSVD {Path(path).name} needs the clip -> vidN mapping file "
-                                  f"(youtube_mapping.txt) for the standard split; not found: {mapping}")
+            raise AnnotationError(
+                f"MSVD {Path(path).name} needs the clip -> vidN mapping file "
+                f"(youtube_mapping.txt) for the standard split; not found: {mapping}"
+            )
         clips: dict[str, list[str]] = {}
         for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
             line = line.strip()
@@ -227,16 +239,18 @@ def read_msvd(path: Path, split: str, mapping: Path | None) -> list[Sample]:
     else:
         data = load_json(path)
         if not isinstance(data, list):
-            raise AnnotationError(f"{path}: expected MSVD AllVideoDescriptions.txt or a LAVIS list of "
-                                  "{video, caption}")
+            raise AnnotationError(
+                f"{path}: expected MSVD AllVideoDescriptions.txt or a LAVIS list of {{video, caption}}"
+            )
         samples = [Sample(Path(s.media).stem, s.media, s.references) for s in _lavis_videos(data, path)]
         if mapping is None:
             return samples
     clip2vid = read_msvd_mapping(mapping)
     unknown = [s.id for s in samples if s.id not in clip2vid]
     if unknown:
-        raise AnnotationError(f"{path}: {len(unknown)} clip(s) are not in {mapping} (mismatched ids; e.g. "
-                              f"{unknown[0]})")
+        raise AnnotationError(
+            f"{path}: {len(unknown)} clip(s) are not in {mapping} (mismatched ids; e.g. {unknown[0]})"
+        )
     for s in samples:
         s.id = clip2vid[s.id]
     return _keep_split(samples, split, lambda s: msvd_split(s.id), path, "clips")
@@ -254,8 +268,10 @@ def _format_template(template: str, image_id) -> str:
     try:
         return template.format(image_id=image_id)
     except (ValueError, KeyError, IndexError) as e:
-        raise AnnotationError(f"image_template {template!r} cannot format image_id {image_id!r} "
-                              f"({type(e).__name__}: {e}); use {{image_id}}") from None
+        raise AnnotationError(
+            f"image_template {template!r} cannot format image_id {image_id!r} "
+            f"({type(e).__name__}: {e}); use {{image_id}}"
+        ) from None
 
 
 def read_vqa(questions: Path, annotations: Path, image_template: str) -> list[Sample]:
@@ -264,34 +280,51 @@ def read_vqa(questions: Path, annotations: Path, image_template: str) -> list[Sa
     q = load_json(questions, "questions")
     a = load_json(annotations, "annotations")
     if not isinstance(q, dict) or "questions" not in q:
-        raise AnnotationError(f"{questions}: expected the official VQA questions file "
-                              "({'questions': [{question_id, image_id, question}]})")
+        raise AnnotationError(
+            f"{questions}: expected the official VQA questions file "
+            "({'questions': [{question_id, image_id, question}]})"
+        )
     if not isinstance(a, dict) or "annotations" not in a:
-        raise AnnotationError(f"{annotations}: expected the official VQA annotations file "
-                              "({'annotations': [{question_id, answers, ...}]})")
+        raise AnnotationError(
+            f"{annotations}: expected the official VQA annotations file "
+            "({'annotations': [{question_id, answers, ...}]})"
+        )
     amap = {ann["question_id"]: ann for ann in a["annotations"]}
     qids = [qq["question_id"] for qq in q["questions"]]
     missing = [i for i in qids if i not in amap]
     extra = set(amap) - set(qids)
     if missing or extra:
-        raise AnnotationError(f"{questions} and {annotations} do not match (mismatched ids): "
-                              f"{len(missing)} questions without annotation (e.g. {missing[:3]}), "
-                              f"{len(extra)} annotations without question (e.g. {sorted(extra)[:3]})")
+        raise AnnotationError(
+            f"{questions} and {annotations} do not match (mismatched ids): "
+            f"{len(missing)} questions without annotation (e.g. {missing[:3]}), "
+            f"{len(extra)} annotations without question (e.g. {sorted(extra)[:3]})"
+        )
     if len(set(qids)) != len(qids):
         raise AnnotationError(f"{questions}: duplicate question ids")
     out = []
     for qq in q["questions"]:
         ann = amap[qq["question_id"]]
         if ann.get("image_id", qq["image_id"]) != qq["image_id"]:
-            raise AnnotationError(f"{questions}: question {qq['question_id']}: image_id {qq['image_id']} in "
-                                  f"questions, {ann['image_id']} in annotations")
+            raise AnnotationError(
+                f"{questions}: question {qq['question_id']}: image_id {qq['image_id']} in "
+                f"questions, {ann['image_id']} in annotations"
+            )
         answers = [str(x["answer"]) for x in ann.get("answers", [])]
         if not answers:
             raise AnnotationError(f"{annotations}: question {qq['question_id']} has no answers")
-        out.append(Sample(qq["question_id"], _format_template(image_template, qq["image_id"]),
-                          answers, question=qq["question"],
-                          meta={"image_id": qq["image_id"], "answer_type": ann.get("answer_type"),
-                                "question_type": ann.get("question_type")}))
+        out.append(
+            Sample(
+                qq["question_id"],
+                _format_template(image_template, qq["image_id"]),
+                answers,
+                question=qq["question"],
+                meta={
+                    "image_id": qq["image_id"],
+                    "answer_type": ann.get("answer_type"),
+                    "question_type": ann.get("question_type"),
+                },
+            )
+        )
     return out
 
 
@@ -303,11 +336,19 @@ def read_gqa(questions: Path, image_template: str) -> list[Sample]:
     if isinstance(q, dict):
         for qid, row in q.items():
             if not isinstance(row, dict) or not {"imageId", "question", "answer"} <= set(row):
-                raise AnnotationError(f"{questions}: question {qid} lacks imageId, question or answer "
-                                      "(expected the official GQA *_questions.json)")
-            out.append(Sample(qid, _format_template(image_template, row["imageId"]),
-                              [str(row["answer"])], question=row["question"],
-                              meta={"image_id": row["imageId"]}))
+                raise AnnotationError(
+                    f"{questions}: question {qid} lacks imageId, question or answer "
+                    "(expected the official GQA *_questions.json)"
+                )
+            out.append(
+                Sample(
+                    qid,
+                    _format_template(image_template, row["imageId"]),
+                    [str(row["answer"])],
+                    question=row["question"],
+                    meta={"image_id": row["imageId"]},
+                )
+            )
     elif isinstance(q, list):
         for i, row in enumerate(q):
             if not isinstance(row, dict) or not {"question_id", "image", "question", "answer"} <= set(row):

@@ -48,7 +48,7 @@ def shard_name(sid: int, width: int = SHARD_WIDTH) -> str:
 
 
 def shard_id(filename: str) -> int | None:
-    """"00012.tar" or "00012_stats.json" -> 12; None for any other name."""
+    """ "00012.tar" or "00012_stats.json" -> 12; None for any other name."""
     m = _SHARD_FILE_RE.match(filename)
     return int(m.group(1)) if m else None
 
@@ -56,7 +56,7 @@ def shard_id(filename: str) -> int | None:
 def local_path(url: str) -> str | None:
     """The file path of a local shard url (a path, or file://PATH); None for pipe: and other schemes."""
     if url.startswith("file://"):
-        return url[len("file://"):]
+        return url[len("file://") :]
     if "://" in url or url.startswith("pipe:"):
         return None
     return url
@@ -146,6 +146,7 @@ def _open_stream(url: str):
         def close():
             proc.stdout.close()
             proc.wait()
+
         return proc.stdout, close
     r = urllib.request.urlopen(url, timeout=60)  # shard urls are configured by the user
     return r, r.close
@@ -170,8 +171,9 @@ def _members(tar: tarfile.TarFile, path: str | None, size: int | None):
         yield None, 0 if zeros else size - expected
 
 
-def iter_tar_samples(url: str, *, lazy=lambda: False, on_error=None,
-                     allowed: frozenset = ALLOWED_EXTS) -> Iterator[dict]:
+def iter_tar_samples(
+    url: str, *, lazy=lambda: False, on_error=None, allowed: frozenset = ALLOWED_EXTS
+) -> Iterator[dict]:
     """Yield samples `{"__key__", "__url__", ext: bytes | LazyMember}` from one tar shard.
 
     `lazy()` is polled per member: when true (and the shard is a local file) member bytes are not
@@ -209,8 +211,13 @@ def iter_tar_samples(url: str, *, lazy=lambda: False, on_error=None,
                     current["__damaged__"] = True
                 elif skipped and on_error:
                     whole = skipped == size
-                    on_error("unreadable_shard" if whole else "corrupt_tar", url, tarfile.ReadError(
-                        "not a tar archive" if whole else f"{skipped} garbled bytes at the end"))
+                    on_error(
+                        "unreadable_shard" if whole else "corrupt_tar",
+                        url,
+                        tarfile.ReadError(
+                            "not a tar archive" if whole else f"{skipped} garbled bytes at the end"
+                        ),
+                    )
                 break
             if skipped:
                 damaged_next = True

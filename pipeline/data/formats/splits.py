@@ -33,13 +33,13 @@ def _in_ranges(n: int, ranges: dict) -> str | None:
 
 
 def msrvtt_split(video_id: str) -> str | None:
-    """"video7010" (or "video7010.mp4") -> "test"; None if not an MSR-VTT id."""
+    """ "video7010" (or "video7010.mp4") -> "test"; None if not an MSR-VTT id."""
     m = re.fullmatch(r"video(\d+)", Path(str(video_id)).stem)
     return _in_ranges(int(m.group(1)), MSRVTT_RANGES) if m else None
 
 
 def msvd_split(vid: str) -> str | None:
-    """"vid1301" -> "test"; None if not a vidN name (map clip names with read_msvd_mapping)."""
+    """ "vid1301" -> "test"; None if not a vidN name (map clip names with read_msvd_mapping)."""
     m = re.fullmatch(r"vid(\d+)", str(vid))
     return _in_ranges(int(m.group(1)), MSVD_RANGES) if m else None
 

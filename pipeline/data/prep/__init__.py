@@ -40,5 +40,16 @@ from .run import PrepError, run_recipe
 from .slurm import merge_parts, split_list
 from .verify import reset_unfinished, verify_shards
 
-__all__ = ["DownloadOptions", "PrepError", "build_manifest", "build_parser", "cause_category", "main",
-           "merge_parts", "reset_unfinished", "run_recipe", "split_list", "verify_shards"]
+__all__ = [
+    "DownloadOptions",
+    "PrepError",
+    "build_manifest",
+    "build_parser",
+    "cause_category",
+    "main",
+    "merge_parts",
+    "reset_unfinished",
+    "run_recipe",
+    "split_list",
+    "verify_shards",
+]

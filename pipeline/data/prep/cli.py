@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="simvlg prep",
         description="Turn a dataset's URL list into WebDataset shards + manifest.json (img2dataset). "
-                    "RECIPE is one of: " + ", ".join(RECIPES)
-                    + "; or list | split RECIPE | merge | manifest.")
+        "RECIPE is one of: " + ", ".join(RECIPES) + "; or list | split RECIPE | merge | manifest.",
+    )
     p.add_argument("recipe", help="recipe name, or list / split / merge / manifest")
     p.add_argument("split_recipe", nargs="?", help="(split only) the recipe whose list to split")
     p.add_argument("--out", help="output folder (input/, shards/, manifest.json)")
@@ -58,8 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fields(p, DownloadOptions)
     p.add_argument("--convert-only", action="store_true", help="validate + write parquet, no download")
     p.add_argument("--parts", type=int, help="(split) number of parts, one per SLURM array task")
-    p.add_argument("--link", default="hardlink", choices=["hardlink", "symlink", "copy"],
-                   help="(merge) how merged shard names point at the parts' shards")
+    p.add_argument(
+        "--link",
+        default="hardlink",
+        choices=["hardlink", "symlink", "copy"],
+        help="(merge) how merged shard names point at the parts' shards",
+    )
     return p
 
 
@@ -89,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             split_list(args.split_recipe, Path(args.out), rargs, args.parts, opts)
             return 0
         if args.recipe not in RECIPES:
-            print(f"simvlg prep: unknown recipe {args.recipe!r}; known: {', '.join(RECIPES)}",
-                  file=sys.stderr)
+            print(
+                f"simvlg prep: unknown recipe {args.recipe!r}; known: {', '.join(RECIPES)}", file=sys.stderr
+            )
             return 2
         if args.convert_only:
             convert_input(args.recipe, Path(args.out), rargs, opts)

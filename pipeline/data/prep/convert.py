@@ -42,10 +42,19 @@ def _fingerprint(recipe: str, rargs: Args, opts: dict, known: list[dict] = ()) -
         same_file = {k: old.get(k) for k in ("path", "size", "mtime")} == entry
         entry["sha256"] = old["sha256"] if same_file and old.get("sha256") else _sha256(p)
         inputs.append(entry)
-    return {"recipe": recipe, "inputs": inputs,
-            "options": {"url_col": rargs.url_col, "caption_col": rargs.caption_col,
-                        "image_root": rargs.image_root, "video_root": rargs.video_root,
-                        "base_url": rargs.base_url, "split": rargs.split, **opts}}
+    return {
+        "recipe": recipe,
+        "inputs": inputs,
+        "options": {
+            "url_col": rargs.url_col,
+            "caption_col": rargs.caption_col,
+            "image_root": rargs.image_root,
+            "video_root": rargs.video_root,
+            "base_url": rargs.base_url,
+            "split": rargs.split,
+            **opts,
+        },
+    }
 
 
 def fingerprint_changes(old: dict, new: dict) -> list[str]:
@@ -59,8 +68,10 @@ def fingerprint_changes(old: dict, new: dict) -> list[str]:
     for i, (x, y) in enumerate(zip(a, b)):
         if x.get("sha256") != y["sha256"]:
             was = f"sha256 {x['sha256'][:12]}" if x.get("sha256") else f"{x.get('size')} bytes"
-            out.append(f"input {i + 1} ({Path(y['path']).name}) has other content "
-                       f"(sha256 {y['sha256'][:12]}, was {was})")
+            out.append(
+                f"input {i + 1} ({Path(y['path']).name}) has other content "
+                f"(sha256 {y['sha256'][:12]}, was {was})"
+            )
     oa, ob = old.get("options", {}), new["options"]
     for k in sorted(set(oa) | set(ob)):
         if oa.get(k) != ob.get(k):
@@ -68,9 +79,18 @@ def fingerprint_changes(old: dict, new: dict) -> list[str]:
     return out
 
 
-def convert(recipe_name: str, rargs: Args, input_dir: Path, *, samples_per_shard: int,
-            drop_invalid: bool = False, drop_duplicates: bool = False, limit: int | None = None,
-            rows_per_file: int = 1_000_000, log=None) -> dict:
+def convert(
+    recipe_name: str,
+    rargs: Args,
+    input_dir: Path,
+    *,
+    samples_per_shard: int,
+    drop_invalid: bool = False,
+    drop_duplicates: bool = False,
+    limit: int | None = None,
+    rows_per_file: int = 1_000_000,
+    log=None,
+) -> dict:
     """Validate the recipe's rows and write them as parquet parts. Reused when already done for the
     same inputs (by content) and options; anything else for the same folder is an error naming what
     changed. Duplicate URLs (or video files) are counted, and dropped with drop_duplicates."""
@@ -80,10 +100,17 @@ def convert(recipe_name: str, rargs: Args, input_dir: Path, *, samples_per_shard
     recipe = RECIPES[recipe_name]
     marker = input_dir / "_SOURCE.json"
     done = json.loads(marker.read_text()) if marker.is_file() else None
-    fp = _fingerprint(recipe_name, rargs, {"samples_per_shard": samples_per_shard,
-                                           "drop_invalid": drop_invalid,
-                                           "drop_duplicates": drop_duplicates, "limit": limit},
-                      known=(done or {}).get("inputs", []))
+    fp = _fingerprint(
+        recipe_name,
+        rargs,
+        {
+            "samples_per_shard": samples_per_shard,
+            "drop_invalid": drop_invalid,
+            "drop_duplicates": drop_duplicates,
+            "limit": limit,
+        },
+        known=(done or {}).get("inputs", []),
+    )
     if done is not None:
         if "drop_duplicates" not in done.get("options", {}):  # made before the option existed
             done["options"]["drop_duplicates"] = False
@@ -94,11 +121,15 @@ def convert(recipe_name: str, rargs: Args, input_dir: Path, *, samples_per_shard
                 write_json_atomic(marker, done)
             print(f"prep: reusing converted input {input_dir} ({done['rows']} rows)", file=log or sys.stderr)
             return done
-        raise PrepInputError(f"{input_dir.parent} was prepared from other inputs or options: "
-                             + "; ".join(changes) + "; use another --out, or delete that folder to "
-                             "start over")
-    validator = RowValidator(kind=recipe.kind, drop_invalid=drop_invalid, source=" + ".join(rargs.inputs)
-                             or recipe_name)
+        raise PrepInputError(
+            f"{input_dir.parent} was prepared from other inputs or options: "
+            + "; ".join(changes)
+            + "; use another --out, or delete that folder to "
+            "start over"
+        )
+    validator = RowValidator(
+        kind=recipe.kind, drop_invalid=drop_invalid, source=" + ".join(rargs.inputs) or recipe_name
+    )
     rows = validator(recipe.read(rargs))
     # whole shards per parquet file so img2dataset's shard ids stay contiguous
     per_file = samples_per_shard * max(1, rows_per_file // samples_per_shard)
@@ -138,26 +169,39 @@ def convert(recipe_name: str, rargs: Args, input_dir: Path, *, samples_per_shard
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    validation = {**validator.stats, "duplicate_urls": duplicates,
-                  "dropped_duplicates": duplicates if drop_duplicates else 0}
+    validation = {
+        **validator.stats,
+        "duplicate_urls": duplicates,
+        "dropped_duplicates": duplicates if drop_duplicates else 0,
+    }
     if duplicates:
-        print(f"prep: {duplicates} rows repeat a URL seen earlier in the list"
-              + (" (dropped)" if drop_duplicates else " (kept; --drop-duplicates drops them)"),
-              file=log or sys.stderr)
+        print(
+            f"prep: {duplicates} rows repeat a URL seen earlier in the list"
+            + (" (dropped)" if drop_duplicates else " (kept; --drop-duplicates drops them)"),
+            file=log or sys.stderr,
+        )
     total -= validation["dropped_duplicates"]
-    info = {**fp, "rows": total, "files": files, "file_rows": counts, "columns": schema.names,
-            "validation": validation,
-            "expected_shards": sum(math.ceil(c / samples_per_shard) for c in counts)}
+    info = {
+        **fp,
+        "rows": total,
+        "files": files,
+        "file_rows": counts,
+        "columns": schema.names,
+        "validation": validation,
+        "expected_shards": sum(math.ceil(c / samples_per_shard) for c in counts),
+    }
     write_json_atomic(tmp / "_SOURCE.json", info)
     shutil.rmtree(input_dir, ignore_errors=True)
     os.replace(tmp, input_dir)
-    print(f"prep: {total} rows validated -> {input_dir} ({len(files)} parquet file(s))",
-          file=log or sys.stderr)
+    print(
+        f"prep: {total} rows validated -> {input_dir} ({len(files)} parquet file(s))", file=log or sys.stderr
+    )
     return info
 
 
-def _duplicates(key_hashes: array, folder: Path, files: list[str], counts: list[int], *,
-                drop: bool) -> tuple[int, list[int]]:
+def _duplicates(
+    key_hashes: array, folder: Path, files: list[str], counts: list[int], *, drop: bool
+) -> tuple[int, list[int]]:
     """Rows whose URL (64-bit hash) appeared earlier; with drop, rewrite the parts without them."""
     import numpy as np
 
@@ -174,7 +218,7 @@ def _duplicates(key_hashes: array, folder: Path, files: list[str], counts: list[
     keep[first] = True
     start, new_counts = 0, []
     for name, n in zip(files, counts):
-        table = pq.read_table(folder / name).filter(keep[start:start + n])
+        table = pq.read_table(folder / name).filter(keep[start : start + n])
         pq.write_table(table, folder / name)
         new_counts.append(table.num_rows)
         start += n
@@ -220,12 +264,16 @@ class RowValidator:
             raise PrepInputError(f"{self.source}: no rows")
         if not self.bad:
             return
-        summary = "; ".join(f"{len(v)} row(s) with {k} (first: row {v[0][0]}, {self.field}={v[0][1]!r})"
-                            for k, v in self.bad.items())
+        summary = "; ".join(
+            f"{len(v)} row(s) with {k} (first: row {v[0][0]}, {self.field}={v[0][1]!r})"
+            for k, v in self.bad.items()
+        )
         total = sum(len(v) for v in self.bad.values())
         if not self.drop_invalid:
-            raise PrepInputError(f"{self.source}: {total} of {self.rows} rows are unusable: {summary}. "
-                                 "Fix the list or pass --drop-invalid to skip them")
+            raise PrepInputError(
+                f"{self.source}: {total} of {self.rows} rows are unusable: {summary}. "
+                "Fix the list or pass --drop-invalid to skip them"
+            )
         if total == self.rows:
             raise PrepInputError(f"{self.source}: all {self.rows} rows are unusable: {summary}")
         print(f"prep: dropped {total} of {self.rows} rows: {summary}", file=log or sys.stderr)

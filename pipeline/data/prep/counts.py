@@ -19,10 +19,28 @@ _CAUSES = [
     ("http_error", ("http error",)),
     ("timeout", ("timed out", "timeout")),
     ("connection_refused", ("connection refused", "errno 111")),
-    ("dns", ("name or service not known", "temporary failure in name resolution", "getaddrinfo",
-             "nodename nor servname", "no address associated")),
-    ("connection_error", ("connection reset", "remote end closed", "incompleteread", "incomplete read",
-                          "connection aborted", "broken pipe", "eof occurred")),
+    (
+        "dns",
+        (
+            "name or service not known",
+            "temporary failure in name resolution",
+            "getaddrinfo",
+            "nodename nor servname",
+            "no address associated",
+        ),
+    ),
+    (
+        "connection_error",
+        (
+            "connection reset",
+            "remote end closed",
+            "incompleteread",
+            "incomplete read",
+            "connection aborted",
+            "broken pipe",
+            "eof occurred",
+        ),
+    ),
     ("bad_url", ("unknown url type", "no host given", "invalid url", "url can't contain")),
     ("ssl", ("ssl", "certificate")),
     ("empty_response", ("!buf.empty()", "empty response", "zero bytes")),
@@ -45,8 +63,15 @@ def cause_category(message: str) -> str:
     return "other"
 
 
-def build_manifest(out: Path, *, recipe: str, kind: str, settings: dict | None = None,
-                   timing: dict | None = None, processes: int = 1) -> Manifest:
+def build_manifest(
+    out: Path,
+    *,
+    recipe: str,
+    kind: str,
+    settings: dict | None = None,
+    timing: dict | None = None,
+    processes: int = 1,
+) -> Manifest:
     """OUT/manifest.json from what OUT/shards/ holds (tars scanned, or their cached scan reused) and
     OUT/input/_SOURCE.json (the expected shard count, the validation counts); returns it."""
     out = Path(out)
@@ -63,16 +88,18 @@ def build_manifest(out: Path, *, recipe: str, kind: str, settings: dict | None =
                 stats[sid] = json.loads(f.read_text())
             except ValueError:
                 pass
-    verified = (verify_shards(shards_dir, cached_shard_list(out), processes, kind=kind)
-                if shards_dir.is_dir() else {})
+    verified = (
+        verify_shards(shards_dir, cached_shard_list(out), processes, kind=kind) if shards_dir.is_dir() else {}
+    )
     expected_ids = set(range(expected)) if expected is not None else set(stats) | set(verified)
 
     def whole(i):  # readable, and holds what img2dataset says it wrote
         v, written = verified.get(i, {}), stats[i].get("successes")
         return v.get("ok") and (written is None or v["samples"] == written)
 
-    mismatched = sorted(i for i in expected_ids if i in stats and verified.get(i, {}).get("ok")
-                        and not whole(i))
+    mismatched = sorted(
+        i for i in expected_ids if i in stats and verified.get(i, {}).get("ok") and not whole(i)
+    )
     finished = sorted(i for i in expected_ids if i in stats and whole(i))
     incomplete = sorted(expected_ids - set(finished))
     width = max([SHARD_WIDTH] + [len(v["file"]) - len(".tar") for v in verified.values()])
@@ -93,25 +120,37 @@ def build_manifest(out: Path, *, recipe: str, kind: str, settings: dict | None =
     duration = sum(float(stats[i].get("duration", 0.0)) for i in finished)
     validation = source.get("validation") or {}
     manifest = Manifest(
-        recipe=recipe, kind=kind, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        recipe=recipe,
+        kind=kind,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S"),
         complete=not incomplete and expected is not None,
         shards=brace_pattern(str(shards_dir.resolve()), with_samples, width),
         shards_relative=brace_pattern("shards", with_samples, width),
-        num_shards=len(with_samples), num_samples=num_samples,
+        num_shards=len(with_samples),
+        num_samples=num_samples,
         counts=Counts(
-            input_rows=source.get("rows"), dropped_rows=validation.get("dropped", {}),
+            input_rows=source.get("rows"),
+            dropped_rows=validation.get("dropped", {}),
             duplicate_urls=validation.get("duplicate_urls", 0),
             dropped_duplicates=validation.get("dropped_duplicates", 0),
-            attempted=totals["count"], successes=totals["successes"],
-            failed_to_download=totals["failed_to_download"], failed_to_resize=totals["failed_to_resize"],
-            by_category=dict(by_category.most_common()), by_cause=dict(by_cause.most_common(50))),
-        expected_shards=expected, incomplete_shards=incomplete,
+            attempted=totals["count"],
+            successes=totals["successes"],
+            failed_to_download=totals["failed_to_download"],
+            failed_to_resize=totals["failed_to_resize"],
+            by_category=dict(by_category.most_common()),
+            by_cause=dict(by_cause.most_common(50)),
+        ),
+        expected_shards=expected,
+        incomplete_shards=incomplete,
         empty_shards=[i for i in finished if verified[i]["samples"] == 0],
-        mismatched_shards=mismatched, shard_seconds=round(duration, 2),
-        settings=settings or {}, timing=timing or {},
+        mismatched_shards=mismatched,
+        shard_seconds=round(duration, 2),
+        settings=settings or {},
+        timing=timing or {},
         input={k: source.get(k) for k in ("recipe", "inputs", "options", "rows", "columns")},
-        shard_list=[ShardEntry(**{**verified[i], "stats_successes": stats[i].get("successes")})
-                    for i in finished],
+        shard_list=[
+            ShardEntry(**{**verified[i], "stats_successes": stats[i].get("successes")}) for i in finished
+        ],
     )
     write_manifest(out, manifest)
     return manifest

@@ -29,20 +29,23 @@ def _opt(default, help: str | None = None, **argparse_kw):
 class DownloadOptions:
     # conversion (part of the input fingerprint: another value refuses a re-run into the same --out)
     samples_per_shard: int | None = _opt(None, "default: 10000 images, 500 videos, 50000 sentences")
-    drop_invalid: bool = _opt(False, "drop rows with an empty url/caption instead of failing (they are "
-                                     "counted)")
+    drop_invalid: bool = _opt(
+        False, "drop rows with an empty url/caption instead of failing (they are counted)"
+    )
     drop_duplicates: bool = _opt(False, "drop rows whose URL appeared earlier in the list (always counted)")
     limit: int | None = _opt(None, "use only the first N valid rows (trial runs)")
     # img2dataset
     processes: int = _opt(0, "download processes (default: all cores)")
     threads: int = _opt(64, "download threads per process")
     image_size: int = _opt(384, "shorter side stored (keep_ratio)")
-    resize_mode: str = _opt("keep_ratio", None,
-                            choices=["keep_ratio", "center_crop", "border", "keep_ratio_largest", "no"])
+    resize_mode: str = _opt(
+        "keep_ratio", None, choices=["keep_ratio", "center_crop", "border", "keep_ratio_largest", "no"]
+    )
     timeout: int = _opt(10, "seconds per HTTP request")
     retries: int = _opt(2, "extra attempts per failed URL")
-    max_image_area: float = _opt(DEFAULT_MAX_IMAGE_AREA,
-                                 "skip images with more pixels than this (counted as too_large)")
+    max_image_area: float = _opt(
+        DEFAULT_MAX_IMAGE_AREA, "skip images with more pixels than this (counted as too_large)"
+    )
     min_image_size: int = _opt(0)
     max_aspect_ratio: float = _opt(float("inf"))
     encode_quality: int = _opt(95)
@@ -64,16 +67,32 @@ def run_img2dataset(input_dir: Path, shards_dir: Path, *, columns: list[str], op
     import img2dataset
 
     settings = dict(
-        url_list=str(input_dir), input_format="parquet", url_col="url", caption_col="caption",
+        url_list=str(input_dir),
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
         save_additional_columns=["captions"] if "captions" in columns else None,
-        output_format="webdataset", output_folder=str(shards_dir), processes_count=opts.processes,
-        thread_count=opts.threads, image_size=opts.image_size, resize_mode=opts.resize_mode,
-        resize_only_if_bigger=True, encode_format="jpg", encode_quality=opts.encode_quality,
-        number_sample_per_shard=opts.samples_per_shard, timeout=opts.timeout, retries=opts.retries,
-        max_image_area=opts.max_image_area, min_image_size=opts.min_image_size,
-        max_aspect_ratio=opts.max_aspect_ratio, incremental_mode="incremental",
-        distributor=opts.distributor, extract_exif=False, enable_wandb=False,
-        user_agent_token=opts.user_agent_token, max_shard_retry=2,
+        output_format="webdataset",
+        output_folder=str(shards_dir),
+        processes_count=opts.processes,
+        thread_count=opts.threads,
+        image_size=opts.image_size,
+        resize_mode=opts.resize_mode,
+        resize_only_if_bigger=True,
+        encode_format="jpg",
+        encode_quality=opts.encode_quality,
+        number_sample_per_shard=opts.samples_per_shard,
+        timeout=opts.timeout,
+        retries=opts.retries,
+        max_image_area=opts.max_image_area,
+        min_image_size=opts.min_image_size,
+        max_aspect_ratio=opts.max_aspect_ratio,
+        incremental_mode="incremental",
+        distributor=opts.distributor,
+        extract_exif=False,
+        enable_wandb=False,
+        user_agent_token=opts.user_agent_token,
+        max_shard_retry=2,
     )
     old = signal.getsignal(signal.SIGINT)
     try:

@@ -110,6 +110,7 @@ def iter_table(path: str | Path, fmt: str | None = None, batch_rows: int = 65536
     fmt = fmt or name.rsplit(".", 1)[-1]
     if fmt == "parquet":
         import pyarrow.parquet as pq
+
         try:
             pf = pq.ParquetFile(path)
             for batch in pf.iter_batches(batch_size=batch_rows):
@@ -147,8 +148,10 @@ def iter_tsv_pairs(path: str | Path, order: tuple[str, str]) -> Iterator[dict]:
                 continue
             parts = line.split("\t")
             if len(parts) != 2:
-                raise PrepInputError(f"{path}: line {i} has {len(parts)} tab-separated fields, expected 2 "
-                                     f"({order[0]}<TAB>{order[1]})")
+                raise PrepInputError(
+                    f"{path}: line {i} has {len(parts)} tab-separated fields, expected 2 "
+                    f"({order[0]}<TAB>{order[1]})"
+                )
             if i == 1 and [p.strip().lower() for p in parts] == list(order):
                 continue
             yield {order[0]: parts[0], order[1]: parts[1]}
@@ -158,13 +161,16 @@ def rename_columns(rows: Iterator[dict], url_col: str, caption_col: str, path) -
     first = True
     for row in rows:
         if not isinstance(row, dict):
-            raise PrepInputError(f"{path}: rows must be objects with {url_col!r} and {caption_col!r}, "
-                                 f"got {type(row).__name__}")
+            raise PrepInputError(
+                f"{path}: rows must be objects with {url_col!r} and {caption_col!r}, got {type(row).__name__}"
+            )
         if first:
             missing = [c for c in (url_col, caption_col) if c not in row]
             if missing:
-                raise PrepInputError(f"{path}: missing column(s) {missing}; columns are {sorted(row)} "
-                                     "(pass --url-col / --caption-col)")
+                raise PrepInputError(
+                    f"{path}: missing column(s) {missing}; columns are {sorted(row)} "
+                    "(pass --url-col / --caption-col)"
+                )
             first = False
         out = {"url": row.get(url_col), "caption": row.get(caption_col)}
         if isinstance(row.get("captions"), list):
@@ -176,17 +182,30 @@ def rename_columns(rows: Iterator[dict], url_col: str, caption_col: str, path) -
 class Args:
     """The `simvlg prep` flags the readers use (cli.py makes one flag per field, with this help)."""
 
-    inputs: list[str] = field(default_factory=list, metadata=dict(
-        flag="--input", action="append", metavar="FILE",
-        help="input list(s) as published; repeat for recipes with two files (sbu)"))
-    image_root: str | None = field(default=None, metadata=dict(
-        help="coco_karpathy: local COCO 2014 image folder (else --base-url)"))
-    base_url: str = field(default="http://images.cocodataset.org/", metadata=dict(
-        help="coco_karpathy image host"))
-    video_root: str | None = field(default=None, metadata=dict(
-        help="msrvtt/msvd: folder holding the video files"))
-    split: str = field(default="train", metadata=dict(
-        help="the standard split to read (coco_karpathy, flickr30k, msrvtt, msvd): train, val or test"))
+    inputs: list[str] = field(
+        default_factory=list,
+        metadata=dict(
+            flag="--input",
+            action="append",
+            metavar="FILE",
+            help="input list(s) as published; repeat for recipes with two files (sbu)",
+        ),
+    )
+    image_root: str | None = field(
+        default=None, metadata=dict(help="coco_karpathy: local COCO 2014 image folder (else --base-url)")
+    )
+    base_url: str = field(
+        default="http://images.cocodataset.org/", metadata=dict(help="coco_karpathy image host")
+    )
+    video_root: str | None = field(
+        default=None, metadata=dict(help="msrvtt/msvd: folder holding the video files")
+    )
+    split: str = field(
+        default="train",
+        metadata=dict(
+            help="the standard split to read (coco_karpathy, flickr30k, msrvtt, msvd): train, val or test"
+        ),
+    )
     url_col: str = "url"
     caption_col: str = "caption"
 

@@ -78,8 +78,7 @@ def _read_tsv_or_table(args: Args, recipe: str, expected: str, tsv_columns: tupl
 
 
 def read_cc3m(args: Args) -> Iterator[dict]:
-    return _read_tsv_or_table(args, "cc3m", "Train_GCC-training.tsv (caption<TAB>url)",
-                              ("caption", "url"))
+    return _read_tsv_or_table(args, "cc3m", "Train_GCC-training.tsv (caption<TAB>url)", ("caption", "url"))
 
 
 def read_cc12m(args: Args) -> Iterator[dict]:
@@ -91,8 +90,12 @@ def read_sbu(args: Args) -> Iterator[dict]:
         p = check_readable(args.inputs[0])
         yield from rename_columns(iter_table(p), args.url_col, args.caption_col, p)
         return
-    urls_p, caps_p = need_inputs(args, 2, "sbu", "SBU_captioned_photo_dataset_urls.txt and "
-                                  "SBU_captioned_photo_dataset_captions.txt (or one sbu.json)")
+    urls_p, caps_p = need_inputs(
+        args,
+        2,
+        "sbu",
+        "SBU_captioned_photo_dataset_urls.txt and SBU_captioned_photo_dataset_captions.txt (or one sbu.json)",
+    )
     with open_text(urls_p) as fu, open_text(caps_p) as fc:
         n = 0
         while True:
@@ -103,14 +106,16 @@ def read_sbu(args: Args) -> Iterator[dict]:
             yield {"url": u.strip(), "caption": c.strip()}
         if u or c:
             longer = urls_p if u else caps_p
-            raise PrepInputError(f"{urls_p} and {caps_p} have different line counts ({longer} is longer "
-                                 f"than {n} lines)")
+            raise PrepInputError(
+                f"{urls_p} and {caps_p} have different line counts ({longer} is longer than {n} lines)"
+            )
 
 
 def _read_capfilt(name: str, expected: str):
     def read(args: Args) -> Iterator[dict]:
         (p,) = need_inputs(args, 1, name, expected)
         yield from rename_columns(iter_table(p), args.url_col, args.caption_col, p)
+
     return read
 
 
@@ -127,8 +132,10 @@ def _as_input_error():
 def check_split_file(path: Path, split: str, recipe: str) -> None:
     named = split_in_name(path)
     if named is not None and named != split:
-        raise PrepInputError(f"{path}: a {named} split file, but --split is {split}; pass the {split} file "
-                             f"(recipe {recipe}) or --split {named}")
+        raise PrepInputError(
+            f"{path}: a {named} split file, but --split is {split}; pass the {split} file "
+            f"(recipe {recipe}) or --split {named}"
+        )
 
 
 def _check_split_arg(args: Args) -> str:
@@ -157,8 +164,10 @@ def _image_rows(samples: list[Sample], root: Path | None, base_url: str) -> Iter
         else:
             url = base_url.rstrip("/") + "/" + s.media.lstrip("/")
         if n == 199 and missing > 100:
-            raise PrepInputError(f"--image-root {root}: {missing} of the first 200 images are missing "
-                                 f"(e.g. {root / s.media}); point it at the folder holding them")
+            raise PrepInputError(
+                f"--image-root {root}: {missing} of the first 200 images are missing "
+                f"(e.g. {root / s.media}); point it at the folder holding them"
+            )
         yield {"url": url, "caption": s.references[0] if s.references else "", "captions": s.references}
 
 
@@ -173,14 +182,22 @@ def _read_image_captions(args: Args, recipe: str, expected: str, need_root: bool
 
 
 def read_coco_karpathy(args: Args) -> Iterator[dict]:
-    return _read_image_captions(args, "coco_karpathy", "dataset_coco.json (Karpathy) or "
-                                "coco_karpathy_{train,val,test}.json (LAVIS/BLIP)", need_root=False)
+    return _read_image_captions(
+        args,
+        "coco_karpathy",
+        "dataset_coco.json (Karpathy) or coco_karpathy_{train,val,test}.json (LAVIS/BLIP)",
+        need_root=False,
+    )
 
 
 def read_flickr30k(args: Args) -> Iterator[dict]:  # no public image URLs: --image-root
-    return _read_image_captions(args, "flickr30k", "dataset_flickr30k.json (Karpathy) or "
-                                "flickr30k_{train,val,test}.json (BLIP)", need_root=True,
-                                folder="flickr30k-images")
+    return _read_image_captions(
+        args,
+        "flickr30k",
+        "dataset_flickr30k.json (Karpathy) or flickr30k_{train,val,test}.json (BLIP)",
+        need_root=True,
+        folder="flickr30k-images",
+    )
 
 
 def _video_root(args: Args, recipe: str) -> Path:
@@ -203,13 +220,22 @@ def _find_video(root: Path, name: str) -> Path:
 
 def _video_rows(samples: list[Sample], root: Path) -> Iterator[dict]:
     for s in samples:
-        yield {"video": str(_find_video(root, s.media)), "video_id": Path(s.media).stem,
-               "caption": s.references[0] if s.references else "", "captions": s.references}
+        yield {
+            "video": str(_find_video(root, s.media)),
+            "video_id": Path(s.media).stem,
+            "caption": s.references[0] if s.references else "",
+            "captions": s.references,
+        }
 
 
 def read_msrvtt(args: Args) -> Iterator[dict]:
-    (p,) = need_inputs(args, 1, "msrvtt", "train_val_videodatainfo.json / test_videodatainfo.json, or "
-                       "LAVIS msrvtt_{split}.json / cap_{split}.json")
+    (p,) = need_inputs(
+        args,
+        1,
+        "msrvtt",
+        "train_val_videodatainfo.json / test_videodatainfo.json, or "
+        "LAVIS msrvtt_{split}.json / cap_{split}.json",
+    )
     split = _check_split_arg(args)
     root = _video_root(args, "msrvtt")
     with _as_input_error():
@@ -228,12 +254,16 @@ def read_msvd(args: Args) -> Iterator[dict]:
     root = _video_root(args, "msvd")
     p, mapping = paths[0], (paths[1] if len(paths) == 2 else None)
     if mapping is None and p.suffix != ".json":
-        raise PrepInputError(f"recipe msvd: {p.name} holds every split; pass youtube_mapping.txt as a "
-                             "second --input so only the --split clips are read")
+        raise PrepInputError(
+            f"recipe msvd: {p.name} holds every split; pass youtube_mapping.txt as a "
+            "second --input so only the --split clips are read"
+        )
     if mapping is None:  # a LAVIS list without the map: its name must say which split it holds
         if split_in_name(p) is None:
-            raise PrepInputError(f"{p}: cannot tell which MSVD split it holds; pass youtube_mapping.txt "
-                                 "as a second --input (the standard split is by vidN)")
+            raise PrepInputError(
+                f"{p}: cannot tell which MSVD split it holds; pass youtube_mapping.txt "
+                "as a second --input (the standard split is by vidN)"
+            )
         check_split_file(p, split, "msvd")
     with _as_input_error():
         samples = read_msvd_annotations(p, split, mapping)
@@ -244,8 +274,10 @@ def read_sentences(args: Args) -> Iterator[dict]:
     """Sentences from caption lists and BLIP JSON lists (one row per sentence; a list of captions gives
     one row each). An empty or non-string caption is passed on for the validator to count."""
     if not args.inputs:
-        raise PrepInputError("recipe sentences needs --input FILE (.txt one sentence per line, a BLIP "
-                             ".json list, or parquet/csv/tsv/jsonl with --caption-col)")
+        raise PrepInputError(
+            "recipe sentences needs --input FILE (.txt one sentence per line, a BLIP "
+            ".json list, or parquet/csv/tsv/jsonl with --caption-col)"
+        )
     for p in args.inputs:
         path = check_readable(p)
         if path.name.lower().removesuffix(".gz").endswith(".txt"):
@@ -260,8 +292,10 @@ def read_sentences(args: Args) -> Iterator[dict]:
                 yield {"caption": row}
                 continue
             if not isinstance(row, dict) or args.caption_col not in row:
-                raise PrepInputError(f"{path}: row {i + 1} has no {args.caption_col!r} "
-                                     f"({type(row).__name__}); pass --caption-col")
+                raise PrepInputError(
+                    f"{path}: row {i + 1} has no {args.caption_col!r} "
+                    f"({type(row).__name__}); pass --caption-col"
+                )
             caption = row[args.caption_col]
             for c in caption if isinstance(caption, list) else [caption]:
                 yield {"caption": c}
@@ -276,28 +310,72 @@ class Recipe:
     samples_per_shard: int = 10_000
 
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in [
-    Recipe("coco_karpathy", "image", read_coco_karpathy,
-           "--input dataset_coco.json | coco_karpathy_train.json [--image-root COCO2014 | --base-url URL] "
-           "[--split train]", 5_000),
-    Recipe("flickr30k", "image", read_flickr30k,
-           "--input dataset_flickr30k.json --image-root flickr30k-images [--split train]", 5_000),
-    Recipe("cc3m", "image", read_cc3m, "--input Train_GCC-training.tsv (caption<TAB>url)"),
-    Recipe("cc12m", "image", read_cc12m, "--input cc12m.tsv (url<TAB>caption)"),
-    Recipe("sbu", "image", read_sbu,
-           "--input SBU_captioned_photo_dataset_urls.txt --input SBU_captioned_photo_dataset_captions.txt"),
-    Recipe("laion115m_capfilt", "image",
-           _read_capfilt("laion115m_capfilt", "laion_synthetic_filtered_large.json"),
-           "--input laion_synthetic_filtered_large.json (BLIP CapFilt: list of url + caption)"),
-    Recipe("ccs_capfilt", "image", _read_capfilt("ccs_capfilt", "ccs_synthetic_filtered_large.json"),
-           "--input ccs_synthetic_filtered_large.json (BLIP CapFilt: list of url + caption)"),
-    Recipe("msrvtt", "video", read_msrvtt,
-           "--input train_val_videodatainfo.json --video-root MSRVTT/videos/all [--split train]", 500),
-    Recipe("msvd", "video", read_msvd,
-           "--input AllVideoDescriptions.txt --input youtube_mapping.txt --video-root YouTubeClips "
-           "[--split train]", 500),
-    Recipe("urls", "image", read_urls, "--input LIST.{parquet,csv,tsv,json,jsonl} [--url-col url] "
-           "[--caption-col caption]"),
-    Recipe("sentences", "text", read_sentences, "--input captions.txt | BLIP.json | LIST.{parquet,csv,"
-           "tsv,jsonl} [--input ...] [--caption-col caption]", 50_000),
-]}
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in [
+        Recipe(
+            "coco_karpathy",
+            "image",
+            read_coco_karpathy,
+            "--input dataset_coco.json | coco_karpathy_train.json [--image-root COCO2014 | --base-url URL] "
+            "[--split train]",
+            5_000,
+        ),
+        Recipe(
+            "flickr30k",
+            "image",
+            read_flickr30k,
+            "--input dataset_flickr30k.json --image-root flickr30k-images [--split train]",
+            5_000,
+        ),
+        Recipe("cc3m", "image", read_cc3m, "--input Train_GCC-training.tsv (caption<TAB>url)"),
+        Recipe("cc12m", "image", read_cc12m, "--input cc12m.tsv (url<TAB>caption)"),
+        Recipe(
+            "sbu",
+            "image",
+            read_sbu,
+            "--input SBU_captioned_photo_dataset_urls.txt --input SBU_captioned_photo_dataset_captions.txt",
+        ),
+        Recipe(
+            "laion115m_capfilt",
+            "image",
+            _read_capfilt("laion115m_capfilt", "laion_synthetic_filtered_large.json"),
+            "--input laion_synthetic_filtered_large.json (BLIP CapFilt: list of url + caption)",
+        ),
+        Recipe(
+            "ccs_capfilt",
+            "image",
+            _read_capfilt("ccs_capfilt", "ccs_synthetic_filtered_large.json"),
+            "--input ccs_synthetic_filtered_large.json (BLIP CapFilt: list of url + caption)",
+        ),
+        Recipe(
+            "msrvtt",
+            "video",
+            read_msrvtt,
+            "--input train_val_videodatainfo.json --video-root MSRVTT/videos/all [--split train]",
+            500,
+        ),
+        Recipe(
+            "msvd",
+            "video",
+            read_msvd,
+            "--input AllVideoDescriptions.txt --input youtube_mapping.txt --video-root YouTubeClips "
+            "[--split train]",
+            500,
+        ),
+        Recipe(
+            "urls",
+            "image",
+            read_urls,
+            "--input LIST.{parquet,csv,tsv,json,jsonl} [--url-col url] [--caption-col caption]",
+        ),
+        Recipe(
+            "sentences",
+            "text",
+            read_sentences,
+            "--input captions.txt | BLIP.json | LIST.{parquet,csv,"
+            "tsv,jsonl} [--input ...] [--caption-col caption]",
+            50_000,
+        ),
+    ]
+}

@@ -21,8 +21,9 @@ from .recipes import RECIPES
 from .run import PrepError
 
 
-def split_list(recipe_name: str, out: Path, rargs: Args, parts: int,
-               opts: DownloadOptions = DEFAULT_OPTIONS, log=None) -> list[Path]:
+def split_list(
+    recipe_name: str, out: Path, rargs: Args, parts: int, opts: DownloadOptions = DEFAULT_OPTIONS, log=None
+) -> list[Path]:
     """Validate + convert once, then cut into `parts` parquet files out/parts/part_NNNNN.parquet for a
     SLURM array (each task runs recipe `urls` on its part)."""
     import pyarrow.parquet as pq
@@ -30,8 +31,16 @@ def split_list(recipe_name: str, out: Path, rargs: Args, parts: int,
     if RECIPES[recipe_name].kind != "image":
         raise PrepInputError(f"split is for URL lists; {recipe_name} is a local video recipe")
     out = Path(out)
-    info = convert(recipe_name, rargs, out / "input", samples_per_shard=1, drop_invalid=opts.drop_invalid,
-                   drop_duplicates=opts.drop_duplicates, limit=opts.limit, log=log)
+    info = convert(
+        recipe_name,
+        rargs,
+        out / "input",
+        samples_per_shard=1,
+        drop_invalid=opts.drop_invalid,
+        drop_duplicates=opts.drop_duplicates,
+        limit=opts.limit,
+        log=log,
+    )
     table = pq.ParquetDataset([str(out / "input" / f) for f in info["files"]]).read()
     n = table.num_rows
     per = math.ceil(n / parts)
@@ -47,9 +56,11 @@ def split_list(recipe_name: str, out: Path, rargs: Args, parts: int,
             pq.write_table(sl, p.with_suffix(".tmp"))
             os.replace(p.with_suffix(".tmp"), p)
         paths.append(p)
-    print(f"prep: {n} rows in {len(paths)} parts under {pdir}; submit with\n"
-          f"  sbatch --array=0-{len(paths) - 1} data_prep/prep_slurm_array.sbatch {out}",
-          file=log or sys.stderr)
+    print(
+        f"prep: {n} rows in {len(paths)} parts under {pdir}; submit with\n"
+        f"  sbatch --array=0-{len(paths) - 1} data_prep/prep_slurm_array.sbatch {out}",
+        file=log or sys.stderr,
+    )
     return paths
 
 
@@ -77,8 +88,14 @@ def merge_parts(out: Path, *, link: str = "hardlink", log=None) -> Manifest:
         if pm.incomplete_shards:
             incomplete[pd.name] = pm.incomplete_shards
         c = pm.counts
-        for k in ("attempted", "successes", "failed_to_download", "failed_to_resize", "duplicate_urls",
-                  "dropped_duplicates"):
+        for k in (
+            "attempted",
+            "successes",
+            "failed_to_download",
+            "failed_to_resize",
+            "duplicate_urls",
+            "dropped_duplicates",
+        ):
             sums[k] += getattr(c, k)
         sums["input_rows"] += c.input_rows or 0
         dropped.update(c.dropped_rows)
@@ -100,25 +117,41 @@ def merge_parts(out: Path, *, link: str = "hardlink", log=None) -> Manifest:
                 os.symlink(src.resolve(), dst)
             else:
                 shutil.copyfile(src, dst)
-            shard_list.append(ShardEntry(id=len(shard_list), file=dst.name, samples=e.samples, part=pd.name,
-                                         part_file=e.file))
+            shard_list.append(
+                ShardEntry(
+                    id=len(shard_list), file=dst.name, samples=e.samples, part=pd.name, part_file=e.file
+                )
+            )
     n = len(shard_list)
     for stale in merged.glob("*.tar"):
         sid = shard_id(stale.name)
         if sid is not None and sid >= n:
             stale.unlink()
     manifest = Manifest(
-        recipe="merge", kind="image", created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        recipe="merge",
+        kind="image",
+        created=time.strftime("%Y-%m-%dT%H:%M:%S"),
         complete=not missing_parts and not incomplete,
         shards=brace_pattern(str(merged.resolve()), range(n), width),
         shards_relative=brace_pattern("shards", range(n), width),
-        num_shards=n, num_samples=sum(e.samples for e in shard_list),
-        counts=Counts(**sums, dropped_rows=dict(dropped), by_category=dict(by_cat.most_common()),
-                      by_cause=dict(by_cause.most_common(50))),
-        parts=[p.name for p in part_dirs], missing_parts=missing_parts, incomplete_parts=incomplete,
-        shard_list=shard_list)
+        num_shards=n,
+        num_samples=sum(e.samples for e in shard_list),
+        counts=Counts(
+            **sums,
+            dropped_rows=dict(dropped),
+            by_category=dict(by_cat.most_common()),
+            by_cause=dict(by_cause.most_common(50)),
+        ),
+        parts=[p.name for p in part_dirs],
+        missing_parts=missing_parts,
+        incomplete_parts=incomplete,
+        shard_list=shard_list,
+    )
     write_manifest(out, manifest)
-    print(f"prep merge: {manifest.num_samples} samples in {n} shards from {len(part_dirs)} parts"
-          + (f"; missing parts {missing_parts}" if missing_parts else "")
-          + (f"; unfinished shards in {sorted(incomplete)}" if incomplete else ""), file=log or sys.stderr)
+    print(
+        f"prep merge: {manifest.num_samples} samples in {n} shards from {len(part_dirs)} parts"
+        + (f"; missing parts {missing_parts}" if missing_parts else "")
+        + (f"; unfinished shards in {sorted(incomplete)}" if incomplete else ""),
+        file=log or sys.stderr,
+    )
     return manifest

@@ -21,14 +21,22 @@ def _write_text_shard(sid: int, sentences: list[str], shards_dir: Path, digits: 
         for i, sentence in enumerate(sentences):
             shard.add(f"{name}{i:0{digits}d}", {"txt": sentence})
     n = len(sentences)
-    stats = {"count": n, "successes": n, "failed_to_download": 0, "failed_to_resize": 0,
-             "duration": time.time() - t0, "start_time": t0, "end_time": time.time(),
-             "status_dict": {"success": n}}
+    stats = {
+        "count": n,
+        "successes": n,
+        "failed_to_download": 0,
+        "failed_to_resize": 0,
+        "duration": time.time() - t0,
+        "start_time": t0,
+        "end_time": time.time(),
+        "status_dict": {"success": n},
+    }
     write_json_atomic(shards_dir / f"{name}_stats.json", stats)  # last: marks the shard done
 
 
-def write_text_shards(input_dir: Path, shards_dir: Path, info: dict, *, samples_per_shard: int,
-                      log=None) -> None:
+def write_text_shards(
+    input_dir: Path, shards_dir: Path, info: dict, *, samples_per_shard: int, log=None
+) -> None:
     """The converted sentences (input_dir's parquet parts, whole shards per part) -> shards_dir."""
     import pyarrow.parquet as pq
 
@@ -40,7 +48,7 @@ def write_text_shards(input_dir: Path, shards_dir: Path, info: dict, *, samples_
         for start in range(0, len(sentences), samples_per_shard):
             name = shard_name(sid)
             if not ((shards_dir / f"{name}_stats.json").is_file() and (shards_dir / f"{name}.tar").is_file()):
-                _write_text_shard(sid, sentences[start:start + samples_per_shard], shards_dir, digits)
+                _write_text_shard(sid, sentences[start : start + samples_per_shard], shards_dir, digits)
                 written += 1
             sid += 1
     print(f"prep: {written} text shard(s) written, {sid - written} already finished", file=log or sys.stderr)

@@ -26,8 +26,9 @@ def _verify_one(path: str, exts: tuple[str, ...] = IMAGE_EXTS + VIDEO_EXTS) -> d
         return {"samples": 0, "ok": False, "error": str(e)}
 
 
-def verify_shards(shards_dir: Path, cache: dict | None = None, processes: int = 1,
-                  kind: str = "image") -> dict[int, dict]:
+def verify_shards(
+    shards_dir: Path, cache: dict | None = None, processes: int = 1, kind: str = "image"
+) -> dict[int, dict]:
     """{id: {"file", "samples", "size", "mtime", "ok", "error"}} for every NNNNN.tar; sample counts
     from the tar headers (cached by size + mtime; uncached shards are scanned in `processes`)."""
     cache = cache or {}
@@ -46,9 +47,11 @@ def verify_shards(shards_dir: Path, cache: dict | None = None, processes: int = 
     if processes > 1 and len(todo) > 8:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
+
         with ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn")) as ex:
-            results = list(ex.map(_verify_one, [p for _, p in todo], [sample_exts(kind)] * len(todo),
-                                  chunksize=4))
+            results = list(
+                ex.map(_verify_one, [p for _, p in todo], [sample_exts(kind)] * len(todo), chunksize=4)
+            )
     else:
         results = [_verify_one(p, sample_exts(kind)) for _, p in todo]
     for (sid, _), r in zip(todo, results):
