@@ -240,7 +240,7 @@ def check_alignment(cfg: Config, source: str, tokens: list[int] | None, *, files
         )
     if not files:
         return {"folder": m.pformer_checkpoint}
-    from pipeline.models.pformer import load_pformer, load_pformer_tokenizer, read_pformer_config
+    from pipeline.models.pformer_files import load_pformer, load_pformer_tokenizer, read_pformer_config
 
     folder = Path(m.pformer_checkpoint).expanduser()
     if not folder.is_dir():

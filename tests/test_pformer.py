@@ -21,14 +21,12 @@ from pipeline.models.pformer import (
     build_pformer,
     build_stage0,
     contrastive_loss,
-    load_pformer,
-    load_pformer_tokenizer,
     mask_tokens,
     nearest_rows,
     prefix_lm_loss,
-    save_pformer,
     vq_loss,
 )
+from pipeline.models.pformer_files import load_pformer, load_pformer_tokenizer, save_pformer
 from pipeline.schema import PFormerConfig
 
 SENTENCES = [

@@ -269,7 +269,8 @@ def save_pformer_folder(
 ) -> Path:
     from transformers import AutoTokenizer
 
-    from pipeline.models.pformer import build_pformer, save_pformer
+    from pipeline.models.pformer import build_pformer
+    from pipeline.models.pformer_files import save_pformer
     from pipeline.schema import PFormerConfig
 
     pcfg = PFormerConfig(**model_section(f)["pformer"] | {"num_prompts": num_prompts})
@@ -437,7 +438,7 @@ def part_losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
 def test_pformer_trains_through_simvlg_train_and_resumes_bit_identically(folders, tmp_path):
     from test_train import _left_behind, simvlg_train
 
-    from pipeline.models.pformer import load_pformer
+    from pipeline.models.pformer_files import load_pformer
     from pipeline.train import checkpoint
 
     cfg = write_config(tmp_path, folders, kind="pformer", steps=STEPS, micro=16, lr=1e-3, ckpt_every=20)

@@ -24,7 +24,8 @@ from pipeline.schema import Config
 
 from .align import CaptionsWithTargets
 from .llm import CaptionTokenizer
-from .pformer import SentenceBatcher, build_stage0, load_pformer, load_pformer_tokenizer, read_pformer_config
+from .pformer import SentenceBatcher, build_stage0
+from .pformer_files import load_pformer, load_pformer_tokenizer, read_pformer_config
 from .simvlg import build_model
 
 
