@@ -246,8 +246,9 @@ def evaluate_questions(config: Path, run_dir: Path, overrides: list[str]) -> dic
 
 
 def arm_curve(run_dir: Path, arm: str) -> list[tuple[int, float]]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r[f"loss/{arm}"]) for r in rows if f"loss/{arm}" in r and "eval" not in r]
+    from .run import training_rows
+
+    return [(r["step"], r[f"loss/{arm}"]) for r in training_rows(run_dir) if f"loss/{arm}" in r]
 
 
 def run(stages, run_dir: Path, demo_config: Path, args, base, targets: list[float]) -> dict:
@@ -288,7 +289,8 @@ def run(stages, run_dir: Path, demo_config: Path, args, base, targets: list[floa
         curve = arm_curve(vdir, "shapes/captioning")
         res["captioning_curve"] = curve
         res["steps_to_loss"] = {t: steps_to_loss(curve, t) for t in targets}
-        last = {a: round(sum(x for _, x in arm_curve(vdir, f"shapes/{a}")[-5:]) / 5, 4) for a in TASKS}
+        tails = {a: [x for _, x in arm_curve(vdir, f"shapes/{a}")[-5:]] for a in TASKS}
+        last = {a: round(sum(t) / len(t), 4) if t else None for a, t in tails.items()}
         q = res["questions"]["accuracy"]
         res["rows"] = [
             ("question accuracy", ", ".join(f"{k} {v:.1f}%" for k, v in q.items())),

@@ -131,8 +131,9 @@ def pretrain(
 
 
 def _lm_curve(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "loss" in r and "eval" not in r]
+    from pipeline.demo.run import training_rows
+
+    rows = training_rows(run_dir)
     lm = [(r["step"], r.get("lm_loss", r["loss"])) for r in rows]
     return lm, [(r["step"], r["align_loss"]) for r in rows if "align_loss" in r]
 
@@ -142,8 +143,8 @@ def compare(run_dir: Path, runs: dict, targets: list[float]) -> dict:
     the LM part (so the demo's table and learning curves compare like with like)."""
     from pipeline.demo.run import steps_to_loss
 
-    pformer = json.loads((run_dir / "pformer" / "train" / "metrics.jsonl").read_text().splitlines()[-1])
-    first = json.loads((run_dir / "pformer" / "train" / "metrics.jsonl").read_text().splitlines()[0])
+    stage0 = (run_dir / "pformer" / "train" / "metrics.jsonl").read_text().splitlines()
+    first, pformer = json.loads(stage0[0]), json.loads(stage0[-1])
     out = {
         "pformer": {
             k: (round(first.get(k, float("nan")), 4), round(pformer.get(k, float("nan")), 4))

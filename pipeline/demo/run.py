@@ -209,11 +209,16 @@ def train(config: Path, run_dir: Path, overrides: list[str]) -> dict:
     code = subprocess.call(cmd, env=env)
     if code != 0:
         raise SystemExit(f"simvlg demo: training failed (exit {code}); logs above, run dir {run_dir}")
-    curve = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {
         "summary": json.loads((run_dir / "train_summary.json").read_text()),
-        "curve": [(r["step"], r["loss"]) for r in curve if "loss" in r and "eval" not in r],
+        "curve": [(r["step"], r["loss"]) for r in training_rows(run_dir)],
     }
+
+
+def training_rows(run_dir: Path) -> list[dict]:
+    """The logged training steps of a run's metrics.jsonl (not the eval rows that follow them)."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r and "eval" not in r]
 
 
 # ------------------------------------------------------------------------------------- stage 5
@@ -483,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         "config": str(config),
     }
     if args.pformer:  # compared on the LM loss (an aligned run's loss adds the alignment term)
-        report["pformer"] = pformer_demo.compare(run_dir, runs, targets)
+        captioning = {k: v for k, v in runs.items() if "captioning_curve" not in v}  # not the task runs
+        report["pformer"] = pformer_demo.compare(run_dir, captioning, targets)
     (run_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
     print_table(report)
     if args.pformer:
