@@ -13,7 +13,7 @@ from torch import nn
 
 from pipeline.config import LLMConfig
 from pipeline.models.align import alignment_loss, optimal_assignment
-from pipeline.models.llm import CaptionTokenizer, build_llm
+from pipeline.models.llm import CaptionTokenizer, build_llm, prefix_lm_loss
 from pipeline.models.pformer import (
     PFormer,
     PFormerStage0,
@@ -23,7 +23,6 @@ from pipeline.models.pformer import (
     contrastive_loss,
     mask_tokens,
     nearest_rows,
-    prefix_lm_loss,
     vq_loss,
 )
 from pipeline.models.pformer_files import load_pformer, load_pformer_tokenizer, save_pformer

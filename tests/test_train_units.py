@@ -193,3 +193,22 @@ def test_lavis_schedule_is_the_official_staircase():
     assert [round(lr_at(s, short) / 1e-4, 3) for s in range(10)] == [0, 0.5, 1, 1, 1] + [0.55] * 5
     with pytest.raises(ValueError, match="iters_per_inner_epoch"):
         TrainConfig(lr_schedule="lavis")
+
+
+def test_step_sums_count_only_rows_with_a_target_token_in_their_arm():
+    """A task row whose text input filled the whole row has per_sample_loss 0 and no token: counting it
+    would pull its arm's mean loss (what adaptive mixing reads) towards 0."""
+    from pipeline.train.engine import StepSums
+
+    sums = StepSums(arms=2, device="cpu")
+    out = {
+        "loss": torch.tensor(1.0),
+        "num_tokens": torch.tensor(7),
+        "per_sample_loss": torch.tensor([2.0, 0.0, 4.0]),
+        "per_sample_tokens": torch.tensor([3, 0, 4]),
+    }
+    sums.add(out, {"input_ids": torch.zeros(3, 5, dtype=torch.long), "arm_idx": torch.tensor([0, 0, 1])})
+    assert sums.arm_loss.tolist() == [2.0, 4.0] and sums.arm_count.tolist() == [1.0, 1.0]
+    del out["per_sample_tokens"]  # a model that does not say: every row counts
+    sums.add(out, {"input_ids": torch.zeros(3, 5, dtype=torch.long), "arm_idx": torch.tensor([0, 0, 1])})
+    assert sums.arm_count.tolist() == [3.0, 2.0]

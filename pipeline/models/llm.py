@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import LLMConfig
@@ -221,3 +223,56 @@ class CaptionTokenizer:
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+# ------------------------------------------------------------- a frozen LM read after a soft prompt
+def prefix_inputs(
+    llm: nn.Module, soft: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+):
+    """[soft | text] for the LLM: soft [B, P, D]; input_ids, attention_mask [B, L] (mask None: no
+    padding) -> inputs_embeds [B, P+L, D] in the LLM's dtype, attention mask [B, P+L] or None."""
+    emb = llm.get_input_embeddings()
+    soft = soft.to(emb.weight.dtype)
+    embeds = torch.cat([soft, emb(input_ids).to(soft.dtype)], dim=1)  # [B, P+L, D]
+    if attention_mask is None:
+        return embeds, None
+    return embeds, torch.cat([attention_mask.new_ones(soft.shape[:2]), attention_mask], dim=1)
+
+
+def keeps_logits(llm: nn.Module) -> bool:
+    """Whether llm.forward takes logits_to_keep (then the soft prompt's logits are never computed)."""
+    return "logits_to_keep" in inspect.signature(llm.forward).parameters
+
+
+def prefix_lm_loss(
+    llm: nn.Module,
+    soft: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    logits_to_keep: bool | None = None,
+) -> dict:
+    """Next-token cross-entropy of a frozen causal LM on [soft | text], loss on labelled text tokens
+    only. soft [B, P, D]; input_ids, attention_mask, labels [B, L] (labels -100 where no loss).
+    logits_to_keep: keeps_logits(llm), passed by callers that ask once.
+    -> loss (mean over the batch's labelled tokens), per_sample_loss [B] (mean over each row's),
+    per_sample_tokens [B], num_tokens (0-d tensor: reading it is the caller's choice, so a training
+    step never has to wait for the device)."""
+    embeds, mask = prefix_inputs(llm, soft, input_ids, attention_mask)
+    L = input_ids.shape[1]
+    if keeps_logits(llm) if logits_to_keep is None else logits_to_keep:  # positions P-1 .. P+L-1 only
+        logits = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False, logits_to_keep=L + 1).logits
+    else:
+        logits = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits[:, -L - 1 :]
+    logits = logits[:, :-1].float()  # [B, L, V]: position P-1+j predicts text token j
+    tok = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).view_as(labels)  # [B, L]
+    n = (labels != IGNORE).sum(1)  # [B]
+    return {
+        "loss": tok.sum() / n.sum().clamp(min=1),
+        "per_sample_loss": tok.sum(1) / n.clamp(min=1),
+        "per_sample_tokens": n,
+        "num_tokens": n.sum(),
+    }

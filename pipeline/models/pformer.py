@@ -50,7 +50,6 @@ What the official code (yiren-jian/BLIText, pformer_opt.py) does, and where this
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 from pathlib import Path
 
@@ -61,7 +60,7 @@ from torch import nn
 
 from pipeline.schema import LLMConfig, PFormerConfig
 
-from .llm import IGNORE, CaptionTokenizer, build_llm, freeze, hf_config_from_json
+from .llm import CaptionTokenizer, build_llm, freeze, hf_config_from_json, keeps_logits, prefix_lm_loss
 
 
 # ------------------------------------------------------------------------------------- the model
@@ -147,40 +146,6 @@ def build_pformer(cfg: PFormerConfig, llm_width: int, *, meta: bool = False) -> 
 
 
 # ------------------------------------------------------------------------------------ the losses
-def prefix_lm_loss(
-    llm: nn.Module,
-    soft: torch.Tensor,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    labels: torch.Tensor,
-) -> dict:
-    """Next-token cross-entropy of a frozen causal LM on [soft | text] (SimVLG.forward's computation).
-    soft [B, P, D]; input_ids, attention_mask, labels [B, L] (labels -100 where no loss).
-    -> loss (mean over labelled tokens of the batch), per_sample_loss [B], num_tokens (0-d tensor)."""
-    emb = llm.get_input_embeddings()
-    soft = soft.to(emb.weight.dtype)
-    embeds = torch.cat([soft, emb(input_ids).to(soft.dtype)], dim=1)  # [B, P+L, D]
-    mask = None
-    if attention_mask is not None:
-        ones = attention_mask.new_ones(soft.shape[:2])
-        mask = torch.cat([ones, attention_mask], dim=1)  # [B, P+L]
-    L = input_ids.shape[1]
-    if "logits_to_keep" in inspect.signature(llm.forward).parameters:  # skip the prompt's logits
-        logits = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False, logits_to_keep=L + 1).logits
-    else:
-        logits = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits[:, -L - 1 :]
-    logits = logits[:, :-1].float()  # [B, L, V]: position P-1+j predicts text token j
-    tok = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
-    ).view_as(labels)  # [B, L]
-    n = (labels != IGNORE).sum(1)  # [B]
-    return {
-        "loss": tok.sum() / n.sum().clamp(min=1),
-        "per_sample_loss": tok.sum(1) / n.clamp(min=1),
-        "num_tokens": n.sum(),
-    }
-
-
 def gather_with_local_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """[B, C] on each of W ranks -> ([W*B, C], first row of this rank). The other ranks' rows carry no
     gradient, this rank's rows keep theirs. One process (or no process group): (x, 0)."""
@@ -257,6 +222,7 @@ class PFormerStage0(nn.Module):
                 f"the P-Former makes prompts of width {pformer.llm_width}, the LLM is {width} wide"
             )
         self.cfg, self.pformer, self.llm = cfg, pformer, freeze(llm)
+        self._logits_to_keep = keeps_logits(self.llm)
         self.tokenizer, self.llm_name = tokenizer, llm_name  # saved with the P-Former (save_trained)
         self.train(True)
 
@@ -283,8 +249,10 @@ class PFormerStage0(nn.Module):
             )
         cls = self.pformer.encode(bert_input_ids, bert_attention_mask)  # [B, H]
         prompts = self.pformer.prompts_from_cls(cls)  # [B, N, D]
-        lm = prefix_lm_loss(self.llm, prompts, input_ids, attention_mask, labels)
-        out = {"per_sample_loss": lm["per_sample_loss"], "num_tokens": lm["num_tokens"]}
+        lm = prefix_lm_loss(
+            self.llm, prompts, input_ids, attention_mask, labels, logits_to_keep=self._logits_to_keep
+        )
+        out = {k: lm[k] for k in ("per_sample_loss", "per_sample_tokens", "num_tokens")}
         terms = {}
         if c.lm_weight > 0:
             terms["lm"] = (c.lm_weight, lm["loss"])

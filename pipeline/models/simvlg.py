@@ -19,19 +19,25 @@ an engine casts it to: inputs are cast to the connector's dtype, the soft prompt
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ModelConfig
 
 from .align import alignment_loss
 from .joint import JointConnector, text_input_mask
-from .llm import IGNORE, CaptionTokenizer, attn_implementation, build_llm, flash_attn_available
+from .llm import (
+    CaptionTokenizer,
+    attn_implementation,
+    build_llm,
+    flash_attn_available,
+    keeps_logits,
+    prefix_inputs,
+    prefix_lm_loss,
+)
 from .qformer import build_qformer
 from .temporal import build_temporal
 from .tomeformer import build_tomeformer
@@ -93,7 +99,7 @@ class SimVLG(nn.Module):
         self.cfg = cfg
         self.vision, self.connector, self.llm = vision, connector, llm
         self.tokenizer = tokenizer  # None on the meta device (no files)
-        self._logits_to_keep = "logits_to_keep" in inspect.signature(llm.forward).parameters
+        self._logits_to_keep = keeps_logits(llm)
         for p in self.vision.parameters():
             p.requires_grad_(False)
         for p in self.llm.parameters():
@@ -221,43 +227,22 @@ class SimVLG(nn.Module):
         if getattr(self.llm.config, "_attn_implementation", want) != want:
             self.llm.set_attn_implementation(want)
 
-    def _inputs(self, soft, input_ids, attention_mask):
-        text = self.llm.get_input_embeddings()(input_ids)  # [B, L, D]
-        embeds = torch.cat([soft, text.to(soft.dtype)], dim=1)  # [B, P+L, D]
-        if attention_mask is None:  # no padding: every token attended
-            return embeds, None
-        ones = torch.ones(soft.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
-        return embeds, torch.cat([ones, attention_mask], dim=1)  # [B, P+L]
-
     def forward(
         self, pixel_values, input_ids, attention_mask, labels, bert_input_ids=None, bert_attention_mask=None
     ) -> dict:
         """Next-token cross-entropy on caption tokens only (labels: -100 on prompt and padding).
         pixel_values [B, 3, H, W] or [B, T, 3, H, W]; input_ids, attention_mask, labels [B, L]
         (attention_mask None: no padding). -> loss (mean over caption tokens of the batch),
-        per_sample_loss [B] (mean over each sample's caption tokens), num_tokens (a 0-d tensor: reading
-        it is the caller's choice, so a training step never has to wait for the device). With a P-Former
+        per_sample_loss [B] (mean over each sample's caption tokens), per_sample_tokens [B], num_tokens
+        (llm.prefix_lm_loss). With a P-Former
         (align_to): bert_input_ids, bert_attention_mask [B, Lb] are the captions' P-Former tokens, and
         loss = LM + align_weight * alignment, both in losses {lm, align}."""
         self._select_attention(input_ids.device)
         given = text_input_mask(torch.ones_like(labels) if attention_mask is None else attention_mask, labels)
         soft = self.soft_prompt(pixel_values, input_ids, given)  # [B, P, D]; given: the text input
-        embeds, mask = self._inputs(soft, input_ids, attention_mask)
-        L = input_ids.shape[1]
-        if self._logits_to_keep:  # logits at positions P-1 .. P+L-1 only (not the soft prompt's)
-            logits = self.llm(
-                inputs_embeds=embeds, attention_mask=mask, use_cache=False, logits_to_keep=L + 1
-            ).logits
-        else:
-            logits = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits[:, -L - 1 :]
-        logits = logits[:, :-1].float()  # [B, L, V]: position P-1+j predicts text token j
-        tok = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
-        ).view_as(labels)  # [B, L]
-        n = (labels != IGNORE).sum(1)  # [B]
-        per_sample = tok.sum(1) / n.clamp(min=1)
-        loss = tok.sum() / n.sum().clamp(min=1)
-        out = {"loss": loss, "per_sample_loss": per_sample, "num_tokens": n.sum()}
+        out = prefix_lm_loss(
+            self.llm, soft, input_ids, attention_mask, labels, logits_to_keep=self._logits_to_keep
+        )
         if self.pformer is not None:
             out = self._with_alignment(out, soft, bert_input_ids, bert_attention_mask)
         return out
@@ -317,7 +302,7 @@ class SimVLG(nn.Module):
                 raise ValueError(f"{len(prompts)} prompts for {B} images")
             enc = {k: v.to(pixel_values.device) for k, v in self.tokenizer.prompts(prompts).items()}
             soft = self.soft_prompt(pixel_values, enc["input_ids"], enc["attention_mask"])  # [B, P, D]
-            embeds, mask = self._inputs(soft, enc["input_ids"], enc["attention_mask"])
+            embeds, mask = prefix_inputs(self.llm, soft, enc["input_ids"], enc["attention_mask"])
             out = self.llm.generate(
                 inputs_embeds=embeds,
                 attention_mask=mask,

@@ -73,7 +73,10 @@ class StepSums:
         self.micro += 1
         self.tokens += out["num_tokens"]
         self.arm_loss.index_add_(0, arm, out["per_sample_loss"].detach().double())
-        self.arm_count.index_add_(0, arm, torch.ones_like(arm, dtype=torch.float64))
+        # a row with no target token left (its text input filled the row) has no loss to say: not counted
+        tokens = out.get("per_sample_tokens")
+        seen = torch.ones_like(arm, dtype=torch.float64) if tokens is None else (tokens > 0).double()
+        self.arm_count.index_add_(0, arm, seen.to(self.loss.device))
         for name, value in sorted(out.get("losses", {}).items()):
             self.parts[name] = self.parts.get(name, 0) + value.detach().double()
         self.samples += n
