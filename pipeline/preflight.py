@@ -206,6 +206,11 @@ def check_source_kinds(cfg: Config, source: str) -> None:
                 f"{s.kind!r}; set kind: text (an image shard's captions are read, its "
                 "images never)"
             )
+        if cfg.model.kind == "pformer" and set(s.tasks) != {"captioning"}:
+            raise ConfigError(
+                f"{source}: data.sources.{i}.tasks: a P-Former reconstructs sentences; tasks other than "
+                "captioning are for SimVLG runs (remove them here)"
+            )
         if cfg.model.kind == "simvlg" and s.kind == "text":
             raise ConfigError(
                 f"{source}: data.sources.{i}.kind: text sources have no images to train "
@@ -253,8 +258,20 @@ def check_alignment(cfg: Config, source: str, tokens: list[int] | None, *, files
         load_pformer_tokenizer(folder)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{source}: {key}: {e}") from None
-    prompt = tokens[-1] if tokens else (m.qformer.num_queries if m.connector == "qformer" else None)
+    prompt = (
+        tokens[-1]
+        if tokens
+        else {"qformer": m.qformer.num_queries, "joint": m.joint.num_latents}.get(m.connector)
+    )
     if m.video.enabled and m.video.temporal_pool == "concat" and prompt is not None:
+        images = [s.name for s in cfg.data.sources if s.kind == "image"]
+        if images:  # an image's soft prompt is 1/num_frames of a video's: one P-Former cannot match both
+            raise ConfigError(
+                f"{source}: {key}: with video.temporal_pool: concat the soft prompt of an image "
+                f"({prompt} tokens) and of a video ({prompt * cfg.data.num_frames}) differ, and a "
+                "P-Former has one length; train the alignment on the video sources only (image "
+                f"sources: {', '.join(images)})"
+            )
         prompt *= cfg.data.num_frames
     if prompt is not None and meta["num_prompts"] != prompt:
         raise ConfigError(

@@ -220,6 +220,10 @@ class PFormerConfig(Section):
             raise ValueError(
                 f"temp_init {self.temp_init} is outside [temp_min {self.temp_min}, temp_max {self.temp_max}]"
             )
+        if self.lm_weight == self.contrastive_weight == self.vq_weight == 0:
+            raise ValueError(
+                "lm_weight, contrastive_weight and vq_weight are all 0: stage 0 would train nothing"
+            )
         return self
 
 

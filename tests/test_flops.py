@@ -89,3 +89,19 @@ def test_bad_inputs_exit_1(capsys):
     assert flops.main(["demo"]) == 1  # demo backbones are folders: no arch_config for the meta device
     assert "arch_config" in capsys.readouterr().err
     assert flops.main(["no_such_config.yaml"]) == 1
+
+
+@pytest.mark.slow
+def test_pformer_stage0_counts_bert_once_per_masked_view():
+    """pformer_opt2.7b at full size on the meta device: the frozen OPT's forward is the same with one or
+    two masked views; the P-Former's (BERT-base, 32 tokens) doubles with the second view; one sentence's
+    BERT forward is about 2 x 110 M parameters x 32 tokens."""
+    from pipeline.config import load_config
+
+    one = flops.report(load_config("pformer_opt2.7b"))["pformer_stage0"]
+    two = flops.report(load_config("pformer_opt2.7b", ["model.pformer.views=2"]))["pformer_stage0"]
+    assert one["count"].parts["llm"][0] == two["count"].parts["llm"][0]  # backward: what the rest leaves
+    assert one["count"].parts["llm"][1] == pytest.approx(two["count"].parts["llm"][1], rel=1e-4)
+    bert_fwd = one["count"].parts["pformer"][0]
+    assert 2 * 85e6 * 32 < bert_fwd < 2 * 130e6 * 32
+    assert two["count"].parts["pformer"][0] == pytest.approx(2 * bert_fwd, rel=0.05)

@@ -338,6 +338,26 @@ def test_the_soft_prompt_reads_the_text_input_not_the_target_and_generation_agre
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
+def test_generation_gives_the_text_side_what_training_gave_it_when_bos_is_a_target(simvlg, monkeypatch):
+    """The official layout (empty prompt, bos_target): BOS carries a loss in training, so it is not text
+    input there; generation must not hand it to the connector either."""
+    from pipeline.models.joint import text_input_mask
+
+    m, tok = simvlg.eval(), simvlg.tokenizer
+    monkeypatch.setattr(tok, "bos_target", True)
+    rows = tok.pairs(["", QUESTION], ["two small red circles", "yes"])
+    trained = text_input_mask(rows["attention_mask"], rows["labels"])
+    assert not trained[0].any() and trained[1].sum() == len(tok.prompts([QUESTION])["input_ids"][0])
+    seen = []
+    real = m.soft_prompt
+    monkeypatch.setattr(m, "soft_prompt", lambda px, ids, mask: seen.append(mask) or real(px, ids, mask))
+    x = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    m.generate(x, prompt=["", QUESTION], num_beams=1, max_new_tokens=2, min_new_tokens=1)
+    enc = tok.prompts(["", QUESTION])
+    assert seen[0].sum(1).tolist() == [0, trained[1].sum().item()]
+    assert torch.equal(seen[0][1].bool(), enc["attention_mask"][1].bool())
+
+
 def _row(tok, text):
     enc = tok.prompts([text])
     return enc["input_ids"], enc["attention_mask"]

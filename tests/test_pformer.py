@@ -463,3 +463,12 @@ def test_build_llm_and_pformer_widths_must_agree(folders):
     llm = build_llm(LLMConfig(name=str(folders / "opt"), precision="fp32"))
     with pytest.raises(ValueError, match="width 64, the LLM is 48"):
         PFormerStage0(cfg, build_pformer(cfg, 64), llm)
+
+
+def test_all_zero_loss_weights_are_refused_when_the_config_loads():
+    from pipeline.config import ConfigError, load_config
+
+    zero = [f"model.pformer.{k}_weight=0" for k in ("lm", "contrastive", "vq")]
+    with pytest.raises(ConfigError, match="model.pformer: lm_weight, contrastive_weight and vq_weight are all 0"):
+        load_config("pformer_opt2.7b", zero)
+    assert load_config("pformer_opt2.7b", zero[1:]).model.pformer.lm_weight == 1.0

@@ -333,6 +333,9 @@ def test_preflight_refuses_what_training_would(folders, tmp_path):
     assert check_for_training(load_config(pformer_cfg), "c.yaml")["sources"][0]["samples"] == 288
     refused(pformer_cfg, ["data.sources.0.kind=image"], "data.sources.0.kind: a P-Former trains on sentences")
     refused(pformer_cfg, ["train.align_weight=1"], "train.align_weight: 1.0 applies to SimVLG training")
+    refused(
+        pformer_cfg, ["data.sources.0.tasks={captioning: 1, masked: 1}"], "a P-Former reconstructs sentences"
+    )
     refused(pformer_cfg, [f"model.pformer.init={tmp_path}/nowhere"], "model.pformer.init: not found")
 
     (tmp_path / "images").mkdir()
@@ -348,6 +351,11 @@ def test_preflight_refuses_what_training_would(folders, tmp_path):
     refused(simvlg_cfg, ["train.align_weight=1"], "model.pformer_checkpoint: not set, but train.align_weight")
     aligned = lambda folder: ["train.align_weight=1", f"model.pformer_checkpoint={folder}"]
     refused(simvlg_cfg, aligned(tmp_path / "missing"), "model.pformer_checkpoint: not found")
+    refused(
+        simvlg_cfg,
+        aligned(good) + ["model.connector=joint", "model.joint.num_latents=8"],
+        "makes 29 prompts, the joint connector's soft prompt has 8 tokens",
+    )
     refused(
         simvlg_cfg,
         aligned(good) + ["data.sources.0.tasks={captioning: 1, masked: 1}"],

@@ -149,6 +149,16 @@ def test_labels_are_read_strictly_and_missing_labels_fall_back_to_captioning():
         objects_from_labels({"objects": [{"attributes": ["red"]}]})
     with pytest.raises(ValueError, match="object label"):
         objects_from_labels({"objects": [{"name": "dog", "count": "two"}]})
+    for bad in (
+        {"name": "dog", "count": -1},
+        {"name": "dog", "count": True},
+        {"name": "dog", "attributes": "red"},
+        3,
+    ):
+        with pytest.raises(ValueError, match="object label"):
+            objects_from_labels({"objects": [bad]})
+    with pytest.raises(ValueError, match="labels.objects 'dog': expected a list"):
+        objects_from_labels({"objects": "dog"})
     ex = make_example("objects", CAPTION, None, random.Random(0), prompt=PROMPT)
     assert (ex.task, ex.text_input, ex.target) == ("captioning", PROMPT, CAPTION)
     with pytest.raises(ValueError, match="unknown task 'vqa'; tasks: captioning, completion"):

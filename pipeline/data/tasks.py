@@ -195,16 +195,24 @@ def objects_from_labels(labels: dict | None) -> list[LabeledObject]:
     """A sample's labels -> its objects ([] without labels); a malformed entry is a one-line error."""
     if not labels:
         return []
+    objects = labels.get("objects") or []
+    if not isinstance(objects, list):
+        raise ValueError(f"labels.objects {objects!r}: expected a list of objects")
     out = []
-    for entry in labels.get("objects") or []:
+    for entry in objects:
         if isinstance(entry, str):
             entry = {"name": entry}
         name = entry.get("name") if isinstance(entry, dict) else None
         count = entry.get("count") if isinstance(entry, dict) else None
-        if not isinstance(name, str) or not name.strip() or not (count is None or isinstance(count, int)):
-            raise ValueError(f"object label {entry!r}: needs a name (str) and an optional integer count")
-        attrs = tuple(str(a) for a in entry.get("attributes") or ())
-        out.append(LabeledObject(name.strip(), attrs, count))
+        attrs = (entry.get("attributes") or []) if isinstance(entry, dict) else []
+        # bool is an int to Python: `"count": true` is malformed, not 1
+        count_ok = count is None or (isinstance(count, int) and not isinstance(count, bool) and count >= 0)
+        if not isinstance(name, str) or not name.strip() or not count_ok or not isinstance(attrs, list):
+            raise ValueError(
+                f"object label {entry!r}: needs a name (str), an optional count (an integer >= 0) and "
+                "optional attributes (a list)"
+            )
+        out.append(LabeledObject(name.strip(), tuple(str(a) for a in attrs), count))
     return out
 
 

@@ -45,10 +45,18 @@ def measure_stage0(cfg: Config, text_tokens: int | None = None) -> dict:
     stage0 = build_stage0(m.pformer, m.llm, meta=True)
     L = text_length(m, text_tokens)
     ids = torch.zeros(1, L, dtype=torch.long, device="meta")
-    c, f, b = count_step(lambda: stage0(bert_ids(m), None, ids, None, ids)["loss"], list(stage0.parameters()))
+    second = (bert_ids(m),) if m.pformer.views == 2 else ()  # views 2: a second masked view through BERT
+    c, f, b = count_step(
+        lambda: stage0(bert_ids(m), None, ids, None, ids, *second)["loss"], list(stage0.parameters())
+    )
+
     # the module tracker credits the LLM's backward to the P-Former's parts (active until the gradient
     # has left them), so the P-Former's own step is counted alone and the LLM's backward is the rest
-    alone, _, _ = count_step(lambda: stage0.pformer(bert_ids(m)).float().sum(), list(stage0.parameters()))
+    def pformer_alone():
+        out = stage0.pformer(bert_ids(m)).float().sum()
+        return out + stage0.pformer.encode(*second, None).float().sum() if second else out
+
+    alone, _, _ = count_step(pformer_alone, list(stage0.parameters()))
     pf = (_children_flops(f, "PFormerStage0.pformer"), alone.bwd)
     llm_fwd = _module_flops(f, "PFormerStage0.llm")
     c.parts = {

@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+from pipeline.data.formats.jsonfile import write_json_atomic
 from pipeline.schema import PFormerConfig
 
 from .pformer import PFormer, _encoder_without_pooler
@@ -49,9 +50,7 @@ def save_pformer(
         "pformer": cfg.model_dump(mode="json"),
         "parameters": sum(v.numel() for v in sd.values()),
     }
-    tmp = path / f".{PFORMER_CONFIG}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, path / PFORMER_CONFIG)
+    write_json_atomic(path / PFORMER_CONFIG, meta, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(path / PFORMER_TOKENIZER)
     return path

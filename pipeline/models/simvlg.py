@@ -301,7 +301,12 @@ class SimVLG(nn.Module):
             if len(prompts) != B:
                 raise ValueError(f"{len(prompts)} prompts for {B} images")
             enc = {k: v.to(pixel_values.device) for k, v in self.tokenizer.prompts(prompts).items()}
-            soft = self.soft_prompt(pixel_values, enc["input_ids"], enc["attention_mask"])  # [B, P, D]
+            # the text input as training saw it (text_input_mask): a BOS that is a target (bos_target
+            # with an empty prompt) is not part of it
+            given = enc["attention_mask"].clone()
+            if self.tokenizer.bos_target:
+                given[[i for i, p in enumerate(prompts) if not p]] = 0
+            soft = self.soft_prompt(pixel_values, enc["input_ids"], given)  # [B, P, D]
             embeds, mask = prefix_inputs(self.llm, soft, enc["input_ids"], enc["attention_mask"])
             out = self.llm.generate(
                 inputs_embeds=embeds,
