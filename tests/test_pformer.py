@@ -469,6 +469,7 @@ def test_all_zero_loss_weights_are_refused_when_the_config_loads():
     from pipeline.config import ConfigError, load_config
 
     zero = [f"model.pformer.{k}_weight=0" for k in ("lm", "contrastive", "vq")]
-    with pytest.raises(ConfigError, match="model.pformer: lm_weight, contrastive_weight and vq_weight are all 0"):
+    all_zero = "model.pformer: lm_weight, contrastive_weight and vq_weight are all 0"
+    with pytest.raises(ConfigError, match=all_zero):
         load_config("pformer_opt2.7b", zero)
     assert load_config("pformer_opt2.7b", zero[1:]).model.pformer.lm_weight == 1.0
