@@ -128,12 +128,18 @@ def _left_behind(run_dir: Path) -> list:
     return _wait_gone(left, timeout=3)
 
 
+def _shm_buffers() -> set[str]:
+    """DeepSpeed's CPU all-reduce buffers in /dev/shm (deepspeed_setup.init_distributed unlinks them)."""
+    return {p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")}
+
+
 def test_chaos_sigkill_one_rank_then_resume_is_bit_identical(setup, reference):
     """SIGKILL one rank (not the group) at a random step: every other process exits within 60 s, and
     a restart resumes from the last checkpoint and reproduces the uninterrupted run bit for bit."""
     rng = random.Random(os.environ.get("SIMVLG_CHAOS_SEED", "14"))
     kill_after, victim = rng.randint(3, STEPS - 6), rng.randint(0, 1)
     run_dir = setup["root"] / "chaos"
+    shm_before = _shm_buffers()
     proc = simvlg_train(setup["config"], run_dir, start_new_session=True)
     deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline:
@@ -154,7 +160,7 @@ def test_chaos_sigkill_one_rank_then_resume_is_bit_identical(setup, reference):
             p.resume()
     out, _ = proc.communicate(timeout=120)
     took = time.time() - t0
-    leftover = _wait_gone(tree, timeout=5) + _left_behind(run_dir)
+    leftover = _wait_gone(tree, timeout=5) + _left_behind(run_dir) + sorted(_shm_buffers() - shm_before)
     print(f"chaos: killed rank {victim} after step {kill_after}; everything exited in {took:.1f} s")
     assert took < 60 and proc.returncode != 0 and not leftover, (took, leftover, out[-3000:])
     killed_at = max(losses(run_dir))

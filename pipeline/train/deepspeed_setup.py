@@ -5,15 +5,18 @@ out of the engine (never cast, never broadcast, never checkpointed).
     with frozen_children_detached(model):           # the ViT/LLM stay exactly as loaded
         engine, optimizer, _, _ = deepspeed.initialize(model=model, config=ds, ...)
     exclude_frozen_from_state_dict(model)           # checkpoints hold the trainable part only
+    init_distributed()                              # deepspeed.init_distributed, and no /dev/shm leak
 """
 
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from pipeline.config import Config
 
@@ -103,3 +106,28 @@ def exclude_frozen_from_state_dict(model: torch.nn.Module) -> None:
             state_dict.pop(prefix + name, None)
 
     model.register_state_dict_post_hook(drop)
+
+
+def init_distributed() -> None:
+    """deepspeed.init_distributed (NCCL on CUDA, else gloo), then give back DeepSpeed's CPU shared memory.
+
+    On CPU ranks of one node DeepSpeed's shm comm op creates /dev/shm/deepspeed_allreduce_buffer_<uid>_
+    <MASTER_ADDR>_<MASTER_PORT>_<rank> (66 MiB each) and never unlinks it: every run, killed or not,
+    leaves its buffers in RAM until reboot (measured here: 266 files, 18 GB of a 24 GiB machine, the
+    OOM killer ending runs). Once every rank has mapped every buffer (the barrier), each rank unlinks its
+    own name; the mappings stay valid and the memory is freed when the last rank exits."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    name = Path("/dev/shm") / "_".join(
+        [
+            "deepspeed_allreduce_buffer",
+            str(os.getuid()),
+            os.environ.get("MASTER_ADDR", ""),
+            os.environ.get("MASTER_PORT", ""),
+            str(dist.get_rank()),
+        ]
+    )
+    if not torch.cuda.is_available():  # every rank, file or not: a collective must be symmetric
+        dist.barrier()  # every rank is past DeepSpeed's shm set-up, which opened every rank's buffer
+        name.unlink(missing_ok=True)

@@ -31,6 +31,7 @@ from pipeline.train.deepspeed_setup import (
     deepspeed_config,
     exclude_frozen_from_state_dict,
     frozen_children_detached,
+    init_distributed,
 )
 from pipeline.train.mfu import mfu_metrics, peak_flops
 from pipeline.train.schedule import lr_at, param_groups
@@ -110,7 +111,7 @@ class Trainer:
         from pipeline.models import build_training_model, training_tokenizer
 
         self.cfg, self.run_dir = cfg, run_dir
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if guard is not None:
             guard.watch_peers(self.world)  # from here a failed or killed peer ends this rank too
