@@ -292,14 +292,15 @@ def side_by_side(curves: dict[str, list[tuple[int, float]]], rows: int = 12) -> 
         return ""
     shown = common[max(1, len(common) // rows) - 1 :: max(1, len(common) // rows)]
     shown = shown if shown[-1] == common[-1] else shown + [common[-1]]
-    lines = ["mean loss to step" + "".join(f"{n:>14}" for n in curves)]
+    w = max(14, *(len(n) + 2 for n in curves))  # a column per run, wide enough for its name
+    lines = ["mean loss to step" + "".join(f"{n:>{w}}" for n in curves)]
     prev = 0
     for st in shown:
         means = []
         for c in curves.values():
             window = [loss for s, loss in c if prev < s <= st]
             means.append(sum(window) / len(window))
-        lines.append(f"{st:>17}" + "".join(f"{m:>14.4f}" for m in means))
+        lines.append(f"{st:>17}" + "".join(f"{m:>{w}.4f}" for m in means))
         prev = st
     return "\n".join(lines)
 
