@@ -12,6 +12,7 @@ row as [BOS, text input | target, end]. Extra batch keys: task, arm_idx, text_in
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import random
@@ -134,42 +135,26 @@ class MixedStream(IterableDataset):
         seed = stable_seed(self.seed, self.salt)
         streams, alive = [], []
         for i, (s, start) in enumerate(zip(self.sources, pos)):
+            stream = functools.partial(
+                SourceStream,
+                i,
+                s,
+                seed=seed,
+                epoch=epoch,
+                rank=self.rank,
+                world_size=self.world_size,
+                worker=lw,
+                num_workers=W,
+                mode=self.mode,
+                shard_shuffle=self.shard_shuffle,
+                buffer=self.buffer,
+                on_skip=on_skip,
+            )
             try:
-                streams.append(
-                    SourceStream(
-                        i,
-                        s,
-                        seed=seed,
-                        epoch=epoch,
-                        rank=self.rank,
-                        world_size=self.world_size,
-                        worker=lw,
-                        num_workers=W,
-                        mode=self.mode,
-                        shard_shuffle=self.shard_shuffle,
-                        buffer=self.buffer,
-                        on_skip=on_skip,
-                        start=start,
-                    )
-                )
+                streams.append(stream(start=start))
                 alive.append(True)
             except (StopIteration, _Dead):  # ran out while fast-forwarding
-                streams.append(
-                    SourceStream(
-                        i,
-                        s,
-                        seed=seed,
-                        epoch=epoch,
-                        rank=self.rank,
-                        world_size=self.world_size,
-                        worker=lw,
-                        num_workers=W,
-                        mode=self.mode,
-                        shard_shuffle=self.shard_shuffle,
-                        buffer=self.buffer,
-                        on_skip=on_skip,
-                    )
-                )
+                streams.append(stream())
                 alive.append(False)
         quota = self._quota(lw, W)
         if self.mode == "eval":
