@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import opt_tokenizer
+from tiny_models import opt_tokenizer, save_opt
 
 from pipeline.config import load_config
 from pipeline.data.formats.annotations import (
@@ -681,7 +681,7 @@ def test_run_main_writes_report_and_fails_in_one_line(tmp_path, capsys):
 # ------------------------------------------------------------------- with a real (tiny) SimVLG
 def _tiny_backbones(root: Path) -> None:
     """HF ViT (64 px, patch 8: 64 patches + CLS, as the demo), 6-layer BERT, OPT + a BPE tokenizer."""
-    from transformers import BertConfig, BertModel, OPTConfig, OPTForCausalLM, ViTConfig, ViTModel
+    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
     torch.manual_seed(0)
     vit = ViTConfig(
@@ -704,21 +704,7 @@ def _tiny_backbones(root: Path) -> None:
         )
     ).save_pretrained(root / "bert")
     tok = opt_tokenizer([r for c in COLORS for r in (f"a {c} square on a plain background", "\n")] * 4)
-    OPTForCausalLM(
-        OPTConfig(
-            vocab_size=len(tok),
-            hidden_size=48,
-            num_hidden_layers=2,
-            ffn_dim=96,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-            word_embed_proj_dim=48,
-            bos_token_id=2,
-            eos_token_id=2,
-            pad_token_id=1,
-        )
-    ).save_pretrained(root / "opt")
-    tok.save_pretrained(root / "opt")
+    save_opt(root / "opt", tok)
 
 
 @pytest.mark.slow

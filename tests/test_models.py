@@ -12,7 +12,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import opt_tokenizer
+from tiny_models import opt_tokenizer, save_opt
 
 from pipeline.config import (
     LLMConfig,
@@ -48,7 +48,7 @@ def backbones(tmp_path_factory):
     """Folders: hf ViT, BERT, OPT (+ tokenizer), timm EVA weights + arch JSON."""
     import timm
     from safetensors.torch import save_file
-    from transformers import BertConfig, BertModel, OPTConfig, OPTForCausalLM, ViTConfig, ViTModel
+    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
     root = tmp_path_factory.mktemp("backbones")
     torch.manual_seed(0)
@@ -74,21 +74,7 @@ def backbones(tmp_path_factory):
         )
     ).save_pretrained(root / "bert")
     tok = _tokenizer()
-    OPTForCausalLM(
-        OPTConfig(
-            vocab_size=len(tok),
-            hidden_size=48,
-            num_hidden_layers=2,
-            ffn_dim=96,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-            word_embed_proj_dim=48,
-            bos_token_id=2,
-            eos_token_id=2,
-            pad_token_id=1,
-        )
-    ).save_pretrained(root / "opt")
-    tok.save_pretrained(root / "opt")
+    save_opt(root / "opt", tok)
     eva_kwargs = {
         "img_size": IMG,
         "patch_size": 4,

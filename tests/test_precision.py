@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import opt_tokenizer
+from tiny_models import opt_tokenizer, save_opt
 
 pytestmark = pytest.mark.slow  # ~20 s per engine start on 2 CPU cores
 
@@ -93,7 +93,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def backbones(tmp_path_factory):
     """A tiny HF ViT, BERT and OPT (+ a byte-level BPE tokenizer in OPT's layout), saved to folders."""
-    from transformers import BertConfig, BertModel, OPTConfig, OPTForCausalLM, ViTConfig, ViTModel
+    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
     root = tmp_path_factory.mktemp("prec")
     torch.manual_seed(0)
@@ -119,21 +119,7 @@ def backbones(tmp_path_factory):
         )
     ).save_pretrained(root / "bert")
     hf_tok = opt_tokenizer(["a red circle", "two small dogs play", "\n"] * 8)
-    OPTForCausalLM(
-        OPTConfig(
-            vocab_size=len(hf_tok),
-            hidden_size=32,
-            num_hidden_layers=2,
-            ffn_dim=64,
-            num_attention_heads=4,
-            max_position_embeddings=128,
-            word_embed_proj_dim=32,
-            bos_token_id=2,
-            eos_token_id=2,
-            pad_token_id=1,
-        )
-    ).save_pretrained(root / "opt")
-    hf_tok.save_pretrained(root / "opt")
+    save_opt(root / "opt", hf_tok, width=32, ffn=64, max_positions=128)
     return root
 
 

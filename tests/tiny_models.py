@@ -19,3 +19,23 @@ def opt_tokenizer(texts: list[str], vocab_size: int = 300):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
+
+
+def save_opt(folder, tokenizer, *, width: int = 48, ffn: int = 96, max_positions: int = 256) -> None:
+    """A 2-layer OPTForCausalLM over `tokenizer` (opt_tokenizer's ids), saved with it to `folder`."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        num_hidden_layers=2,
+        ffn_dim=ffn,
+        num_attention_heads=4,
+        max_position_embeddings=max_positions,
+        word_embed_proj_dim=width,
+        bos_token_id=2,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+    OPTForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
